@@ -1,0 +1,55 @@
+# q2l developer commands. `make install` once, then everything runs inside .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CKPT ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train eval test test-fast bench lint format tensorboard clean clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make install needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (editable, with dev tools)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c "import torch, torchvision, q2l; print('q2l', q2l.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
+
+train: ## train the demo (embedded handwriting data, no download); ARGS="key=value ..." to override
+	$(PY) train.py $(ARGS)
+
+eval: ## evaluate a checkpoint: make eval CKPT=outputs/.../checkpoints/best.pt [ARGS=...]
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/best.pt [ARGS='dataset=... dataset.root=...']"; exit 2; }
+	$(PY) eval.py ckpt=$(CKPT) $(ARGS)
+
+test: ## run the whole test suite (CPU, a few minutes)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: ## the suite without the tests that train for real
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: ## speed and memory benchmarks; prints a table and writes bench-results/*.json
+	$(PY) scripts/bench.py $(ARGS)
+
+lint: ## ruff
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py
+
+format: ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix --select I src tests scripts train.py eval.py
+	$(VENV)/bin/ruff format src tests scripts train.py eval.py
+
+tensorboard: ## TensorBoard over outputs/ (localhost only)
+	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1
+
+clean: ## remove caches and build leftovers (keeps outputs/ and data/)
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+clean-outputs: ## delete every run directory under outputs/
+	find outputs -mindepth 1 -not -name .gitkeep -delete

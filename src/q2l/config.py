@@ -1,0 +1,218 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option starts from one of these (`defaults: [/schema/<group>/<name>@_here_]`), so a
+misspelled key, a value of the wrong type or an unknown enum value fails at composition time with
+Hydra's message naming the key, instead of surfacing hours into a run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
+CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class BackboneConf:
+    name: str = MISSING  # any timm model name
+    pretrained: bool = False  # loads `weights` or timm's offline cache; never downloads
+    weights: str | None = None  # local .pth / .safetensors
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class Query2LabelConf:
+    _target_: str = "q2l.models.Query2Label"
+    hidden_dim: int = 2048
+    num_encoder_layers: int = 1
+    num_decoder_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 8192
+    dropout: float = 0.1
+    decoder_self_attention: bool = False
+    input_proj: bool = True
+
+
+@dataclass
+class DatasetConf:
+    name: str = MISSING
+    root: str = MISSING
+    image_size: int = 448
+    batch_size: int = 32
+    num_workers: int = 4
+    train: Any = MISSING  # `_target_` node; the transform is supplied at run time
+    val: Any = MISSING
+    prepare: Any = None  # optional `_target_` node run once before the splits are built
+
+
+@dataclass
+class CocoDatasetConf(DatasetConf):
+    # The official Q2L keeps val images without annotations (all-negative rows); ASL drops them.
+    keep_unannotated: bool = True
+    cache_dir: str = "${oc.env:Q2L_CACHE_DIR,${oc.env:HOME,.}/.cache/q2l}"
+
+
+@dataclass
+class AugmentConf:
+    hflip: float = 0.0  # probability of a horizontal flip
+    scale: list[float] | None = None  # RandomResizedCrop area range, e.g. [0.7, 1.0]; None = resize
+    randaugment: bool = False
+    randaugment_num_ops: int = 2
+    randaugment_magnitude: int = 9
+    cutout_factor: float = 0.0  # side of one square hole as a fraction of the image (ASL: 0.5)
+
+
+@dataclass
+class AsymmetricLossConf:
+    _target_: str = "q2l.losses.AsymmetricLoss"
+    gamma_neg: float = 4.0
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+    eps: float = 1e-8
+    disable_focal_grad: bool = True
+    reduction: str = "batchmean"
+
+
+@dataclass
+class PartialAsymmetricLossConf:
+    _target_: str = "q2l.losses.PartialAsymmetricLoss"
+    gamma_neg: float = 1.0
+    gamma_pos: float = 0.0
+    gamma_unann: float = 2.0
+    alpha_pos: float = 1.0
+    alpha_neg: float = 1.0
+    alpha_unann: float = 1.0
+    clip: float = 0.0
+    eps: float = 1e-8
+    mode: str = "negative"
+    likelihood_topk: int = 5
+    prior_threshold: float = 0.05
+    prior_momentum: float = 0.99
+    class_priors: list[float] | None = None
+    disable_focal_grad: bool = True
+    reduction: str = "batchmean"
+
+
+@dataclass
+class BCELossConf:
+    _target_: str = "q2l.losses.BCEWithLogitsLoss"
+    reduction: str = "batchmean"
+
+
+@dataclass
+class AdamWConf:
+    _target_: str = "q2l.optim.build_adamw"
+    _partial_: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Norm and bias parameters get no weight decay (the ASL recipe; the official Q2L decays all).
+    no_decay_norm_and_bias: bool = True
+    fused: bool | None = None  # None: let PyTorch choose (fused on CUDA, foreach elsewhere)
+
+
+@dataclass
+class OneCycleConf:
+    _target_: str = "q2l.optim.build_onecycle"
+    _partial_: bool = True
+    pct_start: float = 0.2
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+
+
+@dataclass
+class CosineConf:
+    _target_: str = "q2l.optim.build_cosine"
+    _partial_: bool = True
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.01
+    min_lr_factor: float = 0.0
+
+
+@dataclass
+class TrainerConf:
+    epochs: int = 40
+    precision: Precision = Precision.fp32
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    grad_clip_norm: float | None = None
+    ema_decay: float = 0.9997  # 0 disables the weight EMA
+    ema_warmup: bool = False  # timm's warm-up: effective decay ramps up over the first steps
+    early_stop_patience: int | None = None  # epochs without a better mAP before stopping
+    threshold: float = 0.5  # for CP/CR/CF1/OP/OR/OF1
+    log_every_n_steps: int = 50
+    limit_train_batches: int | None = None  # for smoke tests
+    limit_val_batches: int | None = None
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConf:
+    backbone: BackboneConf = MISSING
+    model: Any = MISSING
+    dataset: Any = MISSING
+    augment: AugmentConf = MISSING
+    loss: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    experiment: Any = None
+    seed: int = 0
+    resume: str | None = None  # path of a checkpoint to continue from
+
+
+@dataclass
+class EvalConf:
+    ckpt: str = MISSING
+    dataset: Any = None  # None: the run's own validation split, from the checkpoint
+    weights: str = "auto"  # auto: what scored best for this checkpoint; or raw / ema
+    batch_size: int | None = None
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    threshold: float | None = None  # None: the run's trainer.threshold
+    limit_val_batches: int | None = None
+    output: str | None = None  # eval.json path; default next to the checkpoint
+
+
+def register_configs() -> None:
+    """Put every schema where the YAML files' defaults lists expect it."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConf)
+    store.store(name="eval_schema", node=EvalConf)
+    for group, name, node in [
+        ("backbone", "timm", BackboneConf),
+        ("model", "query2label", Query2LabelConf),
+        ("dataset", "coco", CocoDatasetConf),
+        ("augment", "augment", AugmentConf),
+        ("loss", "asl", AsymmetricLossConf),
+        ("loss", "partial_asl", PartialAsymmetricLossConf),
+        ("loss", "bce", BCELossConf),
+        ("optimizer", "adamw", AdamWConf),
+        ("schedule", "onecycle", OneCycleConf),
+        ("schedule", "cosine", CosineConf),
+    ]:
+        store.store(group=f"schema/{group}", name=name, node=node)
+
+
+# Registered on import: anything that composes q2l configs (entry points, tests, notebooks using
+# hydra.compose) imports this module first.
+register_configs()

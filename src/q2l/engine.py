@@ -1,0 +1,119 @@
+"""The two loops: one training epoch and one evaluation pass. The composition root owns the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The one mixed-precision context: autocast to bf16/fp16, or nothing for fp32."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    precision: str = "fp32",
+    ema: nn.Module | None = None,
+    grad_clip_norm: float | None = None,
+    channels_last: bool = False,
+    max_steps: int | None = None,
+    global_step: int = 0,
+    progress: bool = False,
+    on_step: Callable[[int, torch.Tensor], bool] | None = None,
+) -> dict[str, float]:
+    """Train over `loader` once.
+
+    Args:
+        global_step: optimizer steps taken before this epoch (drives the EMA warm-up).
+        on_step: called after every optimizer step with (steps done this epoch, loss); returning
+            True ends the epoch early (checkpoint-and-stop requests).
+    Returns:
+        loss (mean over steps), lr (last), images_per_sec, steps.
+    """
+    model.train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)
+    steps = images_seen = 0
+    start = time.perf_counter()
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    for images, targets in tqdm(loader, total=total, disable=not progress, leave=False, desc="train"):
+        if max_steps is not None and steps >= max_steps:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        loss = loss_fn(logits.float(), targets)  # fp32 outside autocast: ASL's eps underflows in fp16
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model, step=global_step + steps)
+
+        loss_sum += loss.detach()  # no .item(): keeps the step free of host syncs
+        steps += 1
+        images_seen += images.shape[0]
+        if on_step is not None and on_step(steps, loss.detach()):
+            break
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": (loss_sum / max(steps, 1)).item(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_sec": images_seen / max(elapsed, 1e-9),
+        "steps": steps,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and targets over `loader`.
+
+    Returns:
+        scores (N, K) float32 probabilities on CPU, targets (N, K) float32 on CPU.
+    """
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    all_scores, all_targets = [], []
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    for step, (images, targets) in enumerate(
+        tqdm(loader, total=total, disable=not progress, leave=False, desc="eval")
+    ):
+        if max_steps is not None and step >= max_steps:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast(device, precision):
+            logits = model(images)
+        all_scores.append(torch.sigmoid(logits.float()).cpu())
+        all_targets.append(targets)
+    return torch.cat(all_scores), torch.cat(all_targets).float()

@@ -1,0 +1,154 @@
+"""Backbones: any timm model, cut before its pooling, returning a spatial feature map.
+
+timm is the backbone registry: `name` is any `timm.list_models()` entry. CNNs give (B, C, H, W)
+directly; token models (ViT, DeiT, Swin, ...) are reshaped to a map so the Query2Label head sees
+the same thing whatever the backbone. Weights never come from a hub at run time: `pretrained=True`
+loads a local file (`weights=...`) or what timm already has in its offline cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without classifier and pooling.
+
+    forward: images (B, 3, H, W) -> features (B, C, H', W'), C = `num_channels`.
+
+    Args:
+        name: timm model name, e.g. "resnet101", "tresnet_l", "vit_small_patch16_224".
+        pretrained: load pretrained weights (from `weights`, else timm's offline cache).
+        weights: path to a local .pth/.pt/.safetensors state dict for this model.
+        image_size: input size for models that need it fixed at build time (ViT, Swin).
+        kwargs: passed to `timm.create_model` (drop_path_rate, output_stride, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        weights: str | None = None,
+        image_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if not timm.is_model(name):
+            raise ValueError(
+                f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
+            )
+        if image_size is not None and _needs_image_size(name):
+            kwargs.setdefault("img_size", image_size)
+        self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        self.name = name
+        self.num_channels: int = self.body.num_features
+        # Token models keep some leading tokens (class/register) that are not part of the grid.
+        self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)
+        self.output_fmt: str = getattr(self.body, "output_fmt", "NCHW")
+        if pretrained:
+            load_pretrained(self.body, name, weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.body.forward_features(images)
+        if features.ndim == 3:  # (B, N, C) tokens -> (B, C, H', W')
+            features = features[:, self.num_prefix_tokens :]
+            height, width = _token_grid(self.body, images.shape[-2:], features.shape[1])
+            features = features.transpose(1, 2).reshape(features.shape[0], -1, height, width)
+        elif self.output_fmt == "NHWC":  # Swin and friends keep channels last
+            features = features.permute(0, 3, 1, 2)
+        return features
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the pretrained weights of timm model `name` expect (TResNet: 0 and 1).
+
+    Read from timm's pretrained config, so it is known before the model is built.
+    """
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is None:
+        return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
+
+
+def _needs_image_size(name: str) -> bool:
+    """True for architectures whose position embeddings are sized at construction."""
+    return any(key in name for key in ("vit", "deit", "swin", "beit", "eva", "cait", "xcit"))
+
+
+def _token_grid(body: nn.Module, image_hw: torch.Size, num_tokens: int) -> tuple[int, int]:
+    """Height and width of the patch grid that produced `num_tokens` tokens."""
+    patch_embed = getattr(body, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is not None:
+        height, width = image_hw[0] // patch[0], image_hw[1] // patch[1]
+        if height * width == num_tokens:
+            return height, width
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"cannot reshape {num_tokens} tokens into a square feature map")
+    return side, side
+
+
+def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
+    """Load backbone weights from a local file or timm's offline cache; never download.
+
+    A missing file gives an error that says how to supply one.
+    """
+    if weights:
+        path = Path(os.path.expanduser(weights))
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone.weights={weights!r}: no such file")
+        state = _read_state_dict(path)
+        classifier = body.default_cfg.get("classifier")
+        state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
+        try:
+            missing, unexpected = body.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise RuntimeError(f"backbone.weights={weights!r} does not fit {name}: {error}") from error
+        if missing:
+            raise RuntimeError(
+                f"backbone.weights={weights!r} does not fit {name}: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}"
+            )
+        log.info("backbone %s: loaded %s (%d unused keys)", name, path, len(unexpected))
+        return
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # offline cache only: q2l never downloads at run time
+    try:
+        reference = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+    except Exception as error:
+        raise FileNotFoundError(
+            f"backbone.pretrained=true but no weights for {name!r} are available offline. "
+            f"Download them once (e.g. `timm.create_model({name!r}, pretrained=True)` on a "
+            f"machine with internet, or the .pth/.safetensors file) and pass "
+            f"backbone.weights=/path/to/file, or set backbone.pretrained=false. ({error})"
+        ) from error
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    body.load_state_dict(reference.state_dict())
+    log.info("backbone %s: loaded weights from timm's offline cache", name)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """State dict from .safetensors or a torch file (weights_only; common wrappers unwrapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}

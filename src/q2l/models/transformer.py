@@ -1,0 +1,155 @@
+"""Transformer encoder/decoder for Query2Label (DETR lineage, post-norm).
+
+Batch-first throughout and built on `F.scaled_dot_product_attention`, so PyTorch picks the fused
+attention kernel for the device. The decoder's self-attention can be removed, as the Query2Label
+paper does by default: label queries then attend only to the image.
+
+Shape legend: B batch, N = H·W image tokens, K label queries, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Transformer(nn.Module):
+    """Encoder over image tokens, decoder with label queries.
+
+    forward: memory (B, N, D), pos (1|B, N, D), query_pos (K, D) -> (B, K, D)
+
+    Args:
+        hidden_dim: token width D.
+        num_heads: attention heads (D must divide evenly).
+        num_encoder_layers: 0 feeds the projected features straight to the decoder.
+        num_decoder_layers: at least 1.
+        ffn_dim: width of the feed-forward layers.
+        dropout: dropout on attention weights, residual branches and FFN.
+        decoder_self_attention: keep self-attention among label queries.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 2048,
+        num_heads: int = 4,
+        num_encoder_layers: int = 1,
+        num_decoder_layers: int = 2,
+        ffn_dim: int = 8192,
+        dropout: float = 0.1,
+        decoder_self_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_decoder_layers < 1:
+            raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
+        )
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, decoder_self_attention)
+            for _ in range(num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    def forward(self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        for layer in self.encoder_layers:
+            memory = layer(memory, pos)
+        query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, K, D)
+        # Queries start at zero; the label embedding enters as the query position (as in DETR/Q2L).
+        queries = torch.zeros_like(query_pos)
+        for layer in self.decoder_layers:
+            queries = layer(queries, memory, pos, query_pos)
+        return self.decoder_norm(queries)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: (B, Lq, D), (B, Lk, D), (B, Lk, D) -> (B, Lq, D)."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = query.shape
+        q = self._split_heads(self.q_proj(query))
+        k = self._split_heads(self.k_proj(key))
+        v = self._split_heads(self.v_proj(value))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, h, Lq, D/h)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+
+class FeedForward(nn.Sequential):
+    """Linear -> ReLU -> dropout -> Linear: (..., D) -> (..., D)."""
+
+    def __init__(self, hidden_dim: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(hidden_dim, ffn_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_dim, hidden_dim),
+        )
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention + FFN over image tokens: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = Attention(hidden_dim, num_heads, dropout)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.ffn = FeedForward(hidden_dim, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        query_key = src + pos
+        src = self.norm1(src + self.dropout(self.self_attn(query_key, query_key, src)))
+        return self.norm2(src + self.dropout(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm [self-attention +] cross-attention + FFN for label queries: (B, K, D) -> (B, K, D)."""
+
+    def __init__(
+        self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, self_attention: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(hidden_dim, num_heads, dropout) if self_attention else None
+        self.norm1 = nn.LayerNorm(hidden_dim) if self_attention else None
+        self.cross_attn = Attention(hidden_dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.ffn = FeedForward(hidden_dim, ffn_dim, dropout)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.self_attn is not None:
+            query_key = queries + query_pos
+            queries = self.norm1(queries + self.dropout(self.self_attn(query_key, query_key, queries)))
+        attended = self.cross_attn(queries + query_pos, memory + pos, memory)
+        queries = self.norm2(queries + self.dropout(attended))
+        return self.norm3(queries + self.dropout(self.ffn(queries)))

@@ -1,0 +1,80 @@
+"""Optimizer and learning-rate schedule factories, selected by Hydra `_target_` with `_partial_`.
+
+The composition root supplies what only exists at run time: the model for the optimizer, and the
+total number of optimizer steps for the schedules, which are stepped once per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-2,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    no_decay_norm_and_bias: bool = True,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters.
+
+    With `no_decay_norm_and_bias`, 1-D parameters (norm scales, biases) and the label embedding
+    are put in a group without weight decay.
+    """
+    if no_decay_norm_and_bias:
+        params = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=("label_embed.weight",))
+    else:
+        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def build_onecycle(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    pct_start: float = 0.2,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    cycle_momentum: bool = True,
+) -> LRScheduler:
+    """OneCycleLR peaking at each group's configured lr, as Query2Label and ASL train."""
+    max_lr = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=max(total_steps, 2),
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        cycle_momentum=cycle_momentum,
+    )
+
+
+def build_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 1.0,
+    warmup_start_factor: float = 0.01,
+    min_lr_factor: float = 0.0,
+) -> LRScheduler:
+    """Linear warm-up from `warmup_start_factor`·lr, then cosine decay to `min_lr_factor`·lr."""
+    warmup_steps = min(int(warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps
+        progress = min((step - warmup_steps) / decay_steps, 1.0)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return min_lr_factor + (1 - min_lr_factor) * cosine
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny generated digits data set and tiny composed training configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from q2l.config import CONFIG_DIR
+from q2l.data.digits import build_digits_coco
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """A 64 + 32 image digits data set at 32 px, built once per session."""
+    root = tmp_path_factory.mktemp("data") / "digits"
+    build_digits_coco(root, num_train=64, num_val=32, canvas_size=32, seed=0)
+    return root
+
+
+def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
+    """Overrides that make the demo config train in a couple of seconds."""
+    return [
+        f"dataset.root={digits_root}",
+        "dataset.prepare.num_train=64",
+        "dataset.prepare.num_val=32",
+        "dataset.prepare.canvas_size=32",
+        "dataset.image_size=32",
+        "dataset.batch_size=16",
+        f"dataset.cache_dir={cache_dir}",
+        "model.hidden_dim=32",
+        "model.ffn_dim=64",
+        "trainer.epochs=2",
+        "trainer.progress_bar=false",
+    ]
+
+
+@pytest.fixture
+def compose_config():
+    """compose_config(name, overrides) -> DictConfig, with Hydra's global state cleaned up."""
+
+    def _compose(config_name: str = "train", overrides: list[str] | None = None):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides or [])
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def tiny_cfg(compose_config, digits_root, tmp_path):
+    """The demo config shrunk to the tiny data set; extra overrides appended."""
+
+    def _make(*extra: str):
+        return compose_config("train", tiny_overrides(digits_root, tmp_path / "cache") + list(extra))
+
+    return _make
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for running train.py / eval.py as a user would, isolated in tmp_path."""
+    env = dict(os.environ)
+    env["Q2L_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,104 @@
+"""Every config group composes, instantiates, and bad overrides fail at composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from q2l.config import CONFIG_DIR
+from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
+from q2l.models import build_model
+
+CONF = Path(CONFIG_DIR)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["backbone", "model", "dataset", "augment", "loss", "optimizer", "schedule",
+                                   "experiment"])
+def test_every_option_composes(compose_config, group):
+    for option in _options(group):
+        cfg = compose_config("train", [f"{group}={option}", "dataset.root=/nonexistent"])
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_eval_config_composes(compose_config):
+    cfg = compose_config("eval", ["ckpt=some/best.pt"])
+    assert cfg.ckpt == "some/best.pt" and cfg.dataset is None
+    cfg = compose_config("eval", ["ckpt=x.pt", "dataset=coco2014", "dataset.root=/data/coco"])
+    assert cfg.dataset.name == "coco2014"
+
+
+@pytest.mark.parametrize("option", _options("loss"))
+def test_losses_instantiate(compose_config, option):
+    loss_fn = instantiate(compose_config("train", [f"loss={option}"]).loss)
+    expected = {"asl": AsymmetricLoss, "partial_asl": PartialAsymmetricLoss, "bce": BCEWithLogitsLoss}[option]
+    assert isinstance(loss_fn, expected)
+    targets = torch.tensor([[1.0, 0.0, -1.0]])
+    assert torch.isfinite(loss_fn(torch.randn(1, 3), targets if option != "asl" else targets.clamp(min=0)))
+
+
+@pytest.mark.parametrize("schedule", _options("schedule"))
+def test_optimizer_and_schedules_instantiate(compose_config, schedule):
+    cfg = compose_config("train", [f"schedule={schedule}"])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = instantiate(cfg.optimizer)(model)
+    decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+    assert decays == [0.0, cfg.optimizer.weight_decay]  # norms and biases are not decayed
+    scheduler = instantiate(cfg.schedule)(optimizer, total_steps=20, steps_per_epoch=5)
+    lrs = []
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(cfg.optimizer.lr, rel=0.05)
+    assert lrs[-1] < 0.05 * cfg.optimizer.lr  # decays to (nearly) nothing
+
+
+@pytest.mark.parametrize("backbone", _options("backbone"))
+def test_every_backbone_builds(compose_config, backbone):
+    cfg = compose_config("train", [f"backbone={backbone}", "model.hidden_dim=32", "model.ffn_dim=32"])
+    size = 384 if "384" in cfg.backbone.name else 224
+    container = OmegaConf.to_container(cfg, resolve=True)
+    model = build_model(container["backbone"], container["model"], num_classes=3, image_size=size)
+    assert model.backbone.num_channels > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.gamma_neg=abc", "could not be converted to Float"),
+        ("loss.gamma_negg=2", "gamma_negg"),
+        ("trainer.precision=fp64", "fp64"),
+        ("trainer.epochs=many", "many"),
+        ("epochs=3", "epochs"),
+        ("backbone=resnet9000", "Could not find 'backbone/resnet9000'"),
+    ],
+)
+def test_bad_overrides_fail_at_composition(compose_config, override, message):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("train", [override])
+    text = str(error.value) + str(error.value.__cause__)
+    assert message in text
+
+
+def test_experiment_sets_paper_settings_and_cli_still_wins(compose_config):
+    cfg = compose_config("train", ["experiment=coco_r101_448"])
+    assert cfg.backbone.name == "resnet101" and cfg.model.hidden_dim == 2048
+    assert cfg.dataset.image_size == 448 and cfg.loss.gamma_neg == 2 and cfg.trainer.ema_decay == 0.9997
+    cfg = compose_config("train", ["experiment=coco_r101_448", "backbone=tresnet_l"])
+    assert cfg.backbone.name == "tresnet_l"
+
+
+def test_tresnet_uses_its_own_normalization():
+    from q2l.models.backbone import normalization
+
+    assert normalization("tresnet_l") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert normalization("resnet101")[0] == pytest.approx((0.485, 0.456, 0.406))

@@ -1,0 +1,114 @@
+"""Query2Label model: shapes for CNN and token backbones, resolution independence, weights loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from q2l.models import Query2Label, TimmBackbone, build_model
+from q2l.models.position_encoding import SinePositionEncoding
+from q2l.models.query2label import GroupWiseLinear
+
+SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "grid"),
+    [
+        ("resnet18", 64, (2, 2)),
+        ("vit_small_patch16_224", 64, (4, 4)),  # (B, N, C) tokens with a class token
+        ("swin_tiny_patch4_window7_224", 224, (7, 7)),  # channels-last (B, H, W, C)
+    ],
+)
+def test_backbone_gives_feature_maps(name, size, grid):
+    backbone = TimmBackbone(name, image_size=size)
+    features = backbone(torch.randn(2, 3, size, size))
+    assert features.shape == (2, backbone.num_channels, *grid)
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("vit_small_patch16_224", 64)])
+def test_query2label_logits_shape(name, size):
+    model = build_model({"name": name}, SMALL_HEAD, num_classes=7, image_size=size)
+    assert model(torch.randn(3, 3, size, size)).shape == (3, 7)
+
+
+def test_evaluates_at_another_resolution():
+    model = build_model({"name": "resnet18"}, SMALL_HEAD, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+        assert model(torch.randn(1, 3, 160, 96)).shape == (1, 5)
+
+
+def test_paper_defaults_and_removable_self_attention():
+    backbone = TimmBackbone("resnet18")
+    model = Query2Label(backbone, num_classes=4)
+    transformer = model.transformer
+    assert len(transformer.encoder_layers) == 1 and len(transformer.decoder_layers) == 2
+    assert model.label_embed.weight.shape == (4, 2048)
+    assert transformer.decoder_layers[0].ffn[0].out_features == 8192
+    assert all(layer.self_attn is None for layer in transformer.decoder_layers)
+    with_self = Query2Label(TimmBackbone("resnet18"), num_classes=4, hidden_dim=32, ffn_dim=32,
+                            decoder_self_attention=True)
+    assert all(layer.self_attn is not None for layer in with_self.transformer.decoder_layers)
+
+
+def test_no_encoder_layers_is_allowed():
+    model = build_model({"name": "resnet18"}, {**SMALL_HEAD, "num_encoder_layers": 0}, num_classes=3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_groupwise_linear_is_one_classifier_per_label():
+    head = GroupWiseLinear(num_classes=3, hidden_dim=5)
+    features = torch.randn(2, 3, 5)
+    expected = torch.stack([features[:, k] @ head.weight[k] + head.bias[k] for k in range(3)], dim=1)
+    torch.testing.assert_close(head(features), expected)
+
+
+def test_position_encoding_follows_feature_size():
+    encoding = SinePositionEncoding(8)
+    small = encoding(torch.zeros(1, 16, 3, 4))
+    large = encoding(torch.zeros(1, 16, 6, 5))
+    assert small.shape == (1, 16, 3, 4) and large.shape == (1, 16, 6, 5)
+    assert not torch.allclose(small[..., 0, 0], small[..., 2, 3])
+
+
+def test_input_proj_false_needs_matching_width():
+    with pytest.raises(ValueError, match="input_proj=false"):
+        Query2Label(TimmBackbone("resnet18"), num_classes=2, hidden_dim=32, input_proj=False)
+
+
+def test_unknown_backbone_and_head_are_rejected():
+    with pytest.raises(ValueError, match="not a timm model"):
+        TimmBackbone("resnet9000")
+    with pytest.raises(ValueError, match="not a known head"):
+        build_model({"name": "resnet18"}, {"_target_": "os.system"}, num_classes=2)
+
+
+def test_pretrained_without_weights_says_how_to_supply_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty offline cache
+    with pytest.raises(FileNotFoundError, match="backbone.weights"):
+        TimmBackbone("resnet18", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        TimmBackbone("resnet18", pretrained=True, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_loads_local_file(tmp_path, suffix):
+    source = TimmBackbone("resnet18")
+    state = {k: v.clone() for k, v in source.body.state_dict().items()}
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    loaded = TimmBackbone("resnet18", pretrained=True, weights=str(path))
+    for key, value in loaded.body.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_weights_for_another_model_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(TimmBackbone("resnet50").body.state_dict(), path)
+    with pytest.raises(RuntimeError, match="does not fit resnet18"):
+        TimmBackbone("resnet18", pretrained=True, weights=str(path))
