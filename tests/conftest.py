@@ -33,6 +33,8 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
         "dataset.image_size=32",
         "dataset.batch_size=16",
         f"dataset.cache_dir={cache_dir}",
+        "backbone.pretrained=false",  # the demo's single-digit pretraining has its own test
+        "backbone.prepare=null",
         "model.hidden_dim=32",
         "model.ffn_dim=64",
         "trainer.epochs=2",

@@ -1,4 +1,4 @@
-"""COCO loading, the label cache, path confinement, image decoding, transforms and sampling."""
+"""COCO loading, the label cache, path confinement, image decoding, transforms, sampling, partial labels."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from PIL import Image
 from q2l.data.coco import CocoMultiLabel
 from q2l.data.dataset import BadImageError, load_rgb
 from q2l.data.loader import EpochSampler, build_loader
+from q2l.data.partial import hide_labels
+from q2l.data.seeding import SampleKey
 from q2l.data.transforms import Cutout, build_eval_transform, build_train_transform
 
 
@@ -153,3 +155,43 @@ def test_eval_loader_keeps_every_sample_in_order(digits_root):
     loader = build_loader(dataset, batch_size=10, train=False)
     targets = torch.cat([batch[1] for batch in loader])
     assert torch.equal(targets, torch.from_numpy(dataset.labels.astype(np.float32)))
+
+
+def test_training_sampler_hands_out_seeded_keys(digits_root):
+    loader = build_loader(_coco(digits_root), batch_size=4, train=True, seed=5)
+    loader.sampler.set_epoch(3)
+    keys = list(loader.sampler)
+    assert all(isinstance(k, SampleKey) and k.seed == 5 and k.epoch == 3 for k in keys)
+    assert sorted(k.index for k in keys) == list(range(len(keys)))
+
+
+def test_hide_labels_keeps_a_seeded_share_of_each_row():
+    labels = np.random.default_rng(0).integers(0, 2, (50, 10)).astype(np.int8)
+    labels[0, :4] = -1  # already unknown: stays unknown, and is not counted as known
+    hidden = hide_labels(labels, keep_ratio=0.3, seed=1)
+    kept = hidden != -1
+    assert kept.sum(1).tolist() == [2] + [3] * 49  # round(0.3 * 6) for row 0, round(0.3 * 10) after
+    assert (hidden[kept] == labels[kept]).all() and (hidden[0, :4] == -1).all()
+    assert np.array_equal(hide_labels(labels, 0.3, seed=1), hidden)
+    assert not np.array_equal(hide_labels(labels, 0.3, seed=2), hidden)
+    assert np.array_equal(hide_labels(labels, 1.0), labels)
+
+
+def test_partial_labels_hide_train_labels_only(tiny_cfg):
+    from q2l.train import _build_datasets
+
+    full_train, full_val = _build_datasets(tiny_cfg(), (0.5,) * 3, (0.5,) * 3)
+    cfg = tiny_cfg("dataset.partial.keep_ratio=0.5", "loss=partial_asl")
+    train_set, val_set = _build_datasets(cfg, (0.5,) * 3, (0.5,) * 3)
+    assert (train_set.labels == -1).mean() == pytest.approx(0.5, abs=0.01)
+    assert np.array_equal(val_set.labels, full_val.labels) and not (full_train.labels == -1).any()
+    with pytest.raises(ValueError, match="unknown \\(-1\\) entries, which loss=asl"):
+        _build_datasets(tiny_cfg("dataset.partial.keep_ratio=0.5"), (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.slow
+def test_partial_asl_trains_end_to_end_on_hidden_labels(tiny_cfg, tmp_path):
+    from q2l.train import train
+
+    summary = train(tiny_cfg("loss=partial_asl", "dataset.partial.keep_ratio=0.4", "trainer.epochs=1"), tmp_path)
+    assert summary["status"] == "completed" and np.isfinite(summary["best"]["mAP"])

@@ -93,7 +93,7 @@ def test_resume_continues_where_it_stopped(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.epochs=1"), first)
     last = first / "checkpoints" / "last.pt"
     resumed = tmp_path / "resumed"
-    summary = train(tiny_cfg("trainer.epochs=2", f"resume={last}"), resumed)
+    summary = train(tiny_cfg("trainer.epochs=2", f"resume={last}", "allow_config_change=true"), resumed)
     assert summary["epochs_run"] == 2
     lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # the history travels with the checkpoint
@@ -104,7 +104,7 @@ def test_resume_continues_where_it_stopped(tiny_cfg, tmp_path):
 
 def test_resume_refuses_another_model(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.epochs=1"), tmp_path / "a")
-    with pytest.raises(ValueError, match="different model config"):
+    with pytest.raises(ValueError, match="model.hidden_dim: 32 -> 16"):
         train(tiny_cfg("model.hidden_dim=16", f"resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"), tmp_path / "b")
 
 

@@ -11,16 +11,23 @@ loss, epoch (completed epochs), step (optimizer steps), best_metric, best_epoch,
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import q2l
 
 FORMAT_VERSION = 1
+PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -35,14 +42,21 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "q2l_version": q2l.__version__,
-               "torch_version": torch.__version__, **payload}
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+               "torch_version": str(torch.__version__), **payload}
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
     try:
         with handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
+    except OSError as error:
+        Path(handle.name).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
+        raise CheckpointError(f"cannot write checkpoint {path} ({error}); {kept}") from error
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -97,3 +111,93 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint in `directory`: (path, payload), or None if there is none.
+
+    Candidates are last.pt and the periodic step-N.pt files, newest (by step) first. A corrupt
+    or truncated file is skipped with a warning naming it and the one used instead.
+    """
+    directory = Path(directory)
+    candidates = []
+    for path in directory.glob("*.pt"):
+        if path.name == "last.pt" or PERIODIC_PATTERN.match(path.name):
+            candidates.append(path)
+    # last.pt is written after every periodic save, so among equal steps prefer it.
+    candidates.sort(key=lambda p: (_step_of(p), p.name == "last.pt"), reverse=True)
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("skipping unreadable checkpoint: %s", error)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            log.warning("resuming from %s instead of the unreadable %s", path, ", ".join(skipped))
+        return path, payload
+    if skipped:
+        raise CheckpointError(f"no readable checkpoint in {directory}; unreadable: {', '.join(skipped)}")
+    return None
+
+
+def _step_of(path: Path) -> int:
+    """Step number from a periodic file's name; last.pt sorts first (it is never older)."""
+    match = PERIODIC_PATTERN.match(path.name)
+    return int(match.group(1)) if match else 1 << 62
+
+
+def purge_periodic(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` step-N.pt files, found by scanning (restart-safe)."""
+    periodic = sorted(
+        (p for p in Path(directory).glob("step-*.pt") if PERIODIC_PATTERN.match(p.name)), key=_step_of
+    )
+    for path in periodic[: max(len(periodic) - keep, 0)]:
+        path.unlink(missing_ok=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random stream the loop draws from, in weights_only-loadable form."""
+    version, keys, position = np.random.get_state(legacy=True)[:3]
+    state = {
+        "python": random.getstate(),
+        "numpy": [version, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(position)],
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo `capture_rng`: the next random draw is the one the saved run would have made."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    version, keys, position = state["numpy"]
+    np.random.set_state((version, keys.numpy().astype(np.uint32), position, 0, 0.0))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Lines `key: saved -> current` for every leaf that differs, keys under `ignore` skipped."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    lines = []
+    for key in sorted(set(flat_saved) | set(flat_current)):
+        if any(key == prefix or key.startswith(prefix + ".") for prefix in ignore):
+            continue
+        before, after = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
+        if before != after:
+            lines.append(f"{key}: {before!r} -> {after!r}")
+    return lines
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -32,6 +32,7 @@ class BackboneConf:
     pretrained: bool = False  # loads `weights` or timm's offline cache; never downloads
     weights: str | None = None  # local .pth / .safetensors
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    prepare: Any = None  # optional `_target_` node run first, e.g. to produce `weights`
 
 
 @dataclass
@@ -47,6 +48,40 @@ class Query2LabelConf:
     input_proj: bool = True
 
 
+class ValidateLevel(str, Enum):
+    quick = "quick"  # open every image file and check its header
+    full = "full"  # decode every image completely
+    off = "off"
+
+
+class BadImagePolicy(str, Enum):
+    error = "error"  # stop, naming the file and the decoder's reason
+    skip = "skip"  # log it once, use the next readable sample, stop above max_bad_fraction
+
+
+class DifficultPolicy(str, Enum):
+    ignore = "ignore"  # -1: neither positive nor negative
+    positive = "positive"
+    negative = "negative"
+
+
+class UnknownLabelPolicy(str, Enum):
+    error = "error"
+    ignore = "ignore"
+
+
+class UnlistedPolicy(str, Enum):
+    negative = "negative"
+    unknown = "unknown"
+
+
+@dataclass
+class PartialLabelsConf:
+    # Share of each training image's known labels kept; the rest become -1 (unknown). 1.0 = off.
+    keep_ratio: float = 1.0
+    seed: int = 0  # which labels are hidden; independent of the run's seed
+
+
 @dataclass
 class DatasetConf:
     name: str = MISSING
@@ -57,6 +92,10 @@ class DatasetConf:
     train: Any = MISSING  # `_target_` node; the transform is supplied at run time
     val: Any = MISSING
     prepare: Any = None  # optional `_target_` node run once before the splits are built
+    validate: ValidateLevel = ValidateLevel.quick  # checked at train start (q2l-validate-data does the same)
+    on_bad_image: BadImagePolicy = BadImagePolicy.error
+    max_bad_fraction: float = 0.01  # with on_bad_image=skip: more bad images than this share stops the run
+    partial: PartialLabelsConf = field(default_factory=PartialLabelsConf)
 
 
 @dataclass
@@ -67,13 +106,78 @@ class CocoDatasetConf(DatasetConf):
 
 
 @dataclass
+class VocDatasetConf(DatasetConf):
+    # Target of a class present only as objects marked difficult.
+    difficult: DifficultPolicy = DifficultPolicy.ignore
+
+
+@dataclass
+class NusWideDatasetConf(DatasetConf):
+    csv_file: str = MISSING
+    class_file: str | None = None  # None: the sorted labels of the whole CSV
+    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.error
+
+
+@dataclass
+class OpenImagesDatasetConf(DatasetConf):
+    train_annotations: str = MISSING
+    val_annotations: str = MISSING
+    class_file: str | None = None  # None: every LabelName in both annotation files
+    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.ignore  # rows of classes outside class_file
+    image_extension: str = ".jpg"
+
+
+@dataclass
+class TableDatasetConf(DatasetConf):
+    train_file: str = MISSING
+    val_file: str | None = None  # None: hold out val_fraction of train_file
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    class_file: str | None = None  # None: the table's own class list or every label it names
+    image_column: str = "image"
+    labels_column: str = "labels"
+    unknown_column: str = "unknown"
+    negatives_column: str = "negatives"
+    label_delimiter: str = "|"
+    unlisted: UnlistedPolicy = UnlistedPolicy.negative  # what a class a row does not mention is
+    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.error
+
+
+class MixMode(str, Enum):
+    batch = "batch"  # one mixing weight per batch
+    pair = "pair"  # one per pair of samples
+    elem = "elem"  # one per sample
+
+
+class ErasingMode(str, Enum):
+    const = "const"  # zeros (the normalised mean)
+    rand = "rand"  # one random normal colour per box
+    pixel = "pixel"  # random normal noise per pixel
+
+
+@dataclass
+class MixConf:
+    # MixUp / CutMix on whole batches, multi-label targets mixed with the same weights.
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 = off
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 = off
+    prob: float = 1.0  # chance that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: chance of CutMix instead of MixUp
+    mode: MixMode = MixMode.batch
+
+
+@dataclass
 class AugmentConf:
     hflip: float = 0.0  # probability of a horizontal flip
     scale: list[float] | None = None  # RandomResizedCrop area range, e.g. [0.7, 1.0]; None = resize
-    randaugment: bool = False
+    randaugment: bool = False  # torchvision RandAugment (the pip `randaugment` the paper used)
     randaugment_num_ops: int = 2
     randaugment_magnitude: int = 9
     cutout_factor: float = 0.0  # side of one square hole as a fraction of the image (ASL: 0.5)
+    auto_augment: str | None = None  # timm policy string: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w3, ...
+    random_erasing: float = 0.0  # timm RandomErasing probability, after normalisation
+    random_erasing_mode: ErasingMode = ErasingMode.pixel
+    random_erasing_count: int = 1  # up to this many erased boxes per image
+    mix: MixConf = field(default_factory=MixConf)
 
 
 @dataclass
@@ -162,6 +266,15 @@ class TrainerConf:
     compile: bool = False
     deterministic: bool = False
     progress_bar: bool = True
+    # Checkpoints: last.pt every epoch; also every N optimizer steps (mid-epoch) when set, with
+    # the newest `keep_last` of those kept as checkpoints/step-N.pt.
+    checkpoint_every_steps: int | None = None
+    keep_last: int = 2
+    # Stop before the optimizer step when the loss or gradient norm is not finite (one host sync
+    # per step); under fp16, stop after this many loss-scaler skips in a row.
+    check_finite: bool = True
+    max_consecutive_skipped_steps: int = 25
+    slurm_requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM, save and `scontrol requeue`
 
 
 @dataclass
@@ -176,7 +289,10 @@ class TrainConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     experiment: Any = None
     seed: int = 0
-    resume: str | None = None  # path of a checkpoint to continue from
+    # "auto": the newest valid checkpoint in this run directory (fresh start if none); or a path.
+    resume: str | None = None
+    allow_config_change: bool = False  # resume even though the config differs from the checkpoint's
+    init_from: str | None = None  # fine-tune: load only model weights from this checkpoint
 
 
 @dataclass
@@ -202,6 +318,10 @@ def register_configs() -> None:
         ("backbone", "timm", BackboneConf),
         ("model", "query2label", Query2LabelConf),
         ("dataset", "coco", CocoDatasetConf),
+        ("dataset", "voc", VocDatasetConf),
+        ("dataset", "nus_wide", NusWideDatasetConf),
+        ("dataset", "openimages", OpenImagesDatasetConf),
+        ("dataset", "table", TableDatasetConf),
         ("augment", "augment", AugmentConf),
         ("loss", "asl", AsymmetricLossConf),
         ("loss", "partial_asl", PartialAsymmetricLossConf),

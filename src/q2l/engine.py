@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient norm stopped being finite; raised before any weight changed."""
+
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,14 +42,21 @@ def train_one_epoch(
     max_steps: int | None = None,
     global_step: int = 0,
     progress: bool = False,
-    on_step: Callable[[int, torch.Tensor], bool] | None = None,
+    on_step: Callable[[int, torch.Tensor, bool], bool] | None = None,
+    check_finite: bool = True,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Train over `loader` once.
 
     Args:
         global_step: optimizer steps taken before this epoch (drives the EMA warm-up).
-        on_step: called after every optimizer step with (steps done this epoch, loss); returning
-            True ends the epoch early (checkpoint-and-stop requests).
+        on_step: called after every step with (steps done in this call, loss, whether the fp16
+            loss scaler skipped the update); returning True ends the epoch early (stop requests).
+        check_finite: raise NonFiniteError before the optimizer step when the loss or the gradient
+            norm is not finite (one host sync per step). Under fp16 the loss scaler owns inf/NaN
+            gradients instead: it skips the step, and on_step is told.
+        batch_transform: (images (B, C, H, W), targets (B, K)) -> the same, on the device, before
+            the forward pass (MixUp/CutMix: q2l.data.mix).
     Returns:
         loss (mean over steps), lr (last), images_per_sec, steps.
     """
@@ -58,25 +71,37 @@ def train_one_epoch(
             break
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
         with autocast(device, precision):
             logits = model(images)
         loss = loss_fn(logits.float(), targets)  # fp32 outside autocast: ASL's eps underflows in fp16
 
+        if check_finite and not torch.isfinite(loss):
+            raise NonFiniteError(f"loss is {loss.item()} at step {global_step + steps + 1}; stopped before "
+                                 "the optimizer step")
+
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if grad_clip_norm is not None:
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        if grad_clip_norm is not None or (check_finite and scale_before is None):
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            # max_norm=inf measures without clipping when only the finiteness check needs the norm.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or math.inf)
+            if check_finite and scale_before is None and not torch.isfinite(norm):
+                raise NonFiniteError(f"gradient norm is {norm.item()} at step {global_step + steps + 1} "
+                                     f"(loss {loss.item():.4g}); stopped before the optimizer step")
         scaler.step(optimizer)
         scaler.update()
+        skipped = scale_before is not None and scaler.get_scale() < scale_before
         scheduler.step()
         if ema is not None:
             ema.update(model, step=global_step + steps)
 
-        loss_sum += loss.detach()  # no .item(): keeps the step free of host syncs
+        loss_sum += loss.detach()  # accumulated on the device: no sync beyond the finiteness check
         steps += 1
         images_seen += images.shape[0]
-        if on_step is not None and on_step(steps, loss.detach()):
+        if on_step is not None and on_step(steps, loss.detach(), skipped):
             break
     elapsed = time.perf_counter() - start
     return {

@@ -10,9 +10,11 @@ Two average precisions are offered because the literature reports both under the
   report this one.
 - `voc_average_precision`: all-point interpolated VOC AP, the official Query2Label `voc_mAP`
   (borrowed there from SSGRL). It is never smaller than the non-interpolated AP.
-Both rank every column with one sort and then only touch the positives, which makes a COCO-sized
-evaluation a few times faster than sklearn's per-class loop (float16/bfloat16/float32 scores;
-float64 takes a slower column-sort path).
+Both rank every column with one radix sort of integer keys made from the score bits and then only
+touch the positives: a COCO-val-sized evaluation (40,137 × 80) is several times faster than
+sklearn's per-class loop or torchmetrics' exact AP (docs/performance.md). The functions run with
+one intra-op thread (`single_threaded`): every step is a memory-bound pass or a chain of small
+per-class operations, which extra threads barely speed up and stall badly when the cores are busy.
 
 Thresholded metrics follow ML-GCN and the Query2Label paper: CP and CR are per-class means,
 CF1 = 2·CP·CR/(CP+CR) (not the mean of per-class F1, which ASL's validate.py reports), and
@@ -21,7 +23,10 @@ OP/OR/OF1 pool the counts over all classes. `compute_metrics` gathers everything
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -30,8 +35,32 @@ from torch import Tensor
 _COUNTING_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 # Score dtypes that float32 holds exactly, so ranking them as float32 keeps every tie.
 _FLOAT32_EXACT = (torch.float16, torch.bfloat16, torch.float32)
+# PyTorch's CPU sort radix-sorts 1-D integer tensors from this length on (at::internal::GRAIN_SIZE).
+_RADIX_SORT_MIN_LENGTH = 32768
+_INT32_MIN = -(2**31)
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the enclosed PyTorch CPU work on one intra-op thread, then restore the thread count.
+
+    Usable as a decorator. Measured on a 2-core machine (docs/performance.md): two threads made
+    the COCO-sized AP 1.4× faster when the other core was idle and up to 50× slower when another
+    process kept it busy, as OpenMP's workers wait for a core at every parallel operation. The
+    count is process-wide, so work on other Python threads runs on one thread meanwhile.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@single_threaded()
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """Non-interpolated average precision of every class.
 
@@ -50,6 +79,7 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     return _average_precision(_rank(*_validate(scores, targets)))
 
 
+@single_threaded()
 def voc_average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """All-point interpolated VOC average precision of every class, as Query2Label's `voc_mAP`.
 
@@ -70,6 +100,7 @@ def voc_average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     return _voc_average_precision(_rank(*_validate(scores, targets)))
 
 
+@single_threaded()
 def mean_average_precision(
     scores: Tensor, targets: Tensor, interpolated: bool = False
 ) -> tuple[float, int]:
@@ -89,6 +120,7 @@ def mean_average_precision(
     return _mean_over_classes(per_class)
 
 
+@single_threaded()
 def threshold_metrics(scores: Tensor, targets: Tensor, threshold: float = 0.5) -> dict[str, float]:
     """Per-class and overall precision, recall and F1 with `scores >= threshold` predicted positive.
 
@@ -104,6 +136,7 @@ def threshold_metrics(scores: Tensor, targets: Tensor, threshold: float = 0.5) -
     return _counting_metrics(scores >= threshold, targets)
 
 
+@single_threaded()
 def topk_metrics(scores: Tensor, targets: Tensor, k: int = 3) -> dict[str, float]:
     """CP, CR, CF1, OP, OR, OF1 where each image predicts exactly its k highest-scoring classes.
 
@@ -121,6 +154,7 @@ def topk_metrics(scores: Tensor, targets: Tensor, k: int = 3) -> dict[str, float
     return _counting_metrics(_topk_predictions(scores, k), targets)
 
 
+@single_threaded()
 def compute_metrics(
     scores: Tensor, targets: Tensor, threshold: float = 0.5, top_k: int = 3
 ) -> dict[str, float]:
@@ -189,7 +223,8 @@ class _Ranking(NamedTuple):
     """Each class's images ranked by descending score, flattened class-major: K blocks of N.
 
     A flat position p is rank p - c·N (0-based) of class c = p // N.
-    sorted_keys: (K·N,) int64, nondecreasing; equal keys are one class's tied scores.
+    sorted_keys: (K, N) int32 (int64 for float64 scores), each row nondecreasing; equal keys in a
+        row are that class's tied scores.
     positives, ignored: (M,), (I,) flat positions of annotated positives and of -1 entries, ascending.
     classes: (M,) class of each positive.
     first_positive, first_ignored: (K,) index into `positives` / `ignored` where each class starts.
@@ -228,21 +263,8 @@ def _rank(scores: Tensor, targets: Tensor) -> _Ranking:
     num_samples, num_classes = scores.shape
     device = scores.device
     class_starts = torch.arange(num_classes, device=device) * num_samples
-    class_offsets = (torch.arange(num_classes, device=device) << 32).unsqueeze(1)
-    if scores.dtype in _FLOAT32_EXACT:
-        # One 1-D sort of non-negative integer keys (class in the high bits, score below) instead of
-        # K column sorts: PyTorch radix-sorts those (fbgemm on CPU, CUB on CUDA), about three
-        # times faster than its row-wise comparison sort of floats.
-        keys = _descending_float32_keys(scores.T.to(torch.float32), class_offsets)
-        sorted_keys, order = keys.reshape(-1).sort(stable=True)
-    else:
-        # float64 leaves no bits for the class, so sort columns and key by tie-group number.
-        sorted_scores, order = scores.T.sort(dim=-1, descending=True, stable=True)
-        starts_group = torch.ones_like(sorted_scores, dtype=torch.bool)
-        starts_group[:, 1:] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
-        sorted_keys = (starts_group.cumsum(-1) + class_offsets).reshape(-1)
-        order = (order + class_starts.unsqueeze(1)).reshape(-1)
-    sorted_targets = targets.T.reshape(-1)[order]
+    sorted_keys, order = _sort_rows(_descending_keys(scores.T).contiguous())  # (K, N) each
+    sorted_targets = targets.T.gather(1, order).reshape(-1)
     # One pass over all K·N entries finds both short lists; negatives are only ever counted.
     not_negative = (sorted_targets != 0).nonzero().squeeze(1)
     not_negative_targets = sorted_targets[not_negative]
@@ -261,23 +283,56 @@ def _rank(scores: Tensor, targets: Tensor) -> _Ranking:
     )
 
 
-def _descending_float32_keys(values: Tensor, class_offsets: Tensor) -> Tensor:
-    """Int64 sort keys for float32 values (K, N): class_offsets (K, 1) plus a score key in
-    [0, 2^32) that grows as the value falls."""
-    # Adding +0.0 folds -0.0 into +0.0: their bits differ, but sklearn counts them as a tie.
-    bits = (values + 0.0).view(torch.int32)
-    # IEEE-754 bits order non-negative floats like integers and negative floats in reverse, so
-    # flipping the 31 value bits of non-negative floats (bits >> 31 is 0 there, -1 for negative
-    # ones) and reading all 32 bits as unsigned gives keys that grow as the value falls.
-    descending = bits ^ (~(bits >> 31) & 0x7FFFFFFF)
-    return (descending.to(torch.int64) & 0xFFFFFFFF) + class_offsets
+def _descending_keys(values: Tensor) -> Tensor:
+    """Signed-integer sort keys that grow as the value falls: (K, N) float -> (K, N) int32, or
+    int64 for float64 values. Equal values get equal keys, -0.0 and +0.0 included."""
+    if values.dtype in _FLOAT32_EXACT:
+        bits, sign_shift = (values.to(torch.float32) + 0.0).view(torch.int32), 31
+    else:
+        bits, sign_shift = (values + 0.0).view(torch.int64), 63
+    # Adding +0.0 above folds -0.0 into +0.0: their bits differ, but sklearn counts them as a tie.
+    # IEEE-754 bits order non-negative floats like signed integers and negative floats in
+    # reverse, so flipping the value bits of negative floats gives keys that grow with the value;
+    # bitwise not (-x - 1, no overflow) then reverses that order.
+    magnitude = (1 << sign_shift) - 1
+    return ~(bits ^ ((bits >> sign_shift) & magnitude))
+
+
+def _sort_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable ascending sort of each row of integer keys (K, N): sorted keys and order, (K, N) each."""
+    num_rows, row_length = keys.shape
+    if keys.device.type != "cpu" or (keys.dtype != torch.int32 and row_length < _RADIX_SORT_MIN_LENGTH):
+        return keys.sort(dim=-1, stable=True)  # one segmented sort on accelerators
+    # On CPU PyTorch radix-sorts 1-D integer tensors of at least _RADIX_SORT_MIN_LENGTH entries and
+    # comparison-sorts anything else, rows of a 2-D tensor included.
+    if row_length < _RADIX_SORT_MIN_LENGTH:
+        # Short rows: one radix sort of all K·N keys, each prefixed with its row in the high bits.
+        rows = torch.arange(num_rows).unsqueeze(1)
+        wide_keys, flat_order = ((keys.to(torch.int64) - _INT32_MIN) + (rows << 32)).reshape(-1).sort()
+        sorted_keys = ((wide_keys & 0xFFFFFFFF) + _INT32_MIN).to(torch.int32).reshape(num_rows, -1)
+        return sorted_keys, flat_order.reshape(num_rows, -1) - rows * row_length
+    # Long rows: one radix sort per row; a row of 32-bit keys with its order (40k images: under
+    # 1 MB) stays in cache while it is sorted, three times faster than the one long sort above.
+    sorted_keys = torch.empty_like(keys)
+    order = torch.empty(keys.shape, dtype=torch.int64)
+    for row in range(num_rows):
+        torch.sort(keys[row], stable=True, out=(sorted_keys[row], order[row]))
+    return sorted_keys, order
 
 
 def _average_precision(ranking: _Ranking) -> Tensor:
     """Non-interpolated AP per class (K,): each positive scores the precision at the end of its tie
     group, the last position holding its key."""
-    positive_keys = ranking.sorted_keys[ranking.positives]
-    group_last = torch.searchsorted(ranking.sorted_keys, positive_keys, right=True) - 1
+    group_last = torch.empty_like(ranking.positives)
+    bounds = [*ranking.first_positive.tolist(), ranking.positives.numel()]
+    # A binary search in each class's own row of 32-bit keys: cheaper than widening all K·N keys
+    # to 64 bits to make one globally sorted array, and it works for 64-bit keys unchanged.
+    for label, (begin, end) in enumerate(itertools.pairwise(bounds)):
+        if begin < end:
+            keys = ranking.sorted_keys[label]
+            start = label * ranking.num_samples
+            ranks = ranking.positives[begin:end] - start
+            group_last[begin:end] = torch.searchsorted(keys, keys[ranks], right=True) + (start - 1)
     return ranking.mean_per_class(ranking.precision_at(group_last))
 
 

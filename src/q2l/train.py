@@ -8,41 +8,35 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 
 from q2l import dist
-from q2l.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
+from q2l.checkpoint import find_resumable, load_checkpoint
 from q2l.config import CONFIG_DIR
 from q2l.data.loader import build_loader
+from q2l.data.mix import build_batch_transform
+from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.engine import evaluate, train_one_epoch
-from q2l.metrics import compute_metrics
+from q2l.data.validate import validate_splits
+from q2l.fit import Loop, Progress, fit, init_weights, restore
 from q2l.models import build_model
 from q2l.models.backbone import normalization
+from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
 from q2l.run_log import RunLog, write_json
 
 log = logging.getLogger("q2l.train")
 
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps
-    best_metric: float = float("-inf")
-    best_epoch: int = -1
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -54,6 +48,10 @@ def main(cfg: DictConfig) -> float:
     except Exception as error:
         _record_failure(run_dir, error)
         raise
+    if summary["status"] == "preempted":
+        if cfg.trainer.slurm_requeue and dist.is_main_process():
+            requeue_slurm_job()
+        sys.exit(EXIT_PREEMPTED)
     return summary["best"]["mAP"]
 
 
@@ -65,8 +63,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     dist.seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     device = dist.resolve_device(cfg.trainer.device)
-    if cfg.dataset.get("prepare"):
-        instantiate(cfg.dataset.prepare)
+    for group in ("dataset", "backbone"):
+        if cfg[group].get("prepare"):
+            instantiate(cfg[group].prepare)
 
     train_set, val_set = _build_datasets(cfg, *normalization(cfg.backbone.name))
     model = build_model(config["backbone"], config["model"], train_set.num_classes, cfg.dataset.image_size)
@@ -76,16 +75,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     val_loader = build_loader(val_set, cfg.dataset.batch_size, False, cfg.dataset.num_workers,
                               pin_memory=device.type == "cuda")
     parts = _build_training_parts(cfg, model, len(train_loader), device)
-    progress = Progress()
-    history: list[dict[str, Any]] = []
-    if cfg.resume:
-        progress, history = _resume(cfg.resume, parts, config)
+    progress, history = _restore_or_init(cfg, parts, config, run_dir)
     run_log = RunLog(run_dir, history)
     log.info("run dir %s | %d train / %d val images, %d classes | device %s | %s",
              run_dir, len(train_set), len(val_set), train_set.num_classes, device, cfg.trainer.precision.value)
+    loop = Loop(run_dir, config, train_set.class_names, device, run_log,
+                batch_transform=_build_batch_transform(cfg, train_set.num_classes))
     try:
-        status = _fit(cfg, parts, train_loader, val_loader, progress, run_log, run_dir, train_set.class_names,
-                      config, device)
+        status = fit(cfg, parts, train_loader, val_loader, progress, loop)
     finally:
         run_log.close()
     summary = _summary(run_log.history, progress, status, time.perf_counter() - start)
@@ -97,15 +94,77 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...]):
-    """Train and val splits with their transforms, normalised as the backbone expects."""
-    size = cfg.dataset.image_size
-    augment = OmegaConf.to_container(cfg.augment)
-    train_set = instantiate(cfg.dataset.train, transform=build_train_transform(size, mean, std, **augment))
-    val_set = instantiate(cfg.dataset.val, transform=build_eval_transform(size, mean, std))
+    """Train and val splits with their transforms, normalised as the backbone expects, checked.
+
+    Annotation problems surface here with the format reader's message; dataset.partial then hides
+    training labels, and _validate_data checks the files, all before the model is built.
+    """
+    data = cfg.dataset
+    size = data.image_size
+    augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
+    augment.pop("mix", None)  # a batch transform, not an image one: _build_batch_transform
+    loading = {"on_bad_image": _text(data.get("on_bad_image", "error")),
+               "max_bad_fraction": data.get("max_bad_fraction", 0.01)}
+    train_set = _instantiate_split(data.train, transform=build_train_transform(size, mean, std, **augment), **loading)
+    val_set = _instantiate_split(data.val, transform=build_eval_transform(size, mean, std), **loading)
     if train_set.class_names != val_set.class_names:
         raise ValueError("train and val splits have different classes: "
                          f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}")
+    partial = data.get("partial") or {}
+    if partial.get("keep_ratio", 1.0) < 1.0:
+        train_set.labels = hide_labels(train_set.labels, partial.keep_ratio, seed=partial.get("seed", 0))
+        log.info("partial labels: kept %.0f%% of each training image's labels (dataset.partial.keep_ratio=%s)",
+                 100 * partial.keep_ratio, partial.keep_ratio)
+    _validate_data(cfg, train_set, val_set)
     return train_set, val_set
+
+
+def _instantiate_split(node: DictConfig, **runtime: Any):
+    """instantiate(node, **runtime), raising the format reader's own error instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError)):
+            raise error.__cause__ from None
+        raise
+
+
+def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
+    """Check every image file of both splits (dataset.validate: quick, full or off); raise listing all problems.
+
+    With on_bad_image=skip, up to max_bad_fraction of a split may be missing or unreadable (warnings).
+    Unknown (-1) training targets are refused with loss=asl, which would read them as probabilities.
+    """
+    data = cfg.dataset
+    unknown = int((train_set.labels == -1).sum())
+    if unknown and str(cfg.loss.get("_target_", "")).endswith(".AsymmetricLoss"):
+        raise ValueError(f"the training labels hold {unknown} unknown (-1) entries, which loss=asl would read as "
+                         "probabilities; use loss=partial_asl or loss=bce (or, for VOC, dataset.difficult=positive)")
+    level = _text(data.get("validate", "quick"))
+    if level == "off":
+        log.warning("dataset.validate=off: image files are not checked before training")
+        return
+    skip = _text(data.get("on_bad_image", "error")) == "skip"
+    report = validate_splits(train_set, val_set, level=level,
+                             bad_image_tolerance=data.get("max_bad_fraction", 0.01) if skip else None)
+    log.info("data checked (%s, %.1f s): %d train / %d val images, %d classes, no problems", level,
+             report.seconds, len(train_set), len(val_set), train_set.num_classes)
+    for warning in report.warnings:
+        log.warning("data: %s", warning)
+
+
+def _build_batch_transform(cfg: DictConfig, num_classes: int):
+    """MixUp/CutMix for train_one_epoch(batch_transform=...) as augment.mix says, or None."""
+    mix = OmegaConf.to_container(cfg.augment, enum_to_str=True).get("mix") or {}
+    batch_transform = build_batch_transform(mix, num_classes=num_classes, batch_size=cfg.dataset.batch_size)
+    if batch_transform is not None and str(cfg.loss.get("_target_", "")).endswith(".PartialAsymmetricLoss"):
+        log.warning("augment.mix makes soft targets, which loss=partial_asl gives no loss; prefer asl or bce")
+    return batch_transform
+
+
+def _text(value: Any) -> str:
+    """A config choice as a string: typed configs hold Enum members, plain ones strings."""
+    return str(getattr(value, "value", value))
 
 
 def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int,
@@ -134,103 +193,21 @@ def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, steps_per_epo
     }
 
 
-def _fit(cfg, parts, train_loader, val_loader, progress: Progress, run_log: RunLog, run_dir: Path,
-         class_names: list[str], config: dict, device: torch.device) -> str:
-    """The epoch loop: train, evaluate raw and EMA weights, record, checkpoint, stop early."""
-    trainer = cfg.trainer
-    show_progress = trainer.progress_bar and dist.is_main_process()
-    patience = trainer.early_stop_patience
-    while progress.epoch < trainer.epochs:
-        epoch = progress.epoch
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            parts["train_model"], train_loader, parts["loss"], parts["optimizer"], parts["scheduler"],
-            parts["scaler"], device, trainer.precision.value, ema=parts["ema"],
-            grad_clip_norm=trainer.grad_clip_norm, channels_last=trainer.channels_last,
-            max_steps=trainer.limit_train_batches, global_step=progress.step, progress=show_progress)
-        progress.step += train_stats["steps"]
-        progress.epoch += 1
-        record, eval_weights = _validate(cfg, parts, val_loader, device, show_progress)
-        record = {"epoch": progress.epoch, "step": progress.step,
-                  **{f"train_{k}": v for k, v in train_stats.items() if k != "steps"}, **record}
-        improved = record["mAP_best"] > progress.best_metric
-        if improved:
-            progress.best_metric, progress.best_epoch = record["mAP_best"], progress.epoch
-        run_log.log_epoch(record, progress.step)
-        log.info("epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | %.0f img/s", progress.epoch,
-                 trainer.epochs, record["train_loss"], record["mAP"],
-                 f"{record['mAP_ema']:.2f}" if "mAP_ema" in record else "-", record["train_images_per_sec"])
-        _save(run_dir, parts, progress, eval_weights, record, run_log.history, class_names, config, improved)
-        if patience is not None and progress.epoch - progress.best_epoch >= patience:
-            log.info("early stop: no better mAP for %d epochs", patience)
-            return "early_stopped"
-    return "completed"
-
-
-def _validate(cfg, parts, val_loader, device, show_progress) -> tuple[dict[str, Any], str]:
-    """Metrics of the raw weights and, with EMA on, of the EMA weights; names the better."""
-    trainer = cfg.trainer
-    candidates = {"model": parts["model"]}
-    if parts["ema"] is not None:
-        candidates["ema"] = parts["ema"].module
-    record: dict[str, Any] = {}
-    for name, module in candidates.items():
-        scores, targets = evaluate(module, val_loader, device, trainer.precision.value,
-                                   channels_last=trainer.channels_last, max_steps=trainer.limit_val_batches,
-                                   progress=show_progress)
-        metrics = compute_metrics(scores, targets, threshold=trainer.threshold)
-        suffix = "_ema" if name == "ema" else ""
-        record.update({f"{key}{suffix}": value for key, value in metrics.items()})
-    eval_weights = "ema" if record.get("mAP_ema", float("-inf")) > record["mAP"] else "model"
-    record["mAP_best"] = record["mAP_ema" if eval_weights == "ema" else "mAP"]
-    record["eval_weights"] = eval_weights
-    return record, eval_weights
-
-
-def _save(run_dir, parts, progress: Progress, eval_weights: str, record: dict, history: list, class_names,
-          config: dict, improved: bool) -> None:
-    """Write checkpoints/last.pt every epoch; point best.pt at it when the mAP improved."""
-    if not dist.is_main_process():
-        return
-    ema = parts["ema"]
-    payload = {
-        "model": parts["model"].state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "optimizer": parts["optimizer"].state_dict(),
-        "scheduler": parts["scheduler"].state_dict(),
-        "scaler": parts["scaler"].state_dict(),
-        "loss": parts["loss"].state_dict(),
-        "epoch": progress.epoch,
-        "step": progress.step,
-        "best_metric": progress.best_metric,
-        "best_epoch": progress.best_epoch,
-        "eval_weights": eval_weights,
-        "metrics": record,
-        "history": history,
-        "class_names": list(class_names),
-        "config": config,
-    }
-    checkpoints = run_dir / "checkpoints"
-    save_checkpoint(payload, checkpoints / "last.pt")
-    if improved:
-        link_checkpoint(checkpoints / "last.pt", checkpoints / "best.pt")
-
-
-def _resume(path: str, parts: dict[str, Any], config: dict) -> tuple[Progress, list[dict]]:
-    """Restore every stateful part from a checkpoint; refuse one from a different model or data."""
-    checkpoint = load_checkpoint(path)
-    for key in ("backbone", "model", "dataset"):
-        if checkpoint["config"].get(key) != config.get(key):
-            raise ValueError(f"resume={path}: the checkpoint was trained with a different {key} config:\n"
-                             f"  checkpoint: {checkpoint['config'].get(key)}\n  now:        {config.get(key)}")
-    parts["model"].load_state_dict(checkpoint["model"])
-    if parts["ema"] is not None and checkpoint.get("ema") is not None:
-        parts["ema"].module.load_state_dict(checkpoint["ema"])
-    for key in ("optimizer", "scheduler", "scaler", "loss"):
-        parts[key].load_state_dict(checkpoint[key])
-    progress = Progress(checkpoint["epoch"], checkpoint["step"], checkpoint["best_metric"], checkpoint["best_epoch"])
-    log.info("resumed from %s at epoch %d, step %d", path, progress.epoch, progress.step)
-    return progress, list(checkpoint.get("history", []))
+def _restore_or_init(cfg: DictConfig, parts: dict[str, Any], config: dict, run_dir: Path):
+    """(progress, history) from `resume` (auto or a path), after `init_from` weights, or fresh."""
+    if cfg.init_from:
+        init_weights(parts["model"], load_checkpoint(cfg.init_from), Path(cfg.init_from))
+    if not cfg.resume:
+        return Progress(), []
+    if cfg.resume == "auto":
+        found = find_resumable(run_dir / "checkpoints")
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+            return Progress(), []
+        source, checkpoint = found
+    else:
+        source, checkpoint = Path(cfg.resume), load_checkpoint(cfg.resume)
+    return restore(checkpoint, source, parts, config, cfg.allow_config_change)
 
 
 def _summary(history: list[dict], progress: Progress, status: str, wall_time: float) -> dict[str, Any]:

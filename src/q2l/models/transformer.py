@@ -62,16 +62,22 @@ class Transformer(nn.Module):
     def forward(self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         for layer in self.encoder_layers:
             memory = layer(memory, pos)
-        query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, K, D)
+        memory_keys = memory + pos  # keys carry positions, values do not; the same for every layer
         # Queries start at zero; the label embedding enters as the query position (as in DETR/Q2L).
-        queries = torch.zeros_like(query_pos)
+        # Both are the same for every image, so they stay (1, K, D) and broadcast: the first layer
+        # projects its K queries once instead of once per image.
+        query_pos = query_pos.unsqueeze(0)  # (1, K, D)
+        queries = torch.zeros_like(query_pos)  # (1, K, D), then (B, K, D) after the first layer
         for layer in self.decoder_layers:
-            queries = layer(queries, memory, pos, query_pos)
+            queries = layer(queries, memory_keys, memory, query_pos)
         return self.decoder_norm(queries)
 
 
 class Attention(nn.Module):
-    """Multi-head attention: (B, Lq, D), (B, Lk, D), (B, Lk, D) -> (B, Lq, D)."""
+    """Multi-head attention: (1|B, Lq, D), (B, Lk, D), (B, Lk, D) -> (B, Lq, D).
+
+    A query with batch size 1 is projected once and shared by every image.
+    """
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -83,8 +89,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = query.shape
-        q = self._split_heads(self.q_proj(query))
+        batch, (length, dim) = key.shape[0], query.shape[1:]
+        q = self._split_heads(self.q_proj(query)).expand(batch, -1, -1, -1)
         k = self._split_heads(self.k_proj(key))
         v = self._split_heads(self.v_proj(value))
         dropout = self.dropout if self.training else 0.0
@@ -143,13 +149,15 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         queries: torch.Tensor,
+        memory_keys: torch.Tensor,
         memory: torch.Tensor,
-        pos: torch.Tensor,
         query_pos: torch.Tensor,
     ) -> torch.Tensor:
+        """queries (1|B, K, D), memory_keys = memory + pos (B, N, D), memory (B, N, D),
+        query_pos (1, K, D) -> (B, K, D)."""
         if self.self_attn is not None:
             query_key = queries + query_pos
             queries = self.norm1(queries + self.dropout(self.self_attn(query_key, query_key, queries)))
-        attended = self.cross_attn(queries + query_pos, memory + pos, memory)
+        attended = self.cross_attn(queries + query_pos, memory_keys, memory)  # (B, K, D)
         queries = self.norm2(queries + self.dropout(attended))
         return self.norm3(queries + self.dropout(self.ffn(queries)))

@@ -1,0 +1,209 @@
+"""`make bench` / `python scripts/bench.py`: run the sections, print the table, write the JSON.
+
+    python scripts/bench.py                      # everything (about 15 min on 2 busy cores)
+    python scripts/bench.py --quick              # fewer rounds, smaller runs, no demo run (3-4 min)
+    python scripts/bench.py --sections b,c       # exact mAP and data pipeline only
+    python scripts/bench.py --markdown           # the table as Markdown, for docs/performance.md
+    make bench ARGS="--quick --sections a --cases demo"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from q2l.bench import exact_map, memory, pipeline, throughput, timing
+from q2l.bench.timing import Row, machine, matmul_peak
+
+log = logging.getLogger("q2l.bench")
+
+SECTIONS = {
+    "a": "throughput: train step and inference, q2l best CPU settings vs plain fp32 eager",
+    "b": "exact mAP on a COCO-val-sized matrix vs sklearn and torchmetrics",
+    "c": "data pipeline images/s vs plain PIL + torchvision",
+    "d": "peak resident memory of a short training run, and its growth across epochs",
+    "e": "FLOPs per image and share of the measured matmul peak",
+    "levers": "each optimisation alone against the plain baseline",
+    "f": "`make train` (the demo) end to end: wall time and mAP",
+}
+QUICK_SKIPS = {"f"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", default="all",
+                        help="comma-separated: " + ", ".join(f"{k} ({v})" for k, v in SECTIONS.items()))
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller runs; skips f")
+    parser.add_argument("--cases", default="paper,demo", help="model cases for a/e/levers: paper, demo")
+    parser.add_argument("--lever-cases", default=None,
+                        help="model cases for the levers (default: paper,demo; demo with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile to the levers (slow)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before starting")
+    parser.add_argument("--quiet-wait", type=float, default=timing.QUIET_WAIT_S,
+                        help="seconds to wait before each round for other processes to go quiet (0: never)")
+    parser.add_argument("--output-dir", default="bench-results", help="where bench-<time>.json goes")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    chosen = set(SECTIONS) if args.sections == "all" else {s.strip() for s in args.sections.split(",")}
+    unknown = chosen - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {sorted(SECTIONS)}")
+    if args.quick and args.sections == "all":
+        chosen -= QUICK_SKIPS
+    args.sections = chosen
+    args.cases = _cases(parser, args.cases)
+    args.lever_cases = _cases(parser, args.lever_cases or ("demo" if args.quick else "paper,demo"))
+    return args
+
+
+def _cases(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = set(cases) - set(throughput.CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {sorted(throughput.CASES)}")
+    return cases
+
+
+def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
+    """Every selected section; a failing section is reported and the others still run."""
+    rows: list[Row] = []
+    errors: list[str] = []
+    extra: dict = {}
+
+    def section(name: str, fn, *fn_args, **fn_kwargs):
+        log.info("section %s ...", name)
+        start = time.perf_counter()
+        try:
+            result = fn(*fn_args, **fn_kwargs)
+        except Exception as error:  # one broken section must not hide the others' numbers
+            errors.append(f"{name}: {type(error).__name__}: {error}")
+            log.error("section %s failed:\n%s", name, traceback.format_exc())
+            return None
+        log.info("section %s done in %.0f s", name, time.perf_counter() - start)
+        return result
+
+    quick = args.quick
+    if args.sections & {"a", "e", "levers"}:
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        extra["matmul_peak_gflops"] = {name: value / 1e9 for name, value in peaks.items()}
+        extra["best_cpu_overrides"] = list(throughput.best_cpu_overrides())
+        for key in dict.fromkeys(args.cases + args.lever_cases):
+            case = throughput.CASES[key]
+            paper = key == "paper"
+            steps = 1 if paper else 4
+            rounds = args.rounds or (1 if quick else 3) if paper else args.rounds or (2 if quick else 5)
+            with throughput.build_sides(case, steps) as sides:
+                if key in args.cases and args.sections & {"a", "e"}:
+                    measured = section(f"a {key}", throughput.measure_throughput, sides, rounds)
+                    if measured is not None:
+                        throughput_rows, rates = measured
+                        if "a" in args.sections:
+                            rows += throughput_rows
+                        if "e" in args.sections:
+                            rows += section(f"e {key}", throughput.measure_flops, sides, rates, peaks) or []
+                if key in args.lever_cases and "levers" in args.sections:
+                    lever_rounds = max(rounds - 1, 1) if paper else rounds
+                    rows += section(f"levers {key}", throughput.measure_levers, sides, lever_rounds,
+                                    with_compile=args.compile) or []
+    if "b" in args.sections:
+        rows += section("b", exact_map.measure_exact_map, args.rounds or (3 if quick else 7)) or []
+    if "c" in args.sections:
+        rows += section("c", pipeline.measure_pipeline, 24 if quick else 64, args.rounds or (2 if quick else 4)) or []
+    if "d" in args.sections:
+        epochs, num_train = (3, 256) if quick else (6, 512)
+        rows += section("d", memory.measure_memory, epochs, num_train, num_train // 4) or []
+    if "f" in args.sections:
+        rows += section("f", memory.measure_demo_run) or []
+    return rows, errors, extra
+
+
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    """The report: one line per row, then the notes (baseline names, settings, caveats)."""
+    header = ["section", "measurement", "q2l", "baseline", "ratio", "target", "ok"]
+    lines = []
+    notes = []
+    for index, row in enumerate(rows, 1):
+        note = "; ".join(part for part in (row.baseline_name and f"baseline: {row.baseline_name}", row.note)
+                         if part)
+        mark = f" [{index}]" if note else ""
+        if note:
+            notes.append(f"[{index}] {note}")
+        lines.append([
+            row.section,
+            row.name + mark,
+            _number(row.value, row.unit),
+            _number(row.baseline, row.unit) if row.baseline is not None else "—",
+            f"{row.ratio:.2f}×" if row.ratio is not None else "—",
+            f"≥ {row.target:g}×" if row.target is not None else "—",
+            {True: "yes", False: "NO", None: ""}[row.passed],
+        ])
+    if markdown:
+        table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table += ["| " + " | ".join(cells) + " |" for cells in lines]
+        return "\n".join(table + [""] + [f"- {note}" for note in notes])
+    widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+            for cells in [header, ["-" * w for w in widths], *lines]]
+    return "\n".join(text + [""] + notes)
+
+
+def _number(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 1:
+        text = f"{value:.2f}"
+    else:
+        text = f"{value:.3g}"
+    return f"{text} {unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timing.QUIET_WAIT_S = args.quiet_wait
+    if args.quiet_wait <= 0:
+        timing.QUIET_BUDGET_S = 0.0
+    started = dt.datetime.now()
+    info = machine()
+    log.info("benchmarking on %s, %d intra-op threads; sections %s", info["cpu"], info["torch_threads"],
+             ",".join(sorted(args.sections)))
+    start = time.perf_counter()
+    rows, errors, extra = run(args)
+    duration = time.perf_counter() - start
+    print(format_table(rows, markdown=args.markdown))
+    for error in errors:
+        print(f"FAILED {error}")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"bench-{started:%Y%m%d-%H%M%S}.json"
+    report = {
+        "format_version": 1,
+        "started_at": started.isoformat(timespec="seconds"),
+        "duration_s": round(duration, 1),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "quick": args.quick,
+        "machine": info,
+        "quiet_rounds": timing.quiet_stats,
+        **extra,
+        "rows": [row.as_dict() for row in rows],
+        "errors": errors,
+    }
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {path} ({duration:.0f} s)")
+    return 1 if errors else 0

@@ -1,0 +1,199 @@
+"""Timing that survives a shared machine: interleaved rounds, best rate per workload, one table row
+per comparison, and the machine's own matmul peak.
+
+Every figure the benchmark reports is a ratio of two rates measured in the same process, in the
+same rounds: each round runs every workload once, in an order that rotates from round to round,
+so a burst of load from another process slows them alike instead of one of them. Ratios use the
+best rate over the rounds (the run least disturbed by other processes), as `timeit` does; the
+worst is kept too, for levers whose point is behaviour under load.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Workload:
+    """Something to time: `run()` does the work once and returns how many items it processed.
+
+    `prepare()` runs untimed before each `run()`: switching a shared model's memory format or an
+    optimizer's implementation between workloads is not part of what is measured.
+    """
+
+    run: Callable[[], int]
+    prepare: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Rates:
+    """Items per second of one workload, one entry per timed round."""
+
+    samples: list[float]
+
+    @property
+    def best(self) -> float:
+        return max(self.samples)
+
+    @property
+    def worst(self) -> float:
+        return min(self.samples)
+
+
+# Before each round, wait up to QUIET_WAIT_S for other processes to go quiet, until the run has
+# spent QUIET_BUDGET_S waiting in all (a machine that stays busy then gets measured as it is).
+QUIET_WAIT_S = 10.0
+QUIET_BUDGET_S = 180.0
+_QUIET_CORES = 0.3  # other processes' CPU use, in cores, that still counts as quiet
+quiet_stats = {"rounds": 0, "rounds_started_busy": 0, "seconds_waited": 0.0}
+
+
+def interleaved(workloads: dict[str, Workload], rounds: int, warmup: int = 1) -> dict[str, Rates]:
+    """Items per second of each workload in each of `rounds` interleaved rounds.
+
+    `warmup` untimed rounds come first (allocator, oneDNN kernel selection, lazy init). Before each
+    timed round, waits up to QUIET_WAIT_S for other processes to leave the CPUs alone.
+    """
+    names = list(workloads)
+    for _ in range(warmup):
+        for name in names:
+            workloads[name].prepare()
+            workloads[name].run()
+    rates = {name: Rates([]) for name in names}
+    for index in range(max(rounds, 1)):
+        _quiet_round()
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            workloads[name].prepare()
+            start = time.perf_counter()
+            items = workloads[name].run()
+            rates[name].samples.append(items / (time.perf_counter() - start))
+    return rates
+
+
+def _quiet_round() -> None:
+    """Wait for quiet within the budget; count the rounds that start busy anyway."""
+    budget = max(min(QUIET_WAIT_S, QUIET_BUDGET_S - quiet_stats["seconds_waited"]), 0.0)
+    start = time.monotonic()
+    quiet = wait_for_quiet(budget)  # with no budget left: one look, no waiting
+    quiet_stats["seconds_waited"] += time.monotonic() - start
+    quiet_stats["rounds"] += 1
+    quiet_stats["rounds_started_busy"] += int(not quiet)
+
+
+def wait_for_quiet(max_wait_s: float, sample_s: float = 0.25) -> bool:
+    """Sleep until the CPUs are nearly idle (this process sleeps too, so any use is someone
+    else's), for at most `max_wait_s`. Returns whether it got quiet; True where /proc/stat is absent."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = _busy_cores(sample_s)
+        if busy is None or busy <= _QUIET_CORES:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
+def _busy_cores(sample_s: float) -> float | None:
+    """CPU cores in use over the next `sample_s` seconds, from /proc/stat; None where unavailable."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    before = read()
+    time.sleep(sample_s)
+    after = read()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    cores = os.cpu_count() or 1
+    return (after[0] - before[0]) / (after[1] - before[1]) * cores
+
+
+@dataclass
+class Row:
+    """One line of the report: q2l's figure against a baseline measured in the same run.
+
+    ratio = value / baseline for rates (higher is better); `lower_is_better` flips it, so a ratio
+    above 1 always means q2l is ahead. target: the ratio the issue asks for, or None.
+    """
+
+    section: str
+    name: str
+    value: float
+    baseline: float | None
+    unit: str
+    baseline_name: str = ""
+    target: float | None = None
+    lower_is_better: bool = False
+    note: str = ""
+    ratio: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.baseline is None or self.baseline == 0 or self.value == 0:
+            self.ratio = None
+        else:
+            self.ratio = self.baseline / self.value if self.lower_is_better else self.value / self.baseline
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio >= self.target
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, rounds: int = 5) -> float:
+    """Best FLOP/s of a (size × size) @ (size × size) matmul in `dtype`: the machine's practical peak."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: thread pool, oneDNN/MKL kernel selection
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def native_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX), where bf16 pays."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": native_bf16(),
+        "cuda": torch.cuda.is_available(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
