@@ -64,7 +64,8 @@ def test_optimizer_and_schedules_instantiate(compose_config, schedule):
 
 @pytest.mark.parametrize("backbone", _options("backbone"))
 def test_every_backbone_builds(compose_config, backbone):
-    cfg = compose_config("train", [f"backbone={backbone}", "model.hidden_dim=32", "model.ffn_dim=32"])
+    cfg = compose_config("train", [f"backbone={backbone}", "model.hidden_dim=32", "model.ffn_dim=32",
+                                   "backbone.pretrained=false"])
     size = 384 if "384" in cfg.backbone.name else 224
     container = OmegaConf.to_container(cfg, resolve=True)
     model = build_model(container["backbone"], container["model"], num_classes=3, image_size=size)

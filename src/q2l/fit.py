@@ -86,7 +86,8 @@ def fit(cfg, parts: dict[str, Any], train_loader, val_loader, progress: Progress
             progress.batches_done = 0
             record = _validate(cfg, parts, val_loader, loop.device)
             record = {"epoch": progress.epoch, "step": progress.step,
-                      **{f"train_{k}": v for k, v in stats.items() if k != "steps"}, **record}
+                      **{f"train_{k}": v for k, v in stats.items() if k != "steps"},
+                      "train_bad_images": getattr(train_loader.dataset, "bad_images", 0), **record}
             improved = record["mAP_best"] > progress.best_metric  # NaN is never an improvement
             if improved:
                 progress.best_metric, progress.best_epoch = record["mAP_best"], progress.epoch
@@ -236,8 +237,9 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if mismatched or missing or unexpected:
-        raise ValueError(f"checkpoint {source} does not fit this model: mismatched {mismatched[:10]}, "
-                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(f"checkpoint {source} does not fit this model: {len(mismatched)} mismatched "
+                         f"{mismatched[:10]}, {len(missing)} missing {missing[:10]}, {len(unexpected)} "
+                         f"unexpected {unexpected[:10]} (first 10 of each shown)")
     model.load_state_dict(state)
 
 
