@@ -86,7 +86,8 @@ def test_unknown_backbone_and_head_are_rejected():
 
 
 def test_pretrained_without_weights_says_how_to_supply_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty offline cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # empty offline caches
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match="backbone.weights"):
         TimmBackbone("resnet18", pretrained=True)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -110,5 +111,14 @@ def test_pretrained_loads_local_file(tmp_path, suffix):
 def test_weights_for_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(TimmBackbone("resnet50").body.state_dict(), path)
-    with pytest.raises(RuntimeError, match="does not fit resnet18"):
+    with pytest.raises(RuntimeError, match="do not fit resnet18"):
         TimmBackbone("resnet18", pretrained=True, weights=str(path))
+
+
+def test_pretrained_uses_timms_offline_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("q2l.models.backbone._cached_weights", lambda name: tmp_path / "cached.pth")
+    state = {k: v.clone() for k, v in TimmBackbone("resnet18").body.state_dict().items()}
+    torch.save(state, tmp_path / "cached.pth")
+    loaded = TimmBackbone("resnet18", pretrained=True)
+    torch.testing.assert_close(loaded.body.state_dict()["conv1.weight"], state["conv1.weight"])

@@ -8,28 +8,37 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger("q2l.sweep")
 
 COLUMNS = ["job", "overrides", "status", "best_mAP", "best_epoch", "weights", "run_dir", "error"]
 
 
 class SweepSummary(Callback):
-    """Writes summary.csv and summary.md in the sweep directory and prints the table."""
+    """Writes summary.csv and summary.md in the sweep directory and prints the table.
+
+    Rewritten after every job, not only at the end: Hydra's basic launcher re-raises a failed
+    job's exception once the sweep finishes, and `on_multirun_end` then never runs.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            _report(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = summarize_sweep(sweep_dir)
-        if not rows:
-            return
+        _report(Path(config.hydra.sweep.dir))
+
+
+def _report(sweep_dir: Path) -> None:
+    """Write the summary files and print the table so far."""
+    rows = summarize_sweep(sweep_dir)
+    if rows:
         write_summary(rows, sweep_dir)
-        log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", to_markdown(rows))
+        print(f"sweep summary ({sweep_dir / 'summary.md'}):\n{to_markdown(rows)}", flush=True)
 
 
 def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ share of the machine's matmul peak that each side reaches.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,6 +121,28 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _keep_freed_memory(enabled: bool) -> None:
+    """glibc malloc: serve every allocation from the heap and never return freed memory to the
+    OS (enabled), or glibc's defaults. By default blocks above 32 MB are mmap-ed and unmapped on
+    free, so each training step page-faults its large activations and bf16 weight copies afresh."""
+    libc = _glibc()
+    if libc is None:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0 if enabled else 65536)
+    libc.mallopt(m_trim_threshold, 2**31 - 1 if enabled else 128 * 1024)
+    if not enabled:
+        libc.malloc_trim(0)
+
+
 def _set_adamw_implementation(optimizer: torch.optim.Optimizer, kind: str) -> None:
     """Switch an AdamW between its for-loop, foreach and fused implementations (same state)."""
     for group in optimizer.param_groups:
@@ -156,7 +179,11 @@ def plain_train(
                 loss.item()  # what a loop that logs every step does
         return _count(batches)
 
-    return Workload(run, prepare=lambda: _set_adamw_implementation(optimizer, adamw))
+    def prepare() -> None:
+        _set_adamw_implementation(optimizer, adamw)
+        _keep_freed_memory(False)
+
+    return Workload(run, prepare=prepare)
 
 
 def plain_inference(
@@ -182,7 +209,7 @@ def plain_inference(
                 torch.sigmoid(logits.float())
         return _count(batches)
 
-    return Workload(run)
+    return Workload(run, prepare=lambda: _keep_freed_memory(False))
 
 
 def q2l_train(model: nn.Module, cfg: DictConfig, loss_fn: nn.Module, batches: list,
@@ -312,6 +339,9 @@ def measure_levers(sides: Sides, rounds: int, warmup: int = 1, with_compile: boo
     }
     if channels_last:
         infer["channels_last"] = plain_inference(cl_model, batches, channels_last=True)
+    if _glibc() is not None:
+        train["malloc keeps freed memory"] = _with_allocator(plain_train(model, optimizer, loss_fn, batches))
+        infer["malloc keeps freed memory"] = _with_allocator(plain_inference(model, batches))
     if with_compile:
         compiled = torch.compile(model)
         train["torch.compile"] = plain_train(compiled, optimizer, loss_fn, batches)
@@ -327,7 +357,13 @@ def measure_levers(sides: Sides, rounds: int, warmup: int = 1, with_compile: boo
             if name != "plain"
         ]
     _set_adamw_implementation(optimizer, "loop")
+    _keep_freed_memory(False)
     return rows
+
+
+def _with_allocator(workload: Workload) -> Workload:
+    """`workload` with glibc keeping freed memory; every other workload gets glibc's defaults."""
+    return Workload(workload.run, prepare=lambda: (workload.prepare(), _keep_freed_memory(True)))
 
 
 def count_flops(model: nn.Module, images: torch.Tensor, train: bool) -> float:

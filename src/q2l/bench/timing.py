@@ -79,9 +79,11 @@ def interleaved(workloads: dict[str, Workload], rounds: int, warmup: int = 1) ->
 
 def _quiet_round() -> None:
     """Wait for quiet within the budget; count the rounds that start busy anyway."""
-    budget = max(min(QUIET_WAIT_S, QUIET_BUDGET_S - quiet_stats["seconds_waited"]), 0.0)
+    budget = min(QUIET_WAIT_S, QUIET_BUDGET_S - quiet_stats["seconds_waited"])
+    if budget <= 0:
+        return
     start = time.monotonic()
-    quiet = wait_for_quiet(budget)  # with no budget left: one look, no waiting
+    quiet = wait_for_quiet(budget)
     quiet_stats["seconds_waited"] += time.monotonic() - start
     quiet_stats["rounds"] += 1
     quiet_stats["rounds_started_busy"] += int(not quiet)

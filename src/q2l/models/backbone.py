@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -106,38 +107,49 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
             raise FileNotFoundError(f"backbone.weights={weights!r}: no such file")
-        state = _read_state_dict(path)
-        classifier = body.default_cfg.get("classifier")
-        state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
-        try:
-            missing, unexpected = body.load_state_dict(state, strict=False)
-        except RuntimeError as error:  # shape mismatches
-            raise RuntimeError(f"backbone.weights={weights!r} does not fit {name}: {error}") from error
-        if missing:
-            raise RuntimeError(
-                f"backbone.weights={weights!r} does not fit {name}: missing keys {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''}"
+    else:
+        path = _cached_weights(name)
+        if path is None:
+            raise FileNotFoundError(
+                f"backbone.pretrained=true but no weights for {name!r} are available offline. "
+                f"Download them once (e.g. `timm.create_model({name!r}, pretrained=True)` on a "
+                f"machine with internet, which fills timm's cache, or fetch the .pth/.safetensors "
+                f"file) and pass backbone.weights=/path/to/file, or set backbone.pretrained=false."
             )
-        log.info("backbone %s: loaded %s (%d unused keys)", name, path, len(unexpected))
-        return
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # offline cache only: q2l never downloads at run time
+    state = _read_state_dict(path)
+    classifier = body.default_cfg.get("classifier")
+    state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
     try:
-        reference = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
-    except Exception as error:
-        raise FileNotFoundError(
-            f"backbone.pretrained=true but no weights for {name!r} are available offline. "
-            f"Download them once (e.g. `timm.create_model({name!r}, pretrained=True)` on a "
-            f"machine with internet, or the .pth/.safetensors file) and pass "
-            f"backbone.weights=/path/to/file, or set backbone.pretrained=false. ({error})"
-        ) from error
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
-    body.load_state_dict(reference.state_dict())
-    log.info("backbone %s: loaded weights from timm's offline cache", name)
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise RuntimeError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
+    if missing:
+        raise RuntimeError(
+            f"backbone weights {str(path)!r} do not fit {name}: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}"
+        )
+    log.info("backbone %s: loaded %s (%d unused keys)", name, path, len(unexpected))
+
+
+def _cached_weights(name: str) -> Path | None:
+    """The file timm would load for `name` if it is already on disk (Hugging Face or torch hub
+    cache); looked up without any network access."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is None:
+        return None
+    if pretrained_cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = pretrained_cfg.hf_hub_id.split("@")[0]
+        for filename in ("model.safetensors", "pytorch_model.bin", pretrained_cfg.hf_hub_filename):
+            found = try_to_load_from_cache(repo_id, filename) if filename else None
+            if isinstance(found, str):
+                return Path(found)
+    if pretrained_cfg.url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pretrained_cfg.url).path).name
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
