@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import q2l.checkpoint as checkpoint_module
-from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint, purge_periodic, save_checkpoint
+from q2l.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    purge_periodic,
+    save_checkpoint,
+)
 from q2l.engine import NonFiniteError
 from q2l.losses import AsymmetricLoss
 from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
