@@ -45,9 +45,10 @@ def single_threaded() -> Iterator[None]:
     """Run the enclosed PyTorch CPU work on one intra-op thread, then restore the thread count.
 
     Usable as a decorator. Measured on a 2-core machine (docs/performance.md): two threads made
-    the COCO-sized AP 1.4× faster when the other core was idle and up to 50× slower when another
-    process kept it busy, as OpenMP's workers wait for a core at every parallel operation. The
-    count is process-wide, so work on other Python threads runs on one thread meanwhile.
+    the COCO-sized AP 1.4× faster when the other core was idle, and 50-100× slower (5-10 s
+    instead of 0.1 s) while another process kept it busy, as OpenMP's workers wait for a core at
+    every parallel operation. The count is process-wide: work on other Python threads runs on
+    one thread meanwhile.
     """
     previous = torch.get_num_threads()
     if previous == 1:
@@ -301,18 +302,20 @@ def _descending_keys(values: Tensor) -> Tensor:
 def _sort_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
     """Stable ascending sort of each row of integer keys (K, N): sorted keys and order, (K, N) each."""
     num_rows, row_length = keys.shape
-    if keys.device.type != "cpu" or (keys.dtype != torch.int32 and row_length < _RADIX_SORT_MIN_LENGTH):
-        return keys.sort(dim=-1, stable=True)  # one segmented sort on accelerators
+    long_rows = row_length >= _RADIX_SORT_MIN_LENGTH
+    if keys.device.type != "cpu" or (keys.dtype != torch.int32 and not long_rows):
+        return keys.sort(dim=-1, stable=True)  # a segmented sort on accelerators
     # On CPU PyTorch radix-sorts 1-D integer tensors of at least _RADIX_SORT_MIN_LENGTH entries and
     # comparison-sorts anything else, rows of a 2-D tensor included.
-    if row_length < _RADIX_SORT_MIN_LENGTH:
-        # Short rows: one radix sort of all K·N keys, each prefixed with its row in the high bits.
+    if not long_rows:
+        # Short rows: one sort of all K·N keys, each prefixed with its row in the high bits.
         rows = torch.arange(num_rows).unsqueeze(1)
-        wide_keys, flat_order = ((keys.to(torch.int64) - _INT32_MIN) + (rows << 32)).reshape(-1).sort()
+        wide_keys = (keys.to(torch.int64) - _INT32_MIN) + (rows << 32)
+        wide_keys, flat_order = wide_keys.reshape(-1).sort(stable=True)
         sorted_keys = ((wide_keys & 0xFFFFFFFF) + _INT32_MIN).to(torch.int32).reshape(num_rows, -1)
         return sorted_keys, flat_order.reshape(num_rows, -1) - rows * row_length
-    # Long rows: one radix sort per row; a row of 32-bit keys with its order (40k images: under
-    # 1 MB) stays in cache while it is sorted, three times faster than the one long sort above.
+    # Long rows: one radix sort per row. A row of 32-bit keys with its order (40k images: under
+    # 1 MB) stays in cache while it is sorted: 2.5× faster than one sort of row-prefixed keys.
     sorted_keys = torch.empty_like(keys)
     order = torch.empty(keys.shape, dtype=torch.int64)
     for row in range(num_rows):

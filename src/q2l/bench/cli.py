@@ -4,6 +4,7 @@
     python scripts/bench.py --quick              # fewer rounds, smaller runs, no demo run (3-4 min)
     python scripts/bench.py --sections b,c       # exact mAP and data pipeline only
     python scripts/bench.py --markdown           # the table as Markdown, for docs/performance.md
+    python scripts/bench.py --render bench-results/bench-<time>.json --markdown   # a saved run
     make bench ARGS="--quick --sections a --cases demo"
 """
 
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to wait before each round for other processes to go quiet (0: never)")
     parser.add_argument("--output-dir", default="bench-results", help="where bench-<time>.json goes")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--render", metavar="JSON", help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
     chosen = set(SECTIONS) if args.sections == "all" else {s.strip() for s in args.sections.split(",")}
     unknown = chosen - set(SECTIONS)
@@ -96,27 +98,35 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
 
     quick = args.quick
     if args.sections & {"a", "e", "levers"}:
-        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-        extra["matmul_peak_gflops"] = {name: value / 1e9 for name, value in peaks.items()}
         extra["best_cpu_overrides"] = list(throughput.best_cpu_overrides())
+        # Peaks: the best of a standalone measurement and of every round of section a.
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        flops_inputs = []
         for key in dict.fromkeys(args.cases + args.lever_cases):
             case = throughput.CASES[key]
             paper = key == "paper"
             steps = 1 if paper else 4
-            rounds = args.rounds or (1 if quick else 3) if paper else args.rounds or (2 if quick else 5)
+            rounds = args.rounds or ((1 if quick else 3) if paper else (2 if quick else 5))
             with throughput.build_sides(case, steps) as sides:
                 if key in args.cases and args.sections & {"a", "e"}:
                     measured = section(f"a {key}", throughput.measure_throughput, sides, rounds)
                     if measured is not None:
                         throughput_rows, rates = measured
+                        peaks = {name: max(peak, rates[f"peak_{name}"]) for name, peak in peaks.items()}
                         if "a" in args.sections:
                             rows += throughput_rows
                         if "e" in args.sections:
-                            rows += section(f"e {key}", throughput.measure_flops, sides, rates, peaks) or []
+                            flops = section(f"e {key}", throughput.case_flops, sides)
+                            if flops is not None:
+                                precision = sides.q2l_cfg.trainer.precision.value
+                                flops_inputs.append((key, precision, flops, rates))
                 if key in args.lever_cases and "levers" in args.sections:
                     lever_rounds = max(rounds - 1, 1) if paper else rounds
                     rows += section(f"levers {key}", throughput.measure_levers, sides, lever_rounds,
                                     with_compile=args.compile) or []
+        for key, precision, flops, rates in flops_inputs:
+            rows += throughput.flops_rows(key, precision, flops, rates, peaks)
+        extra["matmul_peak_gflops"] = {name: value / 1e9 for name, value in peaks.items()}
     if "b" in args.sections:
         rows += section("b", exact_map.measure_exact_map, args.rounds or (3 if quick else 7)) or []
     if "c" in args.sections:
@@ -132,31 +142,39 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     """The report: one line per row, then the notes (baseline names, settings, caveats)."""
     header = ["section", "measurement", "q2l", "baseline", "ratio", "target", "ok"]
+    notes: dict[str, str] = {}  # note text -> its label, so repeated notes are printed once
     lines = []
-    notes = []
-    for index, row in enumerate(rows, 1):
+    for row in rows:
         note = "; ".join(part for part in (row.baseline_name and f"baseline: {row.baseline_name}", row.note)
                          if part)
-        mark = f" [{index}]" if note else ""
-        if note:
-            notes.append(f"[{index}] {note}")
+        label = notes.setdefault(note, f"[{len(notes) + 1}]") if note else ""
         lines.append([
             row.section,
-            row.name + mark,
+            f"{row.name} {label}".rstrip(),
             _number(row.value, row.unit),
             _number(row.baseline, row.unit) if row.baseline is not None else "—",
             f"{row.ratio:.2f}×" if row.ratio is not None else "—",
             f"≥ {row.target:g}×" if row.target is not None else "—",
             {True: "yes", False: "NO", None: ""}[row.passed],
         ])
+    footnotes = [f"{label} {note}" for note, label in notes.items()]
     if markdown:
         table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         table += ["| " + " | ".join(cells) + " |" for cells in lines]
-        return "\n".join(table + [""] + [f"- {note}" for note in notes])
+        return "\n".join(table + [""] + [f"- {note}" for note in footnotes])
     widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
             for cells in [header, ["-" * w for w in widths], *lines]]
-    return "\n".join(text + [""] + notes)
+    return "\n".join(text + [""] + footnotes)
+
+
+def load_rows(path: Path) -> list[Row]:
+    """The rows of a report written by `main`."""
+    rows = []
+    for record in json.loads(path.read_text())["rows"]:
+        record = {key: value for key, value in record.items() if key not in ("ratio", "passed")}
+        rows.append(Row(**record))
+    return rows
 
 
 def _number(value: float | None, unit: str) -> str:
@@ -174,6 +192,9 @@ def _number(value: float | None, unit: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.render:
+        print(format_table(load_rows(Path(args.render)), markdown=args.markdown))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     timing.QUIET_WAIT_S = args.quiet_wait

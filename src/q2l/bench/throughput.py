@@ -284,12 +284,17 @@ def build_sides(case: ModelCase, steps: int) -> Iterator[Sides]:
 
 
 def measure_throughput(sides: Sides, rounds: int, warmup: int = 1) -> tuple[list[Row], dict[str, float]]:
-    """Section a: q2l's best settings against plain fp32 eager, training and inference."""
+    """Section a: q2l's best settings against plain fp32 eager, training and inference.
+
+    The matmul peaks of section e are measured in the same rounds, so they see the same load.
+    Returns the rows and the best rates: images/s, and FLOP/s for the "peak_*" matmuls.
+    """
     case, batches = sides.case, sides.batches
     train = interleaved(
         {
             "plain": plain_train(sides.plain_model, sides.plain_optimizer, sides.loss_fn, batches),
             "q2l": q2l_train(sides.q2l_model, sides.q2l_cfg, sides.loss_fn, batches, sides.q2l_optimizer),
+            "peak_fp32": matmul_workload(torch.float32),
         },
         rounds,
         warmup,
@@ -298,6 +303,7 @@ def measure_throughput(sides: Sides, rounds: int, warmup: int = 1) -> tuple[list
         {
             "plain": plain_inference(sides.plain_model, batches),
             "q2l": q2l_inference(sides.q2l_model, sides.q2l_cfg, batches),
+            "peak_bf16": matmul_workload(torch.bfloat16),
         },
         rounds,
         warmup,
@@ -309,10 +315,22 @@ def measure_throughput(sides: Sides, rounds: int, warmup: int = 1) -> tuple[list
         Row("a. throughput", f"{case.key}: inference", infer["q2l"].best, infer["plain"].best, "img/s",
             "plain fp32 eager", note=f"q2l: {settings}"),
     ]
-    rates = {"train_plain": train["plain"], "train_q2l": train["q2l"],
-             "infer_plain": infer["plain"], "infer_q2l": infer["q2l"]}
-    rates = {name: rate.best for name, rate in rates.items()}
-    return rows, rates
+    rates = {"train_plain": train["plain"], "train_q2l": train["q2l"], "peak_fp32": train["peak_fp32"],
+             "infer_plain": infer["plain"], "infer_q2l": infer["q2l"], "peak_bf16": infer["peak_bf16"]}
+    return rows, {name: rate.best for name, rate in rates.items()}
+
+
+def matmul_workload(dtype: torch.dtype, size: int = 2048, repeats: int = 4) -> Workload:
+    """`repeats` (size × size) @ (size × size) matmuls; its "items" are FLOPs, so its rate is FLOP/s."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+
+    def run() -> int:
+        for _ in range(repeats):
+            a @ b
+        return 2 * size**3 * repeats
+
+    return Workload(run)
 
 
 def measure_levers(sides: Sides, rounds: int, warmup: int = 1, with_compile: bool = False) -> list[Row]:
@@ -381,23 +399,28 @@ def count_flops(model: nn.Module, images: torch.Tensor, train: bool) -> float:
     return counter.get_total_flops() / images.shape[0]
 
 
-def measure_flops(sides: Sides, rates: dict[str, float], peaks: dict[str, float]) -> list[Row]:
-    """Section e: FLOPs per image and the share of the measured matmul peak each side reaches."""
-    case = sides.case
+def case_flops(sides: Sides) -> dict[str, float]:
+    """FLOPs per image of the case's model: forward, and forward + backward."""
     images = sides.batches[0][0][:2]
-    forward = count_flops(sides.plain_model, images, train=False)
-    train = count_flops(sides.plain_model, images, train=True)
-    q2l_peak_name = "bf16" if sides.q2l_cfg.trainer.precision == "bf16" else "fp32"
+    return {
+        "forward": count_flops(sides.plain_model, images, train=False),
+        "train": count_flops(sides.plain_model, images, train=True),
+    }
+
+
+def flops_rows(key: str, q2l_precision: str, flops: dict[str, float], rates: dict[str, float],
+               peaks: dict[str, float]) -> list[Row]:
+    """Section e: FLOPs per image and the share of the matmul peak (FLOP/s) each side reaches."""
+    q2l_peak = "bf16" if q2l_precision == "bf16" else "fp32"
     rows = [
-        Row("e. flops", f"{case.key}: forward GFLOP/image", forward / 1e9, None, "GFLOP"),
-        Row("e. flops", f"{case.key}: train step GFLOP/image", train / 1e9, None, "GFLOP"),
+        Row("e. flops", f"{key}: forward GFLOP/image", flops["forward"] / 1e9, None, "GFLOP"),
+        Row("e. flops", f"{key}: train step GFLOP/image", flops["train"] / 1e9, None, "GFLOP"),
     ]
-    for kind, flops in (("train", train), ("infer", forward)):
-        for side, peak_name in (("plain", "fp32"), ("q2l", q2l_peak_name)):
-            achieved = flops * rates[f"{kind}_{side}"]
+    for kind, per_image in (("train", flops["train"]), ("infer", flops["forward"])):
+        for side, peak in (("plain", "fp32"), ("q2l", q2l_peak)):
             rows.append(Row(
-                "e. flops", f"{case.key} {kind}: {side} achieved / {peak_name} matmul peak",
-                achieved / 1e9, peaks[peak_name] / 1e9, "GFLOP/s", f"{peak_name} matmul peak",
-                note="ratio = share of peak",
+                "e. flops", f"{key} {kind}: {side} achieved / {peak} matmul peak",
+                per_image * rates[f"{kind}_{side}"] / 1e9, peaks[peak] / 1e9, "GFLOP/s",
+                f"{peak} 2048² matmul peak", note="ratio = share of peak",
             ))
     return rows

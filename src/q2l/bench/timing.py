@@ -157,8 +157,11 @@ class Row:
         return {**asdict(self), "passed": self.passed}
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, rounds: int = 5) -> float:
-    """Best FLOP/s of a (size × size) @ (size × size) matmul in `dtype`: the machine's practical peak."""
+def matmul_peak(dtype: torch.dtype, size: int = 2048, rounds: int = 20) -> float:
+    """Best FLOP/s of a (size × size) @ (size × size) matmul in `dtype`: the machine's practical peak.
+
+    Many short runs, so that one of them finds the CPUs free on a shared machine.
+    """
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     a @ b  # warm-up: thread pool, oneDNN/MKL kernel selection
