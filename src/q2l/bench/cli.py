@@ -1,6 +1,6 @@
 """`make bench` / `python scripts/bench.py`: run the sections, print the table, write the JSON.
 
-    python scripts/bench.py                      # everything (about 15 min on 2 busy cores)
+    python scripts/bench.py                      # everything (10-15 min on 2 cores)
     python scripts/bench.py --quick              # fewer rounds, smaller runs, no demo run (3-4 min)
     python scripts/bench.py --sections b,c       # exact mAP and data pipeline only
     python scripts/bench.py --markdown           # the table as Markdown, for docs/performance.md

@@ -101,8 +101,9 @@ def measure_demo_run() -> list[Row]:
     run = run_training([])
     best_map = float(run.summary.get("best", {}).get("mAP", float("nan")))
     return [
-        Row("f. demo run", "make train: wall time incl. data generation", run.wall_time_s,
-            DEMO_TIME_TARGET_S, "s", "3 min budget", target=1.0, lower_is_better=True),
+        Row("f. demo run", "make train: wall time, start to finish", run.wall_time_s,
+            DEMO_TIME_TARGET_S, "s", "3 min budget", target=1.0, lower_is_better=True,
+            note="includes generating the data and pretraining the demo backbone"),
         Row("f. demo run", "make train: best val mAP", best_map, DEMO_MAP_TARGET, "mAP",
             "demo target 90", target=1.0),
     ]

@@ -194,8 +194,9 @@ def plain_inference(
     grad_mode: str = "no_grad",
     autocast_per_batch: bool = True,
 ) -> Workload:
-    """A hand-written evaluation loop; `autocast_per_batch=False` keeps one autocast region around
-    all batches, so the bf16 copies of the weights are cast once instead of once per batch."""
+    """A hand-written evaluation loop. `autocast_per_batch=False` keeps one autocast region around
+    all batches, so that under `no_grad` the bf16 copies of the weights are cast once per pass
+    (under `inference_mode` autocast caches no casts at all)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     guard = torch.inference_mode if grad_mode == "inference_mode" else torch.no_grad
 
