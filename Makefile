@@ -22,7 +22,7 @@ install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (e
 	@$(PY) -c "import torch, torchvision, q2l; print('q2l', q2l.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
 
 train: ## train the demo (embedded handwriting data, no download); ARGS="key=value ..." to override
-	$(PY) train.py $(ARGS)
+	$(PY) train.py experiment=demo $(ARGS)
 
 eval: ## evaluate a checkpoint: make eval CKPT=outputs/.../checkpoints/best.pt [ARGS=...]
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/best.pt [ARGS='dataset=... dataset.root=...']"; exit 2; }

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from q2l.config import CONFIG_DIR
-from q2l.data.digits import build_digits_coco
+from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,7 @@ def digits_root(tmp_path_factory) -> Path:
 def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
     """Overrides that make the demo config train in a couple of seconds."""
     return [
+        "experiment=demo",
         f"dataset.root={digits_root}",
         "dataset.prepare.num_train=64",
         "dataset.prepare.num_val=32",
@@ -35,6 +36,7 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
         f"dataset.cache_dir={cache_dir}",
         "backbone.pretrained=false",  # the demo's single-digit pretraining has its own test
         "backbone.prepare=null",
+        "backbone.weights=null",
         "model.hidden_dim=32",
         "model.ffn_dim=64",
         "trainer.epochs=2",

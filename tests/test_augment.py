@@ -40,7 +40,7 @@ def _dataset(root: Path, transform) -> MultiLabelImageDataset:
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "augment").glob("*.yaml")))
 def test_every_augment_option_builds_and_runs(compose_config, option):
-    cfg = compose_config("train", [f"augment={option}", "dataset.batch_size=4"])
+    cfg = compose_config("train", [f"augment={option}", "dataset=digits", "dataset.batch_size=4"])
     augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
     mix = augment.pop("mix")
     transform = build_train_transform(32, MEAN, STD, **augment)
@@ -52,7 +52,7 @@ def test_every_augment_option_builds_and_runs(compose_config, option):
 
 
 def test_paper_recipe_is_cutout_then_randaugment_without_flip(compose_config):
-    augment = compose_config("train", ["augment=q2l"]).augment
+    augment = compose_config("train", ["augment=q2l", "dataset=digits"]).augment
     assert augment.cutout_factor == 0.5 and augment.randaugment and augment.hflip == 0 and augment.scale is None
 
 

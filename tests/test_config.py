@@ -25,7 +25,8 @@ def _options(group: str) -> list[str]:
                                    "experiment"])
 def test_every_option_composes(compose_config, group):
     for option in _options(group):
-        cfg = compose_config("train", [f"{group}={option}", "dataset.root=/nonexistent"])
+        data = [] if group in ("dataset", "experiment") else ["dataset=coco2014"]
+        cfg = compose_config("train", [f"{group}={option}", *data, "dataset.root=/nonexistent"])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -38,7 +39,7 @@ def test_eval_config_composes(compose_config):
 
 @pytest.mark.parametrize("option", _options("loss"))
 def test_losses_instantiate(compose_config, option):
-    loss_fn = instantiate(compose_config("train", [f"loss={option}"]).loss)
+    loss_fn = instantiate(compose_config("train", [f"loss={option}", "dataset=digits"]).loss)
     expected = {"asl": AsymmetricLoss, "partial_asl": PartialAsymmetricLoss, "bce": BCEWithLogitsLoss}[option]
     assert isinstance(loss_fn, expected)
     targets = torch.tensor([[1.0, 0.0, -1.0]])
@@ -47,7 +48,7 @@ def test_losses_instantiate(compose_config, option):
 
 @pytest.mark.parametrize("schedule", _options("schedule"))
 def test_optimizer_and_schedules_instantiate(compose_config, schedule):
-    cfg = compose_config("train", [f"schedule={schedule}"])
+    cfg = compose_config("train", [f"schedule={schedule}", "dataset=digits"])
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     optimizer = instantiate(cfg.optimizer)(model)
     decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
@@ -64,7 +65,7 @@ def test_optimizer_and_schedules_instantiate(compose_config, schedule):
 
 @pytest.mark.parametrize("backbone", _options("backbone"))
 def test_every_backbone_builds(compose_config, backbone):
-    cfg = compose_config("train", [f"backbone={backbone}", "model.hidden_dim=32", "model.ffn_dim=32",
+    cfg = compose_config("train", [f"backbone={backbone}", "dataset=digits", "model.hidden_dim=32", "model.ffn_dim=32",
                                    "backbone.pretrained=false"])
     size = 384 if "384" in cfg.backbone.name else 224
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -85,7 +86,7 @@ def test_every_backbone_builds(compose_config, backbone):
 )
 def test_bad_overrides_fail_at_composition(compose_config, override, message):
     with pytest.raises(ConfigCompositionException) as error:
-        compose_config("train", [override])
+        compose_config("train", ["dataset=digits", override])
     text = str(error.value) + str(error.value.__cause__)
     assert message in text
 

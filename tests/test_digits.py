@@ -1,4 +1,4 @@
-"""Tests for q2l.data.digits: COCO layout, determinism, held-out scans, idempotent atomic builds."""
+"""Tests for q2l.demo.digits: COCO layout, determinism, held-out scans, idempotent atomic builds."""
 
 import contextlib
 import io
@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from q2l.data import digits
-from q2l.data.digits import CATEGORY_NAMES, MARKER_NAME, build_digits_coco, split_digit_scans
+from q2l.demo import digits
+from q2l.demo.digits import CATEGORY_NAMES, build_digits_coco, split_digit_scans
+from q2l.demo.owned import MARKER_NAME, FolderNotOursError
 
 SMALL = {"num_train": 60, "num_val": 20, "canvas_size": 64, "empty_fraction": 0.1, "seed": 0}
 
@@ -46,6 +47,8 @@ def test_layout_matches_coco_2014(small_root: Path) -> None:
         assert (small_root / "annotations" / f"instances_{split}2014.json").is_file()
         assert len(list((small_root / f"{split}2014").glob(f"COCO_{split}2014_*.jpg"))) == count
     assert not list(small_root.parent.glob(".coco.*")), "temporary folders must not outlive a build"
+    assert (small_root / MARKER_NAME).stat().st_mtime_ns >= max(
+        path.stat().st_mtime_ns for path in small_root.rglob("*") if path.is_file()), "marker written last"
 
 
 def test_categories_have_gapped_ids_listed_out_of_order(small_root: Path) -> None:
@@ -133,22 +136,54 @@ def test_changed_arguments_regenerate(tmp_path: Path) -> None:
     assert _file_bytes(root) != first
 
 
-def test_leftovers_of_a_crashed_build_are_ignored_and_cleared(tmp_path: Path) -> None:
-    abandoned = tmp_path / ".coco.tmp-999-deadbeef"
+def test_leftovers_of_a_crashed_build_are_cleared_and_foreign_folders_kept(tmp_path: Path) -> None:
+    abandoned = tmp_path / ".coco.q2l-tmp-999-deadbeef"
     (abandoned / "train2014").mkdir(parents=True)
-    (abandoned / MARKER_NAME).write_text("{")
+    (abandoned / ".q2l-building").write_text("")  # the stamp every build folder gets first
     os.utime(abandoned, (0, 0))
-    # A root without a marker, as an older non-atomic writer could have left it.
-    (tmp_path / "coco" / "train2014").mkdir(parents=True)
-    (tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg").write_bytes(b"")
+    unstamped = tmp_path / ".coco.q2l-tmp-998-cafebabe"  # same name pattern, not ours: kept
+    unstamped.mkdir()
+    (unstamped / "photo.jpg").write_bytes(b"x")
+    os.utime(unstamped, (0, 0))
 
     root = build_digits_coco(tmp_path / "coco", **SMALL)
     assert not abandoned.exists()
+    assert (unstamped / "photo.jpg").read_bytes() == b"x"
     assert len(list((root / "train2014").iterdir())) == SMALL["num_train"]
-    assert json.loads((root / MARKER_NAME).read_text())["arguments"] == SMALL | {
-        "min_digits": 1,
-        "max_digits": 4,
-    }
+    marker = json.loads((root / MARKER_NAME).read_text())
+    assert marker["kind"] == "the digits demo data set" and marker["arguments"]["seed"] == SMALL["seed"]
+    assert len(marker["files"]) == SMALL["num_train"] + SMALL["num_val"] + 2
+
+
+def test_a_coco_layout_folder_without_marker_is_never_replaced(tmp_path: Path) -> None:
+    # A user's own COCO 2014 folder holds exactly the names the builder writes.
+    (tmp_path / "coco" / "train2014").mkdir(parents=True)
+    (tmp_path / "coco" / "val2014").mkdir()
+    (tmp_path / "coco" / "annotations").mkdir()
+    (tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg").write_bytes(b"real photo")
+    (tmp_path / "coco" / "annotations" / "instances_train2014.json").write_text("{}")
+    before = _file_bytes(tmp_path / "coco")
+    with pytest.raises(FolderNotOursError, match=r"coco.*q2l did not write.*annotations/instances_train2014.json"):
+        build_digits_coco(tmp_path / "coco", **SMALL)
+    assert _file_bytes(tmp_path / "coco") == before
+    assert [path.name for path in tmp_path.iterdir()] == ["coco"], "refused before building"
+
+
+def test_a_file_added_to_a_built_folder_blocks_a_rebuild(tmp_path: Path) -> None:
+    root = build_digits_coco(tmp_path / "coco", **SMALL)
+    (root / "train2014" / "mine.jpg").write_bytes(b"added by the user")
+    with pytest.raises(FolderNotOursError, match="train2014/mine.jpg"):
+        build_digits_coco(root, **{**SMALL, "seed": 1})
+    assert (root / "train2014" / "mine.jpg").read_bytes() == b"added by the user"
+    assert build_digits_coco(root, **SMALL) == root  # the same arguments still match: nothing to do
+
+
+def test_an_unwritable_data_dir_names_the_path_and_the_variable(tmp_path: Path, monkeypatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("Q2L_DATA_DIR", str(blocker))
+    with pytest.raises(PermissionError, match=r"cannot write the digits demo data set to .*file/digits.*Q2L_DATA_DIR \(now .*file\)"):
+        build_digits_coco(blocker / "digits", **SMALL)
 
 
 def test_losing_the_rename_race_keeps_the_winner(
@@ -173,7 +208,7 @@ def test_losing_the_rename_race_keeps_the_winner(
 def test_refuses_to_delete_a_folder_it_did_not_write(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FolderNotOursError):
         build_digits_coco(tmp_path / "mine", **SMALL)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert [path.name for path in tmp_path.iterdir()] == ["mine"], "refuse before building"

@@ -1,32 +1,46 @@
-"""The demo's single-digit backbone pretraining: produces loadable weights, idempotently."""
+"""The demo's single-digit backbone pretraining: loadable weights, built once, never over a user's file."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from q2l.demo.owned import FolderNotOursError
+from q2l.demo.pretrain import pretrain_digits_backbone
 from q2l.models import TimmBackbone
-from q2l.pretrain import pretrain_digits_backbone
+
+TINY = {"num_images": 64, "epochs": 1, "batch_size": 32}
 
 
 def test_pretraining_writes_weights_the_backbone_loads(tmp_path):
-    output = tmp_path / "resnet18.safetensors"
-    path = pretrain_digits_backbone(output, num_images=64, epochs=1, batch_size=32, seed=0)
-    assert path == output and output.is_file() and output.with_suffix(".json").is_file()
-    backbone = TimmBackbone("resnet18", pretrained=True, weights=str(output))
+    folder = tmp_path / "resnet18"
+    path = pretrain_digits_backbone(folder, seed=0, **TINY)
+    assert path == folder / "weights.safetensors" and path.is_file()
+    backbone = TimmBackbone("resnet18", pretrained=True, weights=str(path))
     fresh = TimmBackbone("resnet18")
     weight = "conv1.weight"
     assert not torch.equal(backbone.body.state_dict()[weight], fresh.body.state_dict()[weight])
 
-    modified = output.stat().st_mtime_ns
-    pretrain_digits_backbone(output, num_images=64, epochs=1, batch_size=32, seed=0)
-    assert output.stat().st_mtime_ns == modified  # same arguments: nothing redone
-    pretrain_digits_backbone(output, num_images=64, epochs=1, batch_size=32, seed=1)
-    assert output.stat().st_mtime_ns != modified
+    modified = path.stat().st_mtime_ns
+    pretrain_digits_backbone(folder, seed=0, **TINY)
+    assert path.stat().st_mtime_ns == modified  # same arguments: nothing redone
+    pretrain_digits_backbone(folder, seed=1, **TINY)
+    assert path.stat().st_mtime_ns != modified
+
+
+def test_a_users_weights_file_is_never_overwritten(tmp_path):
+    # The folder holds the user's own weights under the very name the demo would write.
+    mine = tmp_path / "weights"
+    mine.mkdir()
+    (mine / "weights.safetensors").write_bytes(b"my imagenet weights")
+    with pytest.raises(FolderNotOursError, match="weights.safetensors"):
+        pretrain_digits_backbone(mine, **TINY)
+    assert (mine / "weights.safetensors").read_bytes() == b"my imagenet weights"
 
 
 def test_pretraining_leaves_the_callers_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    pretrain_digits_backbone(tmp_path / "w.safetensors", num_images=32, epochs=1, batch_size=32)
+    pretrain_digits_backbone(tmp_path / "w", num_images=32, epochs=1, batch_size=32)
     assert torch.equal(torch.rand(3), expected)

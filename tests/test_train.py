@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from q2l.checkpoint import load_checkpoint
-from q2l.evaluate import evaluate_checkpoint, format_report
+from q2l.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
 from q2l.train import train
 
 from .conftest import REPO_ROOT, tiny_overrides
@@ -63,16 +63,18 @@ def test_checkpoint_is_plain_and_complete(trained_run):
 def test_eval_reproduces_training_map(trained_run, compose_config):
     run_dir, summary = trained_run
     best = run_dir / "checkpoints" / "best.pt"
-    result = evaluate_checkpoint(compose_config("eval", [f"ckpt={best}"]))
+    cfg = compose_config("eval", [f"ckpt={best}"])
+    result = evaluate_checkpoint(cfg)
     assert result["metrics"]["mAP"] == pytest.approx(summary["best"]["mAP"], abs=1e-6)
-    assert json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]["mAP"] == pytest.approx(
-        result["metrics"]["mAP"])
+    written = write_results(result, output_dir(cfg))
+    assert written.parent.parent == best.parent and written.parent.name.startswith("eval-best-")
+    assert json.loads(written.read_text())["metrics"]["mAP"] == pytest.approx(result["metrics"]["mAP"])
     report = format_report(result)
     assert "mAP" in report and "nine" in report
 
 
 def test_eval_refuses_data_with_other_classes(trained_run, compose_config, tmp_path):
-    from q2l.data.digits import build_digits_coco
+    from q2l.demo.digits import build_digits_coco
 
     run_dir, _ = trained_run
     other = tmp_path / "other"
@@ -122,10 +124,12 @@ def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.Completed
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("loss.gamma_neg=abc", "could not be converted to Float"), ("dataset=imagenet22k", "Available options")],
+    [("experiment=demo loss.gamma_neg=abc", "could not be converted to Float"),
+     ("dataset=imagenet22k", "Available options"),
+     ("dataset.root=/data/my_coco", "You must specify 'dataset'")],  # forgot dataset=: nothing runs
 )
 def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, message):
-    result = _run(["train.py", override, f"hydra.run.dir={tmp_path / 'run'}"], cli_env)
+    result = _run(["train.py", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"], cli_env)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -139,11 +143,11 @@ def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     assert "best mAP" in (run_dir / "train.log").read_text()
-    result = _run(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}",
-                   f"hydra.run.dir={tmp_path / 'eval'}"], cli_env)
+    result = _run(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"], cli_env)
     assert result.returncode == 0, result.stderr
     trained = json.loads((run_dir / "metrics.json").read_text())["best"]["mAP"]
-    evaluated = json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]["mAP"]
+    [written] = (run_dir / "checkpoints").glob("eval-best-*/eval.json")
+    evaluated = json.loads(written.read_text())["metrics"]["mAP"]
     assert evaluated == pytest.approx(trained, abs=1e-6)
     assert "nine" in result.stdout
 
@@ -159,5 +163,5 @@ def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     assert [row["status"] for row in rows] == ["completed", "failed"]
     assert float(rows[0]["best_mAP"]) > 0
     assert (sweep_dir / "summary.md").is_file()
-    assert "Invalid learning rate" in rows[1]["error"]
+    assert "optimizer.lr=-1.0: must be 0 or more" in rows[1]["error"]
     assert result.returncode != 0  # the sweep as a whole reports the failure

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import q2l
+from q2l.models.weights import WeightsFileError, load_torch_file
 
 FORMAT_VERSION = 1
 PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
@@ -47,20 +48,44 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     except OSError as error:
         raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
+    writer = _RecordingWriter(handle)
     try:
         with handle:
-            torch.save(payload, handle)
+            torch.save(payload, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         Path(handle.name).unlink(missing_ok=True)
+        # torch reports a failed write as "[enforce fail ...] unexpected pos"; the OSError behind it
+        # ("No space left on device") is what the user needs to read.
+        cause = writer.error or error
+        if not isinstance(cause, OSError):
+            raise
         kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
-        raise CheckpointError(f"cannot write checkpoint {path} ({error}); {kept}") from error
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from cause
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _RecordingWriter:
+    """The file object torch.save writes to, keeping the OSError a write raised (torch drops it)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def link_checkpoint(source: str | Path, target: str | Path) -> None:
@@ -81,14 +106,10 @@ def link_checkpoint(source: str | Path, target: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a q2l checkpoint on CPU with weights_only=True; clear errors for bad files."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError/UnpicklingError/EOFError/... by cause
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read; it is truncated, corrupt or not a q2l checkpoint ({error})"
-        ) from error
+        payload = load_torch_file(path, "checkpoint")
+    except WeightsFileError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path} is not a q2l checkpoint (no format_version)")
     if payload["format_version"] > FORMAT_VERSION:
@@ -114,20 +135,26 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint in `directory`: (path, payload), or None if there is none.
+    """The readable checkpoint in `directory` with the highest recorded step: (path, payload), or None.
 
-    Candidates are last.pt and the periodic step-N.pt files, newest (by step) first. A corrupt
-    or truncated file is skipped with a warning naming it and the one used instead.
+    Candidates are last.pt and the periodic step-N.pt files; each one's step is read from the file
+    itself (memory-mapped, so cheap), because a last.pt interrupted mid-write stays at its older
+    step while a newer step-N.pt exists. On equal steps last.pt wins. A corrupt or truncated file
+    is skipped with a warning naming it and the one used instead.
     """
     directory = Path(directory)
-    candidates = []
+    ranked, skipped = [], []
     for path in directory.glob("*.pt"):
-        if path.name == "last.pt" or PERIODIC_PATTERN.match(path.name):
-            candidates.append(path)
-    # last.pt is written after every periodic save, so among equal steps prefer it.
-    candidates.sort(key=lambda p: (_step_of(p), p.name == "last.pt"), reverse=True)
-    skipped: list[str] = []
-    for path in candidates:
+        if path.name != "last.pt" and not PERIODIC_PATTERN.match(path.name):
+            continue
+        try:
+            step = int(load_torch_file(path, "checkpoint", mmap=True)["step"])
+        except (WeightsFileError, KeyError, TypeError, ValueError) as error:
+            log.warning("skipping unreadable checkpoint: %s", error)
+            skipped.append(path.name)
+            continue
+        ranked.append((step, path.name == "last.pt", path))
+    for _, _, path in sorted(ranked, key=lambda item: item[:2], reverse=True):
         try:
             payload = load_checkpoint(path)
         except CheckpointError as error:
@@ -142,16 +169,11 @@ def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def _step_of(path: Path) -> int:
-    """Step number from a periodic file's name; last.pt sorts first (it is never older)."""
-    match = PERIODIC_PATTERN.match(path.name)
-    return int(match.group(1)) if match else 1 << 62
-
-
 def purge_periodic(directory: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` step-N.pt files, found by scanning (restart-safe)."""
     periodic = sorted(
-        (p for p in Path(directory).glob("step-*.pt") if PERIODIC_PATTERN.match(p.name)), key=_step_of
+        (p for p in Path(directory).glob("step-*.pt") if PERIODIC_PATTERN.match(p.name)),
+        key=lambda p: int(PERIODIC_PATTERN.match(p.name).group(1)),
     )
     for path in periodic[: max(len(periodic) - keep, 0)]:
         path.unlink(missing_ok=True)

@@ -121,11 +121,15 @@ def evaluate(
     channels_last: bool = False,
     max_steps: int | None = None,
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Scores and targets over `loader`.
 
+    Args:
+        should_stop: polled after every batch; when it returns True the pass ends and None is
+            returned (a stop request arriving during a long validation).
     Returns:
-        scores (N, K) float32 probabilities on CPU, targets (N, K) float32 on CPU.
+        scores (N, K) float32 probabilities on CPU, targets (N, K) float32 on CPU; or None.
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -141,4 +145,6 @@ def evaluate(
             logits = model(images)
         all_scores.append(torch.sigmoid(logits.float()).cpu())
         all_targets.append(targets)
+        if should_stop is not None and should_stop():
+            return None
     return torch.cat(all_scores), torch.cat(all_targets).float()

@@ -4,13 +4,18 @@
     python eval.py ckpt=... dataset=coco2014 dataset.root=/data/coco
 
 The model is rebuilt from the checkpoint's own config through q2l's allowlists (a `_target_` read
-from a file is never imported). Prints overall metrics and per-class AP, and writes eval.json next
-to the checkpoint.
+from a file is never imported), and no preparation step named there is ever run. Prints overall
+metrics and per-class AP, then writes them into a new folder next to the checkpoint
+(`eval-<checkpoint>-<time>/eval.json`, or `output=DIR`): an earlier evaluation is never overwritten,
+and the metrics are printed even when they cannot be written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist
 from q2l.checkpoint import load_checkpoint
-from q2l.config import CONFIG_DIR
-from q2l.data import DATASETS, PREPARERS, build_from_checkpoint_config
+from q2l.config import CONFIG_DIR, check_values
+from q2l.data import DATASETS, build_from_checkpoint_config
 from q2l.data.loader import build_loader
 from q2l.data.transforms import build_eval_transform
 from q2l.engine import evaluate
@@ -35,13 +40,55 @@ log = logging.getLogger("q2l.eval")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float:
+    check_values(cfg)
+    output = output_dir(cfg)
     result = evaluate_checkpoint(cfg)
-    print(format_report(result))
+    print(format_report(result), flush=True)
+    try:
+        write_results(result, output)
+    except OSError as error:
+        log.error("the metrics above could not be written to %s (%s); pass output=<a writable folder>", output, error)
+        sys.exit(1)
     return result["metrics"]["mAP"]
 
 
+def output_dir(cfg: DictConfig) -> Path:
+    """Where this evaluation's files go: `output`, or a new folder named for the checkpoint and time.
+
+    Checked before evaluating: an `output` folder that already holds files is refused (earlier
+    results are kept), and an unwritable location is reported at once, as a warning.
+    """
+    if cfg.output:
+        folder = Path(cfg.output).expanduser()
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(f"output={cfg.output} already holds files; q2l does not overwrite earlier "
+                                  "results. Pass a new or empty folder")
+    else:
+        ckpt = Path(cfg.ckpt)
+        folder = ckpt.parent / f"eval-{ckpt.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+    probe = folder if folder.is_dir() else folder.parent
+    if not _writable(probe):
+        log.warning("%s is not writable: the metrics will be printed but not saved (pass output=DIR)", probe)
+    return folder
+
+
+def _writable(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def write_results(result: dict[str, Any], folder: Path) -> Path:
+    """Write eval.json into `folder` (created; must not hold an earlier eval.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "eval.json"
+    if path.exists():
+        raise FileExistsError(f"{path} exists; q2l does not overwrite earlier results")
+    write_json(path, result)
+    log.info("wrote %s", path)
+    return path
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate `cfg.ckpt`; returns (and writes) the eval.json content."""
+    """Evaluate `cfg.ckpt`; returns what eval.json holds (nothing is written here)."""
     checkpoint = load_checkpoint(cfg.ckpt)
     run_config = checkpoint["config"]
     class_names = checkpoint["class_names"]
@@ -76,20 +123,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "metrics": compute_metrics(scores, targets, threshold=threshold),
         "per_class_AP": {name: float(ap) for name, ap in zip(class_names, per_class.tolist(), strict=True)},
     }
-    output = Path(cfg.output) if cfg.output else Path(cfg.ckpt).with_name("eval.json")
-    write_json(output, result)
-    log.info("wrote %s", output)
     return result
 
 
 def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform):
-    """The val split: from the composed config (trusted) or from the checkpoint (allowlisted)."""
+    """The val split: from the composed config (trusted) or from the checkpoint (allowlisted).
+
+    Evaluation only reads: a data set's `prepare` step (the demo's builder) is never run here, so a
+    checkpoint's config cannot make eval write into a folder.
+    """
     if cfg.dataset:
-        if cfg.dataset.get("prepare"):
-            instantiate(cfg.dataset.prepare)
         return instantiate(cfg.dataset.val, transform=transform)
-    if dataset_config.get("prepare"):
-        build_from_checkpoint_config(dataset_config["prepare"], PREPARERS)
     return build_from_checkpoint_config(dataset_config["val"], DATASETS, transform=transform)
 
 

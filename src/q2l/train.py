@@ -1,12 +1,13 @@
 """Training entry point: compose the config, build the parts, run the epochs, keep the results.
 
-    python train.py                                  # the demo: Q2L on embedded handwriting data
-    python train.py backbone=tresnet_l dataset=coco2014 dataset.root=/data/coco
-    python train.py -m loss.gamma_neg=1,2,4          # a sweep, one run directory per job
+    python train.py experiment=demo                  # the demo: Q2L on embedded handwriting data
+    python train.py backbone=tresnet_l dataset=coco2014 dataset.root=/data/coco backbone.weights=...
+    python train.py -m experiment=demo loss.gamma_neg=1,2,4   # a sweep, one run directory per job
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -23,31 +24,28 @@ from timm.utils import ModelEmaV3
 
 from q2l import dist
 from q2l.checkpoint import find_resumable, load_checkpoint
-from q2l.config import CONFIG_DIR
+from q2l.config import CONFIG_DIR, check_values
 from q2l.data.loader import build_loader
 from q2l.data.mix import build_batch_transform
 from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.data.validate import validate_splits
-from q2l.fit import Loop, Progress, fit, init_weights, restore
+from q2l.fit import Loop, Progress, fit, init_weights, restore, resume_config_changes
 from q2l.models import build_model
 from q2l.models.backbone import normalization
 from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
 from q2l.run_log import RunLog, write_json
+from q2l.rundir import RunDirectory, with_saved_overrides
 
 log = logging.getLogger("q2l.train")
 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     """Run one training job; returns its best mAP (what sweepers optimise)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = train(cfg, run_dir)
-    except Exception as error:
-        _record_failure(run_dir, error)
-        raise
+    hydra_config = HydraConfig.get()
+    summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
     if summary["status"] == "preempted":
         if cfg.trainer.slurm_requeue and dist.is_main_process():
             requeue_slurm_job()
@@ -55,12 +53,45 @@ def main(cfg: DictConfig) -> float:
     return summary["best"]["mAP"]
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train as `cfg` says, writing everything into `run_dir`; returns the metrics.json summary."""
+def main() -> None:
+    """`python train.py ...` / `q2l-train ...`: `resume=auto hydra.run.dir=X` reuses X's overrides."""
+    sys.argv[1:] = with_saved_overrides(sys.argv[1:])
+    _hydra_main()
+
+
+def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing everything into `run_dir`; returns the metrics.json summary.
+
+    An existing run in `run_dir` is written to only once the start is accepted (values valid,
+    folders writable, resume config unchanged): a refused start leaves it as it was.
+    """
     start = time.perf_counter()
-    _check_writable(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    with RunDirectory(run_dir) as run:
+        if not run.existing:
+            run.start(cfg, hydra)  # a new run: record even its earliest failure
+        try:
+            return _train(cfg, config, run, hydra, start)
+        except Exception as error:
+            if run.started:
+                _record_failure(run.path, error)
+            raise
+
+
+def _train(cfg: DictConfig, config: dict, run: RunDirectory, hydra: DictConfig | None, start: float):
+    check_values(cfg)
+    run.preflight()
+    loss = instantiate(cfg.loss)  # checks the loss's own arguments before any data is read
+    init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    resume = _find_resume(cfg, run.path)
+    changes = resume_config_changes(resume[1], resume[0], config, cfg.allow_config_change) if resume else []
+    if resume and _finished(resume[1]["progress"], cfg.trainer.epochs):
+        progress = Progress(**resume[1]["progress"])
+        log.info("%s already finished (%s at epoch %d): nothing to do", run.path, progress.status, progress.epoch)
+        return _summary(resume[1].get("history", []), progress, progress.status, 0.0)
+    run.remove_temporaries()
+    if not run.started:
+        run.start(cfg, hydra)
     dist.seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     device = dist.resolve_device(cfg.trainer.device)
     for group in ("dataset", "backbone"):
@@ -74,12 +105,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     val_loader = build_loader(val_set, cfg.dataset.batch_size, False, cfg.dataset.num_workers,
                               pin_memory=device.type == "cuda")
-    parts = _build_training_parts(cfg, model, len(train_loader), device)
-    progress, history = _restore_or_init(cfg, parts, config, run_dir)
-    run_log = RunLog(run_dir, history)
+    parts = _build_training_parts(cfg, model, loss.to(device), len(train_loader))
+    if init_checkpoint is not None:
+        init_weights(model, init_checkpoint, Path(cfg.init_from))
+    progress, history = restore(resume[1], resume[0], parts, changes) if resume else (Progress(), [])
+    if progress.status != "running":
+        progress.status = "running"  # allow_config_change gave a finished run more epochs
+    run_log = RunLog(run.path, history)
     log.info("run dir %s | %d train / %d val images, %d classes | device %s | %s",
-             run_dir, len(train_set), len(val_set), train_set.num_classes, device, cfg.trainer.precision.value)
-    loop = Loop(run_dir, config, train_set.class_names, device, run_log,
+             run.path, len(train_set), len(val_set), train_set.num_classes, device, cfg.trainer.precision.value)
+    loop = Loop(run.path, config, train_set.class_names, device, run_log,
                 batch_transform=_build_batch_transform(cfg, train_set.num_classes))
     try:
         status = fit(cfg, parts, train_loader, val_loader, progress, loop)
@@ -89,8 +124,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_log.write_summary(summary)
     best = summary["best"]
     log.info("done (%s): best mAP %.2f at epoch %d (%s weights) in %.0f s; %s", status, best["mAP"],
-             best["epoch"], best["weights"], summary["wall_time_s"], run_dir / "checkpoints" / "best.pt")
+             best["epoch"], best["weights"], summary["wall_time_s"], run.path / "checkpoints" / "best.pt")
     return summary
+
+
+def _find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
+    """(source, checkpoint) for `resume` (auto: this run's newest valid checkpoint; or a path), or None."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = find_resumable(run_dir / "checkpoints")
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+        return found
+    return Path(cfg.resume), load_checkpoint(cfg.resume)
+
+
+def _finished(progress: dict[str, Any], epochs: int) -> bool:
+    """True when the checkpoint's run ended for good: early stopped, or all `epochs` trained and validated."""
+    status = progress.get("status", "running")
+    return status == "early_stopped" or (status == "completed" and progress["epoch"] >= epochs)
 
 
 def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -167,9 +220,9 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int,
-                          device: torch.device) -> dict[str, Any]:
-    """Loss, optimizer, per-step schedule, grad scaler and weight EMA."""
+def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module,
+                          steps_per_epoch: int) -> dict[str, Any]:
+    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` and `loss`."""
     steps_per_epoch = min(steps_per_epoch, cfg.trainer.limit_train_batches or steps_per_epoch)
     if steps_per_epoch == 0:
         raise ValueError(f"the training split has fewer images than dataset.batch_size={cfg.dataset.batch_size}")
@@ -177,6 +230,7 @@ def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, steps_per_epo
     scheduler = instantiate(cfg.schedule)(optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs,
                                           steps_per_epoch=steps_per_epoch)
     use_fp16 = cfg.trainer.precision.value == "fp16"
+    device_type = next(model.parameters()).device.type
     ema = None
     if cfg.trainer.ema_decay > 0:
         ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay, use_warmup=cfg.trainer.ema_warmup)
@@ -184,30 +238,13 @@ def _build_training_parts(cfg: DictConfig, model: torch.nn.Module, steps_per_epo
     return {
         "model": model,
         "train_model": train_model,
-        "loss": instantiate(cfg.loss).to(device),
+        "loss": loss,
         "optimizer": optimizer,
         "scheduler": scheduler,
         # Only fp16 needs loss scaling; for bf16/fp32 the disabled scaler is a pass-through.
-        "scaler": torch.amp.GradScaler(device.type, enabled=use_fp16),
+        "scaler": torch.amp.GradScaler(device_type, enabled=use_fp16),
         "ema": ema,
     }
-
-
-def _restore_or_init(cfg: DictConfig, parts: dict[str, Any], config: dict, run_dir: Path):
-    """(progress, history) from `resume` (auto or a path), after `init_from` weights, or fresh."""
-    if cfg.init_from:
-        init_weights(parts["model"], load_checkpoint(cfg.init_from), Path(cfg.init_from))
-    if not cfg.resume:
-        return Progress(), []
-    if cfg.resume == "auto":
-        found = find_resumable(run_dir / "checkpoints")
-        if found is None:
-            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
-            return Progress(), []
-        source, checkpoint = found
-    else:
-        source, checkpoint = Path(cfg.resume), load_checkpoint(cfg.resume)
-    return restore(checkpoint, source, parts, config, cfg.allow_config_change)
 
 
 def _summary(history: list[dict], progress: Progress, status: str, wall_time: float) -> dict[str, Any]:
@@ -226,23 +263,18 @@ def _summary(history: list[dict], progress: Progress, status: str, wall_time: fl
 
 
 def _record_failure(run_dir: Path, error: Exception) -> None:
-    """Leave a metrics.json saying why the run failed (sweep summaries list it), if possible."""
+    """Mark metrics.json failed, with the reason, keeping what it held (sweep summaries list it)."""
     log.error("run failed: %s: %s", type(error).__name__, error)
+    path = run_dir / "metrics.json"
     try:
-        write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary.update(status="failed", error=f"{type(error).__name__}: {error}")
+    try:
+        write_json(path, summary)
     except OSError:
         pass  # the run directory itself may be what failed
-
-
-def _check_writable(run_dir: Path) -> None:
-    """Fail before any data is read when the run directory cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"run directory {run_dir} is not writable: {error}") from error
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Data sets, transforms and loaders.
 
-`build_from_checkpoint_config` rebuilds a split or a preparation step from a config stored in a
-checkpoint. Such a config is file input, so its `_target_` is looked up in the allowlists below
+`build_from_checkpoint_config` rebuilds a split from a config stored in a checkpoint. Such a config is file input, so its `_target_` is looked up in the allowlists below
 instead of being imported.
 """
 
@@ -12,7 +11,6 @@ from typing import Any
 
 from q2l.data.coco import CocoMultiLabel
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset
-from q2l.data.digits import build_digits_coco
 from q2l.data.nus_wide import NusWideMultiLabel
 from q2l.data.openimages import OpenImagesMultiLabel
 from q2l.data.table import TableMultiLabel
@@ -24,9 +22,6 @@ DATASETS: dict[str, Callable[..., MultiLabelImageDataset]] = {
     "q2l.data.nus_wide.NusWideMultiLabel": NusWideMultiLabel,
     "q2l.data.openimages.OpenImagesMultiLabel": OpenImagesMultiLabel,
     "q2l.data.table.TableMultiLabel": TableMultiLabel,
-}
-PREPARERS: dict[str, Callable[..., Any]] = {
-    "q2l.data.digits.build_digits_coco": build_digits_coco,
 }
 
 
@@ -49,9 +44,7 @@ __all__ = [
     "MultiLabelImageDataset",
     "NusWideMultiLabel",
     "OpenImagesMultiLabel",
-    "PREPARERS",
     "TableMultiLabel",
     "VocMultiLabel",
-    "build_digits_coco",
     "build_from_checkpoint_config",
 ]

@@ -8,6 +8,7 @@ sample's augmentation from them and the tensors do not depend on num_workers.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -103,7 +104,20 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=train,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         # The loader draws a base seed per epoch; from its own generator, not the global one the
         # model's dropout and MixUp use, so those do not depend on how the data is loaded.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1 to the main process.
+
+    A scheduler signals the whole process group. PyTorch's workers die on SIGTERM (and SIGUSR1 by
+    default), which would end the main process with "DataLoader worker killed" before it could
+    save; ignoring them here lets the main process finish its step, checkpoint and shut the
+    workers down itself.
+    """
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)

@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.utils import instantiate
     from omegaconf.errors import OmegaConfBaseException
 
-    from q2l.config import CONFIG_DIR
+    from q2l.config import CONFIG_DIR, ConfigValueError, check_values
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
@@ -237,13 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
+        check_values(cfg)
         data = cfg.dataset
         level = _level_name(data.get("validate", "quick"))
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, ConfigValueError) as error:
         print(f"q2l-validate-data: {error}", file=sys.stderr)
         return 2
-    if data.get("prepare"):
-        instantiate(data.prepare)
+    # Only reads: a data set's `prepare` step (the demo's builder) is not run by a check.
     splits, problems = {}, []
     for name in ("train", "val"):
         try:

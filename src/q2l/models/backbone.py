@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from q2l.models.weights import read_state_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -106,17 +108,20 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
     if weights:
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
-            raise FileNotFoundError(f"backbone.weights={weights!r}: no such file")
+            raise FileNotFoundError(
+                f"backbone.weights={weights!r}: no such file. Supply the pretrained weights of {name!r} as a "
+                f"local .pth/.safetensors state dict ({_where_to_get(name)}), or train from scratch with "
+                "backbone.pretrained=false"
+            )
     else:
         path = _cached_weights(name)
         if path is None:
             raise FileNotFoundError(
-                f"backbone.pretrained=true but no weights for {name!r} are available offline. "
-                f"Download them once (e.g. `timm.create_model({name!r}, pretrained=True)` on a "
-                f"machine with internet, which fills timm's cache, or fetch the .pth/.safetensors "
-                f"file) and pass backbone.weights=/path/to/file, or set backbone.pretrained=false."
+                f"backbone.pretrained=true but no weights for {name!r} are on this machine, and q2l never "
+                f"downloads. Pass backbone.weights=/path/to/file.pth|.safetensors ({_where_to_get(name)}), "
+                "or train from scratch with backbone.pretrained=false"
             )
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     classifier = body.default_cfg.get("classifier")
     state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
     try:
@@ -129,6 +134,15 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
             f"{' ...' if len(missing) > 8 else ''}"
         )
     log.info("backbone %s: loaded %s (%d unused keys)", name, path, len(unexpected))
+
+
+def _where_to_get(name: str) -> str:
+    """Where the weights of timm model `name` come from, for error messages."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    source = getattr(pretrained_cfg, "hf_hub_id", None) or getattr(pretrained_cfg, "url", None)
+    where = f"timm takes them from {source}" if source else "e.g. from timm"
+    return (f"{where}; on a machine with internet, `timm.create_model({name!r}, pretrained=True)` fills timm's "
+            "cache, which q2l then finds offline")
 
 
 def _cached_weights(name: str) -> Path | None:
@@ -150,17 +164,3 @@ def _cached_weights(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """State dict from .safetensors or a torch file (weights_only; common wrappers unwrapped)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -9,7 +9,7 @@ small coloured canvases and writes them exactly where and how MS-COCO 2014 keeps
       val2014/COCO_val2014_%012d.jpg
       annotations/instances_train2014.json
       annotations/instances_val2014.json
-      .q2l-digits.json          # marker: format version and the arguments that built it
+      .q2l-built.json           # marker, written last: the arguments and every file written
 
 so the COCO loader trains on it out of the box, without a download, and is exercised the way real
 COCO exercises it: category ids have gaps and are listed out of order, image ids are not row
@@ -20,26 +20,25 @@ Validation canvases use only scans that no training canvas uses (`split_digit_sc
 validation mAP measures generalisation to unseen handwriting, not recall of pasted pixels.
 
 The build is deterministic (same arguments, byte-identical files), idempotent (a matching marker
-returns at once) and crash-safe: everything is written into a temporary sibling folder that is
-renamed into place only once complete, so `root` is either absent, stale-and-marked, or finished.
+returns at once) and crash-safe, and it never touches a folder it did not create: see
+`q2l.demo.owned`.
 """
 
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from q2l.demo.owned import build_owned_folder, data_dir_hint
+
 logger = logging.getLogger(__name__)
 
 # Bump whenever a change here would change the bytes written, so old copies are rebuilt.
 FORMAT_VERSION = 1
-MARKER_NAME = ".q2l-digits.json"
+KIND = "the digits demo data set"
 
 CATEGORY_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Increasing with the digit but with uneven gaps, like COCO's 1..90 for 80 classes: a loader that
@@ -55,10 +54,6 @@ _MIN_DIGIT_SIZE = 8
 _INK_THRESHOLD = 0.1
 _NOISE_STD = 6.0
 _JPEG_QUALITY = 95
-# Temporary folders this old belong to a crashed build, never to a running one (builds take seconds).
-_STALE_AFTER_SECONDS = 3600.0
-# What `root` may contain for it to count as ours when its marker is missing.
-_OWN_ENTRIES = frozenset({"train2014", "val2014", "annotations", MARKER_NAME})
 _SPLITS = ("train", "val")
 
 
@@ -78,12 +73,12 @@ def build_digits_coco(
     (duplicates allowed), except `round(empty_fraction * count)` canvases per split that hold none
     and have no annotation. Returns `root` as a Path.
 
-    Raises FileExistsError if `root` exists, has no marker and holds files this function did not
-    write: rather than delete someone's folder, it asks for another path.
+    Raises FolderNotOursError (a FileExistsError) if `root` holds anything this function did not
+    write, and PermissionError naming `root` and Q2L_DATA_DIR if it cannot be written.
     """
-    root = Path(root)
     # Plain Python numbers, so the marker compares equal after a JSON round trip.
     arguments = {
+        "format_version": FORMAT_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
         "canvas_size": int(canvas_size),
@@ -92,30 +87,18 @@ def build_digits_coco(
         "empty_fraction": float(empty_fraction),
         "seed": int(seed),
     }
-    _check_arguments(**arguments)
-    if _marker_matches(root, arguments):
-        return root
-    if root.exists() or root.is_symlink():
-        # Fail before spending seconds on a build that could not be put in place.
-        _check_replaceable(root)
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_siblings(root)
+    _check_arguments(**{k: v for k, v in arguments.items() if k != "format_version"})
     start = time.perf_counter()
-    temporary = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_data_set(temporary, arguments)
-        _move_into_place(temporary, root, arguments)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    logger.info(
-        "wrote digits COCO data set (%d train + %d val canvases of %d px) to %s in %.1f s",
-        num_train,
-        num_val,
-        canvas_size,
-        root,
-        time.perf_counter() - start,
-    )
+    built = []
+
+    def build(folder: Path) -> None:
+        _write_data_set(folder, arguments)
+        built.append(folder)
+
+    root = build_owned_folder(root, KIND, arguments, build, hint=data_dir_hint("dataset.root"))
+    if built:
+        logger.info("wrote digits COCO data set (%d train + %d val canvases of %d px) to %s in %.1f s",
+                    num_train, num_val, canvas_size, root, time.perf_counter() - start)
     return root
 
 
@@ -159,7 +142,7 @@ def _check_arguments(
 
 
 def _write_data_set(folder: Path, arguments: dict) -> None:
-    """Render both splits into `folder`, then the marker, which is written last."""
+    """Render both splits into `folder`."""
     scans, labels = _load_scans()
     train_pool, val_pool = split_digit_scans(arguments["seed"])
     pools = {"train": train_pool, "val": val_pool}
@@ -191,8 +174,6 @@ def _write_data_set(folder: Path, arguments: dict) -> None:
         first_image_id += counts[split]
         first_annotation_id += len(coco["annotations"])
 
-    marker = {"format": "q2l-digits", "format_version": FORMAT_VERSION, "arguments": arguments}
-    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _render_split(
@@ -321,81 +302,6 @@ def _ink_box(alpha: np.ndarray, left: int, top: int) -> tuple[int, int, int, int
         int(columns[-1] - columns[0] + 1),
         int(rows[-1] - rows[0] + 1),
     )
-
-
-def _move_into_place(temporary: Path, root: Path, arguments: dict) -> None:
-    """Rename the finished `temporary` folder to `root`, replacing a stale copy of ours.
-
-    Another process may finish first; if its copy has our arguments we keep it and drop ours.
-    """
-    for _ in range(3):
-        if _marker_matches(root, arguments):
-            return
-        if root.exists() or root.is_symlink():
-            _remove_stale_root(root)
-        try:
-            # Atomic on one file system; fails if a concurrent build put a non-empty root there.
-            os.rename(temporary, root)
-            return
-        except OSError:
-            if not root.exists():
-                raise
-    raise RuntimeError(f"could not put the digits data set in place at {root}: it keeps changing")
-
-
-def _remove_stale_root(root: Path) -> None:
-    """Move an outdated or half-written `root` aside, then delete it; refuse folders not ours."""
-    _check_replaceable(root)
-    aside = root.parent / f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        # Rename first so no reader sees a half-deleted folder at root.
-        os.rename(root, aside)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _check_replaceable(root: Path) -> None:
-    """Raise FileExistsError unless `root` is a folder this builder wrote, or an empty one."""
-    if not root.is_dir() or root.is_symlink():
-        raise FileExistsError(f"{root} exists and is not a folder; pass another root")
-    if _read_marker(root) is None:
-        foreign = sorted({entry.name for entry in root.iterdir()} - _OWN_ENTRIES)
-        if foreign:
-            raise FileExistsError(
-                f"{root} holds {foreign[:5]}, which the digits builder did not write; "
-                "pass an empty or new folder as root"
-            )
-
-
-def _remove_abandoned_siblings(root: Path) -> None:
-    """Delete temporary and stale folders of `root` left behind by builds that crashed."""
-    now = time.time()
-    for pattern in (f".{root.name}.tmp-*", f".{root.name}.stale-*"):
-        for path in root.parent.glob(pattern):
-            try:
-                abandoned = now - path.stat().st_mtime > _STALE_AFTER_SECONDS
-            except FileNotFoundError:
-                continue
-            if abandoned:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _marker_matches(root: Path, arguments: dict) -> bool:
-    marker = _read_marker(root)
-    return (
-        marker is not None
-        and marker.get("format_version") == FORMAT_VERSION
-        and marker.get("arguments") == arguments
-    )
-
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        marker = json.loads((root / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
 
 
 def _grid_side(max_digits: int) -> int:

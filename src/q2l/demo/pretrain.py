@@ -8,15 +8,14 @@ linear classifier learns to name ONE digit per image (softmax cross-entropy), on
 built only from the training split's scans. The weights are saved as a local .safetensors file
 and loaded through `backbone.weights`, the same path users take with real pretrained weights.
 
-Idempotent: a JSON marker next to the weights records the arguments; a matching one skips work.
+The weights go into a folder of their own (`output_dir/weights.safetensors`), created and marked by
+`q2l.demo.owned`: a matching marker skips the work, and a folder q2l did not create, or a user's
+weights file, is never written to.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,14 +24,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from q2l.data.digits import split_digit_scans
+from q2l.demo.digits import split_digit_scans
+from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
 
 log = logging.getLogger(__name__)
 
 
+WEIGHTS_FILE = "weights.safetensors"
+
+
 def pretrain_digits_backbone(
-    output: str | Path,
+    output_dir: str | Path,
     name: str = "resnet18",
     num_images: int = 3000,
     image_size: int = 32,
@@ -42,19 +45,28 @@ def pretrain_digits_backbone(
     lr: float = 1e-3,
     seed: int = 0,
 ) -> Path:
-    """Train timm `name` to classify single digits and save its weights (no classifier) to `output`.
+    """Train timm `name` to classify single digits; save its weights (no classifier) in `output_dir`.
 
     Images are rendered in memory from the training scan pool only (never the demo's val scans):
     one digit of about `digit_size` px, random bright colour on a random dark background with
     noise, jittered inside an `image_size` canvas, which is the look of the demo canvases.
-    Returns the weights path; skips all work when `output` and a matching marker exist.
+    Returns the weights file, `output_dir/weights.safetensors`; skips all work when `output_dir`
+    already holds them for these arguments.
     """
-    output = Path(output)
     arguments = {"name": name, "num_images": num_images, "image_size": image_size, "digit_size": digit_size,
                  "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "version": 2}
-    marker = output.with_suffix(".json")
-    if output.is_file() and marker.is_file() and json.loads(marker.read_text()) == arguments:
-        return output
+
+    def build(folder: Path) -> None:
+        _pretrain(folder / WEIGHTS_FILE, **arguments)
+
+    folder = build_owned_folder(output_dir, "the digits-pretrained demo backbone", arguments, build,
+                                hint=data_dir_hint("backbone.prepare.output_dir"))
+    return folder / WEIGHTS_FILE
+
+
+def _pretrain(output: Path, name: str, num_images: int, image_size: int, digit_size: int, epochs: int,
+              batch_size: int, lr: float, seed: int, version: int) -> None:
+    """The training itself: writes the backbone's state dict (classifier removed) to `output`."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     images, labels = _render_single_digits(num_images, image_size, digit_size, seed, generator)
@@ -83,11 +95,9 @@ def pretrain_digits_backbone(
                 correct += int((logits.argmax(1) == labels[batch]).sum())
     torch.random.set_rng_state(rng_state)  # leave the caller's random stream as it was
     model.reset_classifier(0)
-    _save_atomically(model.state_dict(), output)
-    marker.write_text(json.dumps(arguments))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output))
     log.info("pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s -> %s",
              name, 100 * correct / (steps_per_epoch * batch_size), time.perf_counter() - start, output)
-    return output
 
 
 def _render_single_digits(
@@ -110,15 +120,3 @@ def _render_single_digits(
     noise = 0.025 * torch.randn(num_images, 3, image_size, image_size, generator=generator)
     images = (background + (foreground - background) * alpha + noise).clamp(0, 1)
     return images, torch.from_numpy(scans.target[pick.numpy()]).long()
-
-
-def _save_atomically(state: dict[str, torch.Tensor], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=output.parent, suffix=".tmp", delete=False)
-    handle.close()
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, handle.name)
-        os.replace(handle.name, output)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise

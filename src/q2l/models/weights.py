@@ -1,0 +1,66 @@
+"""Reading weight files from disk: never executing code from them, and saying plainly what is wrong.
+
+`torch.load(weights_only=True)` refuses a file that pickles Python objects, and its error then
+suggests retrying with `weights_only=False`, which would run whatever code the file carries. q2l
+never does that and never suggests it: `load_torch_file` names the file and the refused object.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class WeightsFileError(ValueError):
+    """A weights or checkpoint file that is missing, unreadable or holds more than plain data."""
+
+
+def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)` with errors that name `path`.
+
+    Args:
+        what: how errors name the file ("checkpoint", "backbone weights file", ...).
+        mmap: map tensors from the file instead of reading them (cheap look at small entries).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        culprit = f" (it pickles {found.group(1)})" if found else ""
+        raise WeightsFileError(
+            f"{what} {path} holds Python objects beyond tensors and plain data{culprit}. q2l loads only "
+            "tensors, numbers, strings and containers from such files and never runs code stored in one; "
+            "save a plain state dict (or .safetensors) instead"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError/EOFError/... depending on the damage
+        raise WeightsFileError(
+            f"{what} {path} cannot be read; it is truncated, corrupt or not a PyTorch file ({error})"
+        ) from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file; common wrappers and `module.` prefixes removed."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise WeightsFileError(f"backbone weights file {path} cannot be read ({error})") from None
+    state = load_torch_file(path, "backbone weights file")
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"backbone weights file {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
