@@ -96,7 +96,7 @@ def _train(cfg: DictConfig, config: dict, run: RunDirectory, hydra: DictConfig |
     device = dist.resolve_device(cfg.trainer.device)
     for group in ("dataset", "backbone"):
         if cfg[group].get("prepare"):
-            instantiate(cfg[group].prepare)
+            _instantiate(cfg[group].prepare)
 
     train_set, val_set = _build_datasets(cfg, *normalization(cfg.backbone.name))
     model = build_model(config["backbone"], config["model"], train_set.num_classes, cfg.dataset.image_size)
@@ -158,8 +158,8 @@ def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, 
     augment.pop("mix", None)  # a batch transform, not an image one: _build_batch_transform
     loading = {"on_bad_image": _text(data.get("on_bad_image", "error")),
                "max_bad_fraction": data.get("max_bad_fraction", 0.01)}
-    train_set = _instantiate_split(data.train, transform=build_train_transform(size, mean, std, **augment), **loading)
-    val_set = _instantiate_split(data.val, transform=build_eval_transform(size, mean, std), **loading)
+    train_set = _instantiate(data.train, transform=build_train_transform(size, mean, std, **augment), **loading)
+    val_set = _instantiate(data.val, transform=build_eval_transform(size, mean, std), **loading)
     if train_set.class_names != val_set.class_names:
         raise ValueError("train and val splits have different classes: "
                          f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}")
@@ -172,8 +172,8 @@ def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, 
     return train_set, val_set
 
 
-def _instantiate_split(node: DictConfig, **runtime: Any):
-    """instantiate(node, **runtime), raising the format reader's own error instead of Hydra's wrapper."""
+def _instantiate(node: DictConfig, **runtime: Any):
+    """instantiate(node, **runtime), raising the target's own error instead of Hydra's wrapper."""
     try:
         return instantiate(node, **runtime)
     except InstantiationException as error:

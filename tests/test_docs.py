@@ -1,0 +1,86 @@
+"""Every command the README and docs/ show composes, and none of them picks up a demo setting.
+
+A run that does not ask for the demo (`experiment=demo`, `dataset=digits`, `make train`) must
+compose exactly as if the demo's files did not exist: the test composes each command twice, once
+with conf/ as shipped and once with the demo's two files removed, and compares.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from q2l.config import CONFIG_DIR
+
+from .conftest import REPO_ROOT
+
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+ENTRY_POINTS = {"train.py": "train", "q2l-train": "train", "q2l-validate-data": "train", "eval.py": "eval",
+                "q2l-eval": "eval"}
+DEMO_FILES = ("experiment/demo.yaml", "dataset/digits.yaml")
+
+
+def _commands() -> list[tuple[str, str, list[str]]]:
+    """(where, config name, overrides) for every command in a ```bash block of the docs."""
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for number, line in enumerate(block.replace("\\\n", " ").splitlines()):
+                # <date>, <time> and friends are for the reader to fill in.
+                words = shlex.split(re.sub(r"<[^>]+>", "x", line.split(" #")[0]), comments=False)
+                if words[:1] == ["python"]:
+                    words = words[1:]
+                if words[:2] == ["make", "train"]:
+                    words = ["train.py", "experiment=demo", *[w.removeprefix("ARGS=") for w in words[2:]]]
+                if not words or words[0] not in ENTRY_POINTS:
+                    continue
+                overrides = [w for w in words[1:] if "=" in w and not w.startswith("-") and w != "..."]
+                if "-m" in words:  # a sweep: its first job stands for all of them
+                    overrides = [re.sub(r"=([^,\[]*),.*", r"=\1", w) for w in overrides]
+                if "resume=auto" in overrides:
+                    continue  # composes from the run's saved overrides: test_safety.py runs it for real
+                found.append((f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides))
+    return found
+
+
+COMMANDS = _commands()
+
+
+def _compose(config_dir: Path, name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name=name, overrides=overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def conf_without_demo(tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(CONFIG_DIR, copy)
+    for relative in DEMO_FILES:
+        (copy / relative).unlink()
+    return copy
+
+
+def test_the_docs_show_the_commands_users_type():
+    assert len(COMMANDS) >= 15
+    assert any("experiment=demo" in overrides for _, _, overrides in COMMANDS)
+
+
+@pytest.mark.parametrize(("where", "name", "overrides"), COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_every_documented_command_composes_without_demo_settings(where, name, overrides, conf_without_demo):
+    shipped = _compose(Path(CONFIG_DIR), name, overrides)
+    if "experiment=demo" in overrides or "dataset=digits" in overrides:
+        assert shipped["dataset"]["name"] == "digits", where
+        return
+    assert _compose(conf_without_demo, name, overrides) == shipped, where
+    assert not (shipped.get("dataset") or {}).get("prepare") and not (shipped.get("backbone") or {}).get("prepare")
