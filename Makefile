@@ -35,14 +35,14 @@ test-fast: ## the suite without the tests that train for real
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: ## speed and memory benchmarks; prints a table and writes bench-results/*.json
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) -m benchmarks $(ARGS)
 
 lint: ## ruff
-	$(VENV)/bin/ruff check src tests scripts train.py eval.py
+	$(VENV)/bin/ruff check src tests benchmarks train.py eval.py
 
 format: ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests scripts train.py eval.py
-	$(VENV)/bin/ruff format src tests scripts train.py eval.py
+	$(VENV)/bin/ruff check --fix --select I src tests benchmarks train.py eval.py
+	$(VENV)/bin/ruff format src tests benchmarks train.py eval.py
 
 tensorboard: ## TensorBoard over outputs/ (localhost only)
 	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1

@@ -28,14 +28,14 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
     return [
         "experiment=demo",
         f"dataset.root={digits_root}",
-        "dataset.prepare.num_train=64",
-        "dataset.prepare.num_val=32",
-        "dataset.prepare.canvas_size=32",
+        "prepare.data.num_train=64",  # the data set digits_root holds: the demo's builder finds it done
+        "prepare.data.num_val=32",
+        "prepare.data.canvas_size=32",
         "dataset.image_size=32",
         "dataset.batch_size=16",
         f"dataset.cache_dir={cache_dir}",
         "backbone.pretrained=false",  # the demo's single-digit pretraining has its own test
-        "backbone.prepare=null",
+        "~prepare.backbone",
         "backbone.weights=null",
         "model.hidden_dim=32",
         "model.ffn_dim=64",

@@ -15,7 +15,7 @@ from q2l.data.dataset import MultiLabelImageDataset, load_rgb
 from q2l.data.loader import build_loader
 from q2l.data.mix import MultiLabelMixup, build_batch_transform
 from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.engine import train_one_epoch
+from q2l.engine import StepOptions, TrainState, train_one_epoch
 
 MEAN = STD = (0.5, 0.5, 0.5)
 EVERYTHING = {"hflip": 0.5, "scale": [0.3, 1.0], "randaugment": True, "cutout_factor": 0.3,
@@ -126,11 +126,13 @@ def test_train_one_epoch_applies_the_batch_transform():
         return images, targets * 0.5
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_one_epoch(model, loader, torch.nn.BCEWithLogitsLoss(), optimizer,
-                            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                            torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-                            batch_transform=batch_transform)
-    assert seen == [(4, 2)] * 3 and stats["steps"] == 3 and np.isfinite(stats["loss"])
+    state = TrainState(model, torch.nn.BCEWithLogitsLoss(), optimizer,
+                       torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                       torch.amp.GradScaler("cpu", enabled=False))
+    losses = []
+    steps = train_one_epoch(state, loader, StepOptions(torch.device("cpu"), batch_transform=batch_transform),
+                            on_step=lambda loss, skipped: losses.append(float(loss)) or False)
+    assert seen == [(4, 2)] * 3 and steps == 3 == state.step and np.isfinite(losses).all()
 
 
 def test_large_jpegs_decode_at_reduced_size_but_never_below_need(tmp_path):

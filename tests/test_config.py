@@ -10,15 +10,15 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from q2l.config import CONFIG_DIR
+from q2l.config import BACKBONES, CONFIG_DIR, build_model
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
-from q2l.models import build_model
 
 CONF = Path(CONFIG_DIR)
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    files = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(BACKBONES) if group == "backbone" else files
 
 
 @pytest.mark.parametrize("group", ["backbone", "model", "dataset", "augment", "loss", "optimizer", "schedule",
@@ -63,14 +63,13 @@ def test_optimizer_and_schedules_instantiate(compose_config, schedule):
     assert lrs[-1] < 0.05 * cfg.optimizer.lr  # decays to (nearly) nothing
 
 
-@pytest.mark.parametrize("backbone", _options("backbone"))
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_every_backbone_builds(compose_config, backbone):
+    size = 384 if "384" in BACKBONES[backbone] else 224
     cfg = compose_config("train", [f"backbone={backbone}", "dataset=digits", "model.hidden_dim=32", "model.ffn_dim=32",
-                                   "backbone.pretrained=false"])
-    size = 384 if "384" in cfg.backbone.name else 224
-    container = OmegaConf.to_container(cfg, resolve=True)
-    model = build_model(container["backbone"], container["model"], num_classes=3, image_size=size)
-    assert model.backbone.num_channels > 0
+                                   "backbone.pretrained=false", f"dataset.image_size={size}"])
+    model = build_model(OmegaConf.to_container(cfg, resolve=True), num_classes=3)
+    assert model.backbone.num_channels > 0 and cfg.backbone.name == BACKBONES[backbone]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from q2l.models import Query2Label, TimmBackbone, build_model
+from q2l.config import build_model
+from q2l.models import Query2Label, TimmBackbone
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.query2label import GroupWiseLinear
 
@@ -22,39 +23,39 @@ SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
     ],
 )
 def test_backbone_gives_feature_maps(name, size, grid):
-    backbone = TimmBackbone(name, image_size=size)
+    backbone = TimmBackbone(name, pretrained=False, image_size=size)
     features = backbone(torch.randn(2, 3, size, size))
     assert features.shape == (2, backbone.num_channels, *grid)
 
 
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("vit_small_patch16_224", 64)])
 def test_query2label_logits_shape(name, size):
-    model = build_model({"name": name}, SMALL_HEAD, num_classes=7, image_size=size)
+    model = Query2Label(TimmBackbone(name, pretrained=False, image_size=size), num_classes=7, **SMALL_HEAD)
     assert model(torch.randn(3, 3, size, size)).shape == (3, 7)
 
 
 def test_evaluates_at_another_resolution():
-    model = build_model({"name": "resnet18"}, SMALL_HEAD, num_classes=5).eval()
+    model = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=5, **SMALL_HEAD).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
         assert model(torch.randn(1, 3, 160, 96)).shape == (1, 5)
 
 
 def test_paper_defaults_and_removable_self_attention():
-    backbone = TimmBackbone("resnet18")
+    backbone = TimmBackbone("resnet18", pretrained=False)
     model = Query2Label(backbone, num_classes=4)
     transformer = model.transformer
     assert len(transformer.encoder_layers) == 1 and len(transformer.decoder_layers) == 2
     assert model.label_embed.weight.shape == (4, 2048)
     assert transformer.decoder_layers[0].ffn[0].out_features == 8192
     assert all(layer.self_attn is None for layer in transformer.decoder_layers)
-    with_self = Query2Label(TimmBackbone("resnet18"), num_classes=4, hidden_dim=32, ffn_dim=32,
+    with_self = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=4, hidden_dim=32, ffn_dim=32,
                             decoder_self_attention=True)
     assert all(layer.self_attn is not None for layer in with_self.transformer.decoder_layers)
 
 
 def test_no_encoder_layers_is_allowed():
-    model = build_model({"name": "resnet18"}, {**SMALL_HEAD, "num_encoder_layers": 0}, num_classes=3)
+    model = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=3, **SMALL_HEAD, num_encoder_layers=0)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
@@ -75,14 +76,18 @@ def test_position_encoding_follows_feature_size():
 
 def test_input_proj_false_needs_matching_width():
     with pytest.raises(ValueError, match="input_proj=false"):
-        Query2Label(TimmBackbone("resnet18"), num_classes=2, hidden_dim=32, input_proj=False)
+        Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=2, hidden_dim=32, input_proj=False)
 
 
 def test_unknown_backbone_and_head_are_rejected():
     with pytest.raises(ValueError, match="not a timm model"):
-        TimmBackbone("resnet9000")
-    with pytest.raises(ValueError, match="not a known head"):
-        build_model({"name": "resnet18"}, {"_target_": "os.system"}, num_classes=2)
+        TimmBackbone("resnet9000", pretrained=False)
+    # A checkpoint's config is file input: only allowlisted targets are rebuilt from it.
+    for evil in ({"model": {"_target_": "os.system"}}, {"backbone": {"_target_": "os.system", "name": "x"}}):
+        config = {"backbone": {"name": "resnet18", "pretrained": False}, "model": dict(SMALL_HEAD, _target_=
+                  "q2l.models.query2label.Query2Label"), "dataset": {"image_size": 32}, **evil}
+        with pytest.raises(ValueError, match="'os.system', which q2l does not rebuild from a file"):
+            build_model(config, num_classes=2, trusted=False)
 
 
 def test_pretrained_without_weights_says_how_to_supply_them(tmp_path, monkeypatch):
@@ -96,7 +101,7 @@ def test_pretrained_without_weights_says_how_to_supply_them(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_pretrained_loads_local_file(tmp_path, suffix):
-    source = TimmBackbone("resnet18")
+    source = TimmBackbone("resnet18", pretrained=False)
     state = {k: v.clone() for k, v in source.body.state_dict().items()}
     path = tmp_path / f"resnet18{suffix}"
     if suffix == ".safetensors":
@@ -110,7 +115,7 @@ def test_pretrained_loads_local_file(tmp_path, suffix):
 
 def test_weights_for_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
-    torch.save(TimmBackbone("resnet50").body.state_dict(), path)
+    torch.save(TimmBackbone("resnet50", pretrained=False).body.state_dict(), path)
     with pytest.raises(RuntimeError, match="do not fit resnet18"):
         TimmBackbone("resnet18", pretrained=True, weights=str(path))
 
@@ -118,7 +123,7 @@ def test_weights_for_another_model_are_refused(tmp_path):
 def test_pretrained_uses_timms_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr("q2l.models.backbone._cached_weights", lambda name: tmp_path / "cached.pth")
-    state = {k: v.clone() for k, v in TimmBackbone("resnet18").body.state_dict().items()}
+    state = {k: v.clone() for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()}
     torch.save(state, tmp_path / "cached.pth")
     loaded = TimmBackbone("resnet18", pretrained=True)
     torch.testing.assert_close(loaded.body.state_dict()["conv1.weight"], state["conv1.weight"])

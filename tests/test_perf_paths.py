@@ -13,14 +13,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from benchmarks import timing
+from benchmarks.cli import format_table
+from benchmarks.exact_map import coco_sized_problem
+from benchmarks.timing import Row, Workload, interleaved
 from sklearn.metrics import average_precision_score
 
 from q2l import metrics
-from q2l.bench import timing
-from q2l.bench.cli import format_table
-from q2l.bench.exact_map import coco_sized_problem
-from q2l.bench.timing import Row, Workload, interleaved
-from q2l.models import build_model
+from q2l.models import Query2Label, TimmBackbone
 from q2l.models.transformer import Transformer
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
@@ -29,7 +29,7 @@ SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model({"name": "resnet18"}, SMALL_HEAD, num_classes=6).eval()
+    return Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=6, **SMALL_HEAD).eval()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_batch_elements_do_not_mix(model, images):
 def test_channels_last_gives_the_same_logits_and_gradients(model, images):
     plain_logits = model(images)
     plain_grad = torch.autograd.grad(plain_logits.sum(), model.classifier.weight)[0]
-    fast = build_model({"name": "resnet18"}, SMALL_HEAD, num_classes=6).eval()
+    fast = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=6, **SMALL_HEAD).eval()
     fast.load_state_dict(model.state_dict())
     fast = fast.to(memory_format=torch.channels_last)
     fast_logits = fast(images.contiguous(memory_format=torch.channels_last))
@@ -160,10 +160,10 @@ def test_compiled_model_gives_the_same_logits():
     """torch.compile in a subprocess (it takes tens of seconds on a small CPU): skipped past 30 s."""
     code = textwrap.dedent("""
         import torch
-        from q2l.models import build_model
+        from q2l.models import Query2Label, TimmBackbone
         torch.manual_seed(0)
-        model = build_model({"name": "resnet18"}, {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4},
-                            num_classes=6).eval()
+        model = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=6, hidden_dim=32,
+                            ffn_dim=64).eval()
         images = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)

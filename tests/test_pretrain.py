@@ -17,7 +17,7 @@ def test_pretraining_writes_weights_the_backbone_loads(tmp_path):
     path = pretrain_digits_backbone(folder, seed=0, **TINY)
     assert path == folder / "weights.safetensors" and path.is_file()
     backbone = TimmBackbone("resnet18", pretrained=True, weights=str(path))
-    fresh = TimmBackbone("resnet18")
+    fresh = TimmBackbone("resnet18", pretrained=False)
     weight = "conv1.weight"
     assert not torch.equal(backbone.body.state_dict()[weight], fresh.body.state_dict()[weight])
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import q2l.checkpoint as checkpoint_module
+import q2l.atomic as atomic_module
 import q2l.train as train_module
 from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
 from q2l.config import ConfigValueError
@@ -89,7 +89,7 @@ def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(finished_run, co
     from q2l.evaluate import evaluate_checkpoint
 
     payload = load_checkpoint(finished_run / "checkpoints" / "best.pt")
-    payload["config"]["dataset"]["prepare"]["root"] = str(users_coco)  # a checkpoint naming another root
+    payload["config"]["prepare"]["data"]["root"] = str(users_coco)  # a checkpoint naming another root
     tampered = tmp_path / "tampered.pt"
     save_checkpoint({k: v for k, v in payload.items() if k not in ("format_version", "q2l_version",
                                                                    "torch_version")}, tampered)
@@ -107,14 +107,15 @@ def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(compo
 
     weights = tmp_path / "w" / "my_imagenet_resnet18.safetensors"
     weights.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in TimmBackbone("resnet18").body.state_dict().items()}, str(weights))
+    save_file({k: v.contiguous() for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()}, str(weights))
     before = weights.read_bytes()
     monkeypatch.setenv("Q2L_DATA_DIR", str(tmp_path / "data"))
     # The demo with its backbone pretraining on (tiny), and the user's own weights file.
-    overrides = [o for o in tiny_overrides(digits_root, tmp_path / "cache") if not o.startswith("backbone.")]
+    overrides = [o for o in tiny_overrides(digits_root, tmp_path / "cache")
+                 if not o.startswith(("backbone.", "~prepare.backbone"))]
     cfg = compose_config("train", [*overrides, "trainer.epochs=1", f"backbone.weights={weights}",
-                                   "backbone.prepare.num_images=64", "backbone.prepare.epochs=1",
-                                   "+backbone.prepare.batch_size=32"])
+                                   "prepare.backbone.num_images=64", "prepare.backbone.epochs=1",
+                                   "+prepare.backbone.batch_size=32"])
     assert train(cfg, tmp_path / "run")["status"] == "completed"
     assert weights.read_bytes() == before
     assert sorted(p.name for p in weights.parent.iterdir()) == [weights.name]
@@ -291,9 +292,8 @@ class _FullDisk:
 def test_9_disk_full_is_reported_as_such(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 1}, path)
-    real = checkpoint_module.tempfile.NamedTemporaryFile
-    monkeypatch.setattr(checkpoint_module.tempfile, "NamedTemporaryFile",
-                        lambda *a, **k: _FullDisk(real(*a, **k)))
+    real = atomic_module.tempfile.NamedTemporaryFile
+    monkeypatch.setattr(atomic_module.tempfile, "NamedTemporaryFile", lambda *a, **k: _FullDisk(real(*a, **k)))
     with pytest.raises(CheckpointError, match=rf"{path}: No space left on device; the previous last.pt is intact"):
         save_checkpoint({"step": 2, "weights": torch.zeros(10_000)}, path)
     monkeypatch.undo()

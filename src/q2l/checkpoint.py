@@ -1,12 +1,13 @@
-"""One checkpoint schema, written atomically and read back safely.
+"""One checkpoint schema: written atomically, read back safely, restored into a TrainState.
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 `torch.load(weights_only=True)`: nothing in it is pickled code, and the config it carries is a
-plain container that is never instantiated blindly.
+plain container that is only rebuilt through allowlists (q2l.config.instantiate_allowed).
 
-Keys: format_version, q2l_version, torch_version, model, ema, optimizer, scheduler, scaler,
-loss, epoch (completed epochs), step (optimizer steps), best_metric, best_epoch, eval_weights
-("model" or "ema": the better of the two on this epoch), metrics, class_names, config.
+Keys: format_version, q2l_version, torch_version; the TrainState (model, ema, optimizer,
+scheduler, scaler, loss, step, rng); progress (the loop's position), epoch, best_metric,
+best_epoch, eval_weights ("model" or "ema": the better on the epoch), metrics, history,
+class_names, config, precision (the resolved autocast precision, which evaluation reuses).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 import os
 import random
 import re
-import tempfile
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ import numpy as np
 import torch
 
 import q2l
+from q2l.atomic import atomic_write, fsync_dir
+from q2l.engine import TrainState
+from q2l.messages import and_more
 from q2l.models.weights import WeightsFileError, load_torch_file
 
 FORMAT_VERSION = 1
@@ -31,43 +36,140 @@ PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
 log = logging.getLogger(__name__)
 
 
+# Config keys that may differ on resume: they change how a run is watched or launched, not what
+# it computes.
+RESUME_IGNORED_KEYS = (
+    "resume", "allow_config_change", "init_from", "prepare", "trainer.progress_bar", "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_steps", "trainer.keep_last", "trainer.slurm_requeue", "dataset.num_workers",
+    "dataset.validate", "dataset.cache_dir", "backbone.weights", "backbone.pretrained",
+)
+# Changes to these make the saved LR schedule stale.
+SCHEDULE_KEYS = ("trainer.epochs", "schedule.", "optimizer.lr", "dataset.batch_size", "trainer.limit_train_batches")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
+def training_payload(state: TrainState, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict for `state` (plain, unwrapped state dicts) plus `extra` entries."""
+    return {
+        "model": state.model.state_dict(),
+        "ema": state.ema.module.state_dict() if state.ema is not None else None,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "loss": state.loss.state_dict(),
+        "step": state.step,
+        "rng": capture_rng(),
+        **extra,
+    }
 
-    A crash or a full disk during the write leaves the previous file at `path` untouched.
+
+def restore_training(state: TrainState, checkpoint: dict[str, Any], source: Path, changes: list[str]) -> None:
+    """Put every part of `state` (and every RNG) back as `checkpoint` had it.
+
+    `changes` are the accepted config changes (`resume_changes`); with a changed schedule the
+    new schedule is followed from the saved step instead of the saved schedule state.
     """
+    load_strict(state.model, checkpoint["model"], source)
+    if state.ema is not None and checkpoint.get("ema") is not None:
+        state.ema.module.load_state_dict(checkpoint["ema"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    state.loss.load_state_dict(checkpoint["loss"])
+    state.step = int(checkpoint["step"])
+    if any(change.startswith(SCHEDULE_KEYS) for change in changes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _ in range(state.step):
+                state.scheduler.step()
+    else:
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+    restore_rng(checkpoint["rng"])
+
+
+def resume_changes(checkpoint: dict[str, Any], source: Path, config: dict[str, Any],
+                   allow_config_change: bool) -> list[str]:
+    """The config changes since `checkpoint`; refuses (ValueError with the diff) unless allowed."""
+    changes = config_diff(checkpoint["config"], config, ignore=RESUME_IGNORED_KEYS)
+    if changes and not allow_config_change:
+        raise ValueError(f"resume from {source}: the config differs from the checkpoint's:\n  "
+                         + "\n  ".join(changes) + "\nrerun with the original settings, or pass "
+                         "allow_config_change=true to continue anyway. Nothing was changed")
+    if changes:
+        log.warning("resuming from %s with a changed config (allow_config_change=true):\n  %s", source,
+                    "\n  ".join(changes))
+    return changes
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "auto",
+                          image_size: int | None = None) -> tuple[torch.nn.Module, str]:
+    """The trained model in `checkpoint`, rebuilt from its config through the allowlist.
+
+    Args:
+        weights: "auto" (what scored best on the checkpoint's epoch), "raw" or "ema".
+        image_size: for backbones fixed at build time (ViT, Swin); default the run's own.
+    Returns:
+        (model on CPU in eval mode, "model" or "ema": which weights were loaded).
+    """
+    from q2l.config import build_model  # config imports the model zoo; only this needs it here
+
+    chosen = checkpoint.get("eval_weights", "model") if weights == "auto" else {"raw": "model", "ema": "ema"}.get(weights)
+    if chosen is None or checkpoint.get(chosen) is None:
+        raise ValueError(f"weights={weights!r}: choose auto, raw or ema (ema only if the run kept one)")
+    config = checkpoint["config"]
+    if image_size is not None:
+        config = {**config, "dataset": {**config["dataset"], "image_size": image_size}}
+    model = build_model(config, len(checkpoint["class_names"]), pretrained=False, trusted=False)
+    model.load_state_dict(checkpoint[chosen])
+    return model.eval(), chosen
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict(strict=True) with every mismatched key named in one error."""
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        raise ValueError(f"checkpoint {source} does not fit this model: {len(mismatched)} mismatched "
+                         f"({and_more(mismatched)}), {len(missing)} missing ({and_more(missing)}), "
+                         f"{len(unexpected)} unexpected ({and_more(unexpected)})")
+    model.load_state_dict(state)
+
+
+def load_matching_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: Path) -> None:
+    """Fine-tuning start (`init_from`): load every weight whose name and shape match; log the rest."""
+    own = model.state_dict()
+    usable = {k: v for k, v in checkpoint["model"].items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(checkpoint["model"]) - set(usable))
+    fresh = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    log.info("init_from=%s: loaded %d tensors; skipped (shape or name differs) %s; newly initialised %s",
+             source, len(usable), and_more(skipped), and_more(fresh))
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write `payload` to `path` atomically (q2l.atomic): a crash or a full disk during the write
+    leaves the previous file at `path` untouched, and no partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "q2l_version": q2l.__version__,
                "torch_version": str(torch.__version__), **payload}
+    writer = None
     try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
-    writer = _RecordingWriter(handle)
-    try:
-        with handle:
+        with atomic_write(path) as handle:
+            writer = _RecordingWriter(handle)
             torch.save(payload, writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
     except (OSError, RuntimeError) as error:
-        Path(handle.name).unlink(missing_ok=True)
         # torch reports a failed write as "[enforce fail ...] unexpected pos"; the OSError behind it
         # ("No space left on device") is what the user needs to read.
-        cause = writer.error or error
+        cause = (writer.error if writer else None) or error
         if not isinstance(cause, OSError):
             raise
         kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
         raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from cause
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class _RecordingWriter:
@@ -96,11 +198,9 @@ def link_checkpoint(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, temporary)
     except OSError:  # file systems without hard links
-        import shutil
-
         shutil.copyfile(source, temporary)
     os.replace(temporary, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -118,20 +218,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}); upgrade q2l"
         )
     return payload
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: the directory entry itself must reach the disk."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:

@@ -1,53 +1,109 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
 Each YAML option starts from one of these (`defaults: [/schema/<group>/<name>@_here_]`), so a
-misspelled key, a value of the wrong type or an unknown enum value fails at composition time with
-Hydra's message naming the key, instead of surfacing hours into a run.
+misspelled key, a value of the wrong type or an unknown option fails at composition with Hydra's
+message naming the key. Nodes that build an object (backbone, head, loss, optimizer, schedule)
+get their schema from the callable itself (`schema_for`): its keyword arguments, types and
+defaults, so each default lives in one place, the code. YAML files only state what differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import nn
+
+from q2l import losses, optim
+from q2l.data.mix import MultiLabelMixup
+from q2l.data.transforms import build_train_transform
+from q2l.models import HEADS, MODEL_TARGETS, TimmBackbone
 
 # conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
 CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
+# backbone=<option>: short names for common timm models (any other: backbone.name=<timm name>).
+BACKBONES = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "tresnet_m": "tresnet_m",
+    "tresnet_l": "tresnet_l",
+    "tresnet": "tresnet_l",  # the paper's TResNet
+    "tresnet_xl": "tresnet_xl",
+    "convnext_tiny": "convnext_tiny",
+    "swin_large_384": "swin_large_patch4_window12_384",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+
 
 class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device has bf16 units, else fp32 (fp16 on older GPUs): q2l.amp
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-@dataclass
-class BackboneConf:
-    name: str = MISSING  # any timm model name
-    # Query2Label is trained from a pretrained backbone: `weights` (a local file) or timm's offline
-    # cache, never a download; missing weights are an error saying how to supply them.
-    pretrained: bool = True
-    weights: str | None = None  # local .pth / .safetensors
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    prepare: Any = None  # optional `_target_` node run first, e.g. to produce `weights`
+def schema_for(target: Callable, runtime: Sequence[str] = (), partial: bool = False, name: str | None = None,
+               with_target: bool = True) -> type:
+    """A structured-config dataclass with one field per keyword argument of `target`.
+
+    Types and defaults are read from the signature; arguments without a default are MISSING
+    (required). `runtime` arguments are supplied when the node is instantiated (the model for an
+    optimizer, the backbone for a head) and get no field; `partial` adds `_partial_: true`.
+    """
+    function = target.__init__ if isinstance(target, type) else target
+    hints = typing.get_type_hints(function)
+    qualified = f"{target.__module__}.{target.__qualname__}"
+    specs: list[tuple] = []
+    if with_target:
+        specs.append(("_target_", str, field(default=qualified)))
+    if partial:
+        specs.append(("_partial_", bool, field(default=True)))
+    for parameter in inspect.signature(target).parameters.values():
+        if parameter.name in runtime or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = parameter.default
+        if default is inspect.Parameter.empty:
+            spec = field(default=MISSING)
+        elif isinstance(default, (list, dict, tuple)):
+            spec = field(default_factory=lambda value=default: list(value) if isinstance(value, tuple) else value)
+        else:
+            spec = field(default=default)
+        specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
+    return dataclasses.make_dataclass(name or f"{target.__qualname__}Conf", specs)
 
 
-@dataclass
-class Query2LabelConf:
-    _target_: str = "q2l.models.Query2Label"
-    hidden_dim: int = 2048
-    num_encoder_layers: int = 1
-    num_decoder_layers: int = 2
-    num_heads: int = 4
-    ffn_dim: int = 8192
-    dropout: float = 0.1
-    decoder_self_attention: bool = False
-    input_proj: bool = True
+def _config_type(annotation: Any) -> Any:
+    """The nearest type OmegaConf validates: sequences become lists, other unions Any."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in arguments if a is not type(None)]
+        if len(rest) == 1:
+            inner = _config_type(rest[0])
+            return Any if inner is Any else typing.Optional[inner]  # noqa: UP045 (OmegaConf needs Optional)
+        return Any
+    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
+        item = arguments[0] if arguments else Any
+        return list[_config_type(item)] if item in (int, float, str, bool) else list[Any]
+    if origin is dict or annotation is dict:
+        return dict[str, Any]
+    if annotation in (int, float, str, bool) or (isinstance(annotation, type) and issubclass(annotation, Enum)):
+        return annotation
+    return Any
 
 
 class ValidateLevel(str, Enum):
@@ -90,10 +146,9 @@ class DatasetConf:
     root: str = MISSING
     image_size: int = 448
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: int = 8  # DataLoader worker processes
     train: Any = MISSING  # `_target_` node; the transform is supplied at run time
     val: Any = MISSING
-    prepare: Any = None  # optional `_target_` node run once before the splits are built
     validate: ValidateLevel = ValidateLevel.quick  # checked at train start (q2l-validate-data does the same)
     on_bad_image: BadImagePolicy = BadImagePolicy.error
     max_bad_fraction: float = 0.01  # with on_bad_image=skip: more bad images than this share stops the run
@@ -145,116 +200,20 @@ class TableDatasetConf(DatasetConf):
     unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.error
 
 
-class MixMode(str, Enum):
-    batch = "batch"  # one mixing weight per batch
-    pair = "pair"  # one per pair of samples
-    elem = "elem"  # one per sample
-
-
-class ErasingMode(str, Enum):
-    const = "const"  # zeros (the normalised mean)
-    rand = "rand"  # one random normal colour per box
-    pixel = "pixel"  # random normal noise per pixel
+# Schemas read from the callables they configure (see schema_for): their defaults are the config's.
+BackboneConf = schema_for(TimmBackbone, runtime=("image_size",), name="BackboneConf")
+MixConf = schema_for(MultiLabelMixup, runtime=("num_classes",), name="MixConf", with_target=False)
 
 
 @dataclass
-class MixConf:
-    # MixUp / CutMix on whole batches, multi-label targets mixed with the same weights.
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 = off
-    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 = off
-    prob: float = 1.0  # chance that a batch is mixed at all
-    switch_prob: float = 0.5  # with both on: chance of CutMix instead of MixUp
-    mode: MixMode = MixMode.batch
-
-
-@dataclass
-class AugmentConf:
-    hflip: float = 0.0  # probability of a horizontal flip
-    scale: list[float] | None = None  # RandomResizedCrop area range, e.g. [0.7, 1.0]; None = resize
-    randaugment: bool = False  # torchvision RandAugment (the pip `randaugment` the paper used)
-    randaugment_num_ops: int = 2
-    randaugment_magnitude: int = 9
-    cutout_factor: float = 0.0  # side of one square hole as a fraction of the image (ASL: 0.5)
-    auto_augment: str | None = None  # timm policy string: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w3, ...
-    random_erasing: float = 0.0  # timm RandomErasing probability, after normalisation
-    random_erasing_mode: ErasingMode = ErasingMode.pixel
-    random_erasing_count: int = 1  # up to this many erased boxes per image
-    mix: MixConf = field(default_factory=MixConf)
-
-
-@dataclass
-class AsymmetricLossConf:
-    _target_: str = "q2l.losses.AsymmetricLoss"
-    gamma_neg: float = 4.0
-    gamma_pos: float = 0.0
-    clip: float = 0.05
-    eps: float = 1e-8
-    disable_focal_grad: bool = True
-    reduction: str = "batchmean"
-
-
-@dataclass
-class PartialAsymmetricLossConf:
-    _target_: str = "q2l.losses.PartialAsymmetricLoss"
-    gamma_neg: float = 1.0
-    gamma_pos: float = 0.0
-    gamma_unann: float = 2.0
-    alpha_pos: float = 1.0
-    alpha_neg: float = 1.0
-    alpha_unann: float = 1.0
-    clip: float = 0.0
-    eps: float = 1e-8
-    mode: str = "negative"
-    likelihood_topk: int = 5
-    prior_threshold: float = 0.05
-    prior_momentum: float = 0.99
-    class_priors: list[float] | None = None
-    disable_focal_grad: bool = True
-    reduction: str = "batchmean"
-
-
-@dataclass
-class BCELossConf:
-    _target_: str = "q2l.losses.BCEWithLogitsLoss"
-    reduction: str = "batchmean"
-
-
-@dataclass
-class AdamWConf:
-    _target_: str = "q2l.optim.build_adamw"
-    _partial_: bool = True
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # Norm and bias parameters get no weight decay (the ASL recipe; the official Q2L decays all).
-    no_decay_norm_and_bias: bool = True
-    fused: bool | None = None  # None: let PyTorch choose (fused on CUDA, foreach elsewhere)
-
-
-@dataclass
-class OneCycleConf:
-    _target_: str = "q2l.optim.build_onecycle"
-    _partial_: bool = True
-    pct_start: float = 0.2
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
-    cycle_momentum: bool = True
-
-
-@dataclass
-class CosineConf:
-    _target_: str = "q2l.optim.build_cosine"
-    _partial_: bool = True
-    warmup_epochs: float = 1.0
-    warmup_start_factor: float = 0.01
-    min_lr_factor: float = 0.0
+class AugmentConf(schema_for(build_train_transform, runtime=("image_size", "mean", "std"), with_target=False)):
+    mix: MixConf = field(default_factory=MixConf)  # MixUp/CutMix: a batch transform, off by default
 
 
 @dataclass
 class TrainerConf:
     epochs: int = 40
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.auto  # the checkpoint records what auto resolved to
     device: str = "auto"  # auto = CUDA when present, else CPU
     grad_clip_norm: float | None = None
     ema_decay: float = 0.9997  # 0 disables the weight EMA
@@ -264,7 +223,7 @@ class TrainerConf:
     log_every_n_steps: int = 50
     limit_train_batches: int | None = None  # for smoke tests
     limit_val_batches: int | None = None
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convolutions: faster inference on CPU and GPU, neutral in training
     compile: bool = False
     deterministic: bool = False
     progress_bar: bool = True
@@ -290,6 +249,9 @@ class TrainConf:
     schedule: Any = MISSING
     trainer: TrainerConf = field(default_factory=TrainerConf)
     experiment: Any = None
+    # `_target_` nodes run in order before anything is built (the demo generates its data and
+    # pretrains its backbone here); a changed entry never blocks a resume.
+    prepare: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # "auto": the newest valid checkpoint in this run directory (fresh start if none); or a path.
     resume: str | None = None
@@ -305,7 +267,7 @@ class EvalConf:
     batch_size: int | None = None
     num_workers: int | None = None
     device: str = "auto"
-    precision: Precision = Precision.fp32
+    precision: str = "checkpoint"  # the precision the run trained with (so mAP matches); or auto/fp32/bf16/fp16
     threshold: float | None = None  # None: the run's trainer.threshold
     limit_val_batches: int | None = None
     output: str | None = None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
@@ -367,27 +329,82 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def register_configs() -> None:
-    """Put every schema where the YAML files' defaults lists expect it."""
+    """Put every schema where the YAML files' defaults lists expect it, and the backbone options."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConf)
     store.store(name="eval_schema", node=EvalConf)
     for group, name, node in [
-        ("backbone", "timm", BackboneConf),
-        ("model", "query2label", Query2LabelConf),
+        ("model", "query2label", schema_for(HEADS["q2l.models.query2label.Query2Label"], runtime=("backbone", "num_classes"))),
         ("dataset", "coco", CocoDatasetConf),
         ("dataset", "voc", VocDatasetConf),
         ("dataset", "nus_wide", NusWideDatasetConf),
         ("dataset", "openimages", OpenImagesDatasetConf),
         ("dataset", "table", TableDatasetConf),
         ("augment", "augment", AugmentConf),
-        ("loss", "asl", AsymmetricLossConf),
-        ("loss", "partial_asl", PartialAsymmetricLossConf),
-        ("loss", "bce", BCELossConf),
-        ("optimizer", "adamw", AdamWConf),
-        ("schedule", "onecycle", OneCycleConf),
-        ("schedule", "cosine", CosineConf),
+        ("loss", "asl", schema_for(losses.AsymmetricLoss)),
+        ("loss", "partial_asl", schema_for(losses.PartialAsymmetricLoss)),
+        ("loss", "bce", schema_for(losses.BCEWithLogitsLoss)),
+        ("optimizer", "adamw", schema_for(optim.build_adamw, runtime=("model",), partial=True)),
+        ("schedule", "onecycle", schema_for(optim.build_onecycle, runtime=("optimizer", "total_steps", "steps_per_epoch"), partial=True)),
+        ("schedule", "cosine", schema_for(optim.build_cosine, runtime=("optimizer", "total_steps", "steps_per_epoch"), partial=True)),
     ]:
         store.store(group=f"schema/{group}", name=name, node=node)
+    for option, timm_name in BACKBONES.items():
+        store.store(group="backbone", name=option, node=BackboneConf(name=timm_name))
+
+
+def construct(node: Any, **runtime: Any) -> Any:
+    """`hydra.utils.instantiate`, raising the target's own error (ValueError, OSError, ...) rather
+    than Hydra's wrapper around it, so the user reads which file or value is wrong."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError, RuntimeError)):
+            raise error.__cause__ from None
+        raise
+
+
+def instantiate_allowed(node: dict[str, Any], allowed: dict[str, Callable], **runtime: Any) -> Any:
+    """`hydra.utils.instantiate` for config read from a file (a checkpoint): every `_target_` in
+    `node` must be in `allowed`, so nothing a file names is imported or called otherwise."""
+    for target in _targets(node):
+        if target not in allowed:
+            raise ValueError(f"the checkpoint's config names {target!r}, which q2l does not rebuild from a file; "
+                             f"known: {sorted(allowed)}")
+    return construct(node, **runtime)
+
+
+def build_model(config: dict[str, Any], num_classes: int, pretrained: bool | None = None,
+                trusted: bool = True) -> nn.Module:
+    """The model `config` (a resolved train config) describes: its backbone under its head.
+
+    Args:
+        pretrained: overrides `backbone.pretrained` (False when a checkpoint supplies every weight).
+        trusted: False for a checkpoint's config, whose `_target_`s must be in MODEL_TARGETS.
+    Returns:
+        a module mapping images (B, 3, H, W) to logits (B, K), K = num_classes.
+    """
+    backbone = {"_target_": "q2l.models.backbone.TimmBackbone", **config["backbone"]}
+    if "kwargs" in backbone:  # checkpoints of q2l 0.1
+        backbone["timm_kwargs"] = backbone.pop("kwargs")
+    backbone.pop("prepare", None)
+    if pretrained is not None:
+        backbone["pretrained"] = pretrained
+
+    def make(node: dict[str, Any], **runtime: Any) -> Any:
+        return construct(node, **runtime) if trusted else instantiate_allowed(node, MODEL_TARGETS, **runtime)
+
+    body = make(backbone, image_size=config["dataset"]["image_size"])
+    return make(dict(config["model"]), backbone=body, num_classes=num_classes)
+
+
+def _targets(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["_target_"]] if "_target_" in node else []
+        return own + [t for value in node.values() for t in _targets(value)]
+    if isinstance(node, list):
+        return [t for value in node for t in _targets(value)]
+    return []
 
 
 # Registered on import: anything that composes q2l configs (entry points, tests, notebooks using

@@ -1,147 +1,132 @@
-"""The two loops: one training epoch and one evaluation pass. The composition root owns the rest."""
+"""The two loops: one training pass and one evaluation pass. The epoch loop (q2l.fit) owns the rest."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm import tqdm
+
+from q2l.amp import autocast
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or gradient norm stopped being finite; raised before any weight changed."""
 
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+@dataclass
+class TrainState:
+    """Everything a training step changes; a checkpoint saves and restores all of it.
 
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The one mixed-precision context: autocast to bf16/fp16, or nothing for fp32."""
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    precision: str = "fp32",
-    ema: nn.Module | None = None,
-    grad_clip_norm: float | None = None,
-    channels_last: bool = False,
-    max_steps: int | None = None,
-    global_step: int = 0,
-    progress: bool = False,
-    on_step: Callable[[int, torch.Tensor, bool], bool] | None = None,
-    check_finite: bool = True,
-    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> dict[str, float]:
-    """Train over `loader` once.
-
-    Args:
-        global_step: optimizer steps taken before this epoch (drives the EMA warm-up).
-        on_step: called after every step with (steps done in this call, loss, whether the fp16
-            loss scaler skipped the update); returning True ends the epoch early (stop requests).
-        check_finite: raise NonFiniteError before the optimizer step when the loss or the gradient
-            norm is not finite (one host sync per step). Under fp16 the loss scaler owns inf/NaN
-            gradients instead: it skips the step, and on_step is told.
-        batch_transform: (images (B, C, H, W), targets (B, K)) -> the same, on the device, before
-            the forward pass (MixUp/CutMix: q2l.data.mix).
-    Returns:
-        loss (mean over steps), lr (last), images_per_sec, steps.
+    `forward` is what the step calls: the model itself, or a compiled or DDP-wrapped view of it;
+    `model` is the plain module whose weights are saved.
     """
-    model.train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    loss_sum = torch.zeros((), device=device)
-    steps = images_seen = 0
-    start = time.perf_counter()
-    total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    for images, targets in tqdm(loader, total=total, disable=not progress, leave=False, desc="train"):
-        if max_steps is not None and steps >= max_steps:
-            break
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images, targets = batch_transform(images, targets)
-        with autocast(device, precision):
-            logits = model(images)
-        loss = loss_fn(logits.float(), targets)  # fp32 outside autocast: ASL's eps underflows in fp16
 
-        if check_finite and not torch.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss.item()} at step {global_step + steps + 1}; stopped before "
-                                 "the optimizer step")
+    model: nn.Module
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None = None
+    forward: nn.Module | None = None
+    step: int = 0  # optimizer steps taken (drives the EMA warm-up)
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
-        if grad_clip_norm is not None or (check_finite and scale_before is None):
-            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            # max_norm=inf measures without clipping when only the finiteness check needs the norm.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or math.inf)
-            if check_finite and scale_before is None and not torch.isfinite(norm):
-                raise NonFiniteError(f"gradient norm is {norm.item()} at step {global_step + steps + 1} "
-                                     f"(loss {loss.item():.4g}); stopped before the optimizer step")
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scale_before is not None and scaler.get_scale() < scale_before
-        scheduler.step()
-        if ema is not None:
-            ema.update(model, step=global_step + steps)
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
 
-        loss_sum += loss.detach()  # accumulated on the device: no sync beyond the finiteness check
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How steps run: device, autocast precision, memory format, clipping and checks.
+
+    check_finite: raise NonFiniteError before the optimizer step when the loss or gradient norm
+        is not finite (one host sync per step). Under fp16 the loss scaler owns inf/NaN gradients
+        instead: it skips the step, and `on_step` is told.
+    batch_transform: (images, targets) -> (images, targets) on the device before the forward pass
+        (MixUp/CutMix, q2l.data.mix).
+    """
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    grad_clip_norm: float | None = None
+    check_finite: bool = True
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None
+
+
+def train_one_epoch(state: TrainState, batches: Iterable[Batch], options: StepOptions,
+                    on_step: Callable[[torch.Tensor, bool], bool] | None = None) -> int:
+    """One optimizer step per batch of images (B, 3, H, W) and targets (B, K); returns the steps taken.
+
+    on_step(loss, skipped) runs after every step with the detached fp32 loss and whether the fp16
+    loss scaler skipped the update; returning True ends the pass (stop requests).
+    """
+    state.forward.train()
+    steps = 0
+    for images, targets in batches:
+        loss, skipped = _train_step(state, images, targets, options)
         steps += 1
-        images_seen += images.shape[0]
-        if on_step is not None and on_step(steps, loss.detach(), skipped):
+        if on_step is not None and on_step(loss, skipped):
             break
-    elapsed = time.perf_counter() - start
-    return {
-        "loss": (loss_sum / max(steps, 1)).item(),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_sec": images_seen / max(elapsed, 1e-9),
-        "steps": steps,
-    }
+    return steps
+
+
+def _train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor,
+                options: StepOptions) -> tuple[torch.Tensor, bool]:
+    """Forward, loss in fp32, backward, clip, optimizer and schedule step, EMA update."""
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    images = images.to(options.device, non_blocking=True, memory_format=memory_format)
+    targets = targets.to(options.device, non_blocking=True)
+    if options.batch_transform is not None:
+        images, targets = options.batch_transform(images, targets)
+    with autocast(options.device, options.precision):
+        logits = state.forward(images)  # (B, K)
+    loss = state.loss(logits.float(), targets)  # fp32 outside autocast: ASL's eps underflows in fp16
+    step = state.step + 1
+    if options.check_finite and not torch.isfinite(loss):
+        raise NonFiniteError(f"loss is {loss.item()} at step {step}; stopped before the optimizer step")
+
+    scaler = state.scaler
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    if options.grad_clip_norm is not None or (options.check_finite and scale_before is None):
+        scaler.unscale_(state.optimizer)  # clip the true gradient, not the scaled one
+        # max_norm=inf measures without clipping when only the finiteness check needs the norm.
+        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), options.grad_clip_norm or math.inf)
+        if options.check_finite and scale_before is None and not torch.isfinite(norm):
+            raise NonFiniteError(f"gradient norm is {norm.item()} at step {step} (loss {loss.item():.4g}); "
+                                 "stopped before the optimizer step")
+    scaler.step(state.optimizer)
+    scaler.update()
+    skipped = scale_before is not None and scaler.get_scale() < scale_before
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.step)
+    state.step = step
+    return loss.detach(), skipped
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    max_steps: int | None = None,
-    progress: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Scores and targets over `loader`.
+def evaluate(model: nn.Module, batches: Iterable[Batch], options: StepOptions,
+             should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Scores (N, K) float32 probabilities and targets (N, K) float32, both on CPU.
 
-    Args:
-        should_stop: polled after every batch; when it returns True the pass ends and None is
-            returned (a stop request arriving during a long validation).
-    Returns:
-        scores (N, K) float32 probabilities on CPU, targets (N, K) float32 on CPU; or None.
+    should_stop: polled after every batch; when it returns True the pass ends and None is
+        returned (a stop request arriving during a long validation).
     """
     model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     all_scores, all_targets = [], []
-    total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    for step, (images, targets) in enumerate(
-        tqdm(loader, total=total, disable=not progress, leave=False, desc="eval")
-    ):
-        if max_steps is not None and step >= max_steps:
-            break
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast(device, precision):
+    for images, targets in batches:
+        images = images.to(options.device, non_blocking=True, memory_format=memory_format)
+        with autocast(options.device, options.precision):
             logits = model(images)
         all_scores.append(torch.sigmoid(logits.float()).cpu())
         all_targets.append(targets)

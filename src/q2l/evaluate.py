@@ -12,6 +12,7 @@ and the metrics are printed even when they cannot be written.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -20,18 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from q2l import dist
-from q2l.checkpoint import load_checkpoint
-from q2l.config import CONFIG_DIR, check_values
-from q2l.data import DATASETS, build_from_checkpoint_config
+from q2l.amp import resolve_precision
+from q2l.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.config import CONFIG_DIR, check_values, instantiate_allowed
+from q2l.data import DATASETS
 from q2l.data.loader import build_loader
 from q2l.data.transforms import build_eval_transform
-from q2l.engine import evaluate
+from q2l.engine import StepOptions, evaluate
 from q2l.metrics import average_precision, compute_metrics
-from q2l.models import build_model
 from q2l.models.backbone import normalization
 from q2l.run_log import write_json
 
@@ -92,29 +95,30 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt)
     run_config = checkpoint["config"]
     class_names = checkpoint["class_names"]
-    weights = checkpoint["eval_weights"] if cfg.weights == "auto" else {"raw": "model", "ema": "ema"}.get(cfg.weights)
-    if weights is None or checkpoint.get(weights) is None:
-        raise ValueError(f"weights={cfg.weights!r}: choose auto, raw or ema (ema only if the run kept one)")
     device = dist.resolve_device(cfg.device)
     dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.dataset else run_config["dataset"]
     image_size = dataset_config["image_size"]
+    model, weights = model_from_checkpoint(checkpoint, cfg.weights, image_size)
+    # The precision the run trained (and validated) with, so the mAP it recorded is reproduced.
+    precision = checkpoint.get("precision", "fp32") if cfg.precision == "checkpoint" else cfg.precision
+    channels_last = run_config["trainer"].get("channels_last", False)
+    options = StepOptions(device, resolve_precision(precision, device), channels_last=channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
-    backbone = {**run_config["backbone"], "pretrained": False}  # the checkpoint holds every weight
-    model = build_model(backbone, run_config["model"], len(class_names), image_size)
-    model.load_state_dict(checkpoint[weights])
-    model.to(device)
-
-    dataset = _build_val_split(cfg, dataset_config, build_eval_transform(image_size, *normalization(backbone["name"])))
+    transform = build_eval_transform(image_size, *normalization(run_config["backbone"]["name"]))
+    dataset = _build_val_split(cfg, dataset_config, transform)
     _check_classes(dataset.class_names, class_names, cfg.ckpt)
     loader = build_loader(dataset, cfg.batch_size or dataset_config["batch_size"], train=False,
                           num_workers=dataset_config["num_workers"] if cfg.num_workers is None else cfg.num_workers)
-    scores, targets = evaluate(model, loader, device, cfg.precision.value, max_steps=cfg.limit_val_batches,
-                               progress=True)
+    total = len(loader) if cfg.limit_val_batches is None else min(len(loader), cfg.limit_val_batches)
+    batches = tqdm(itertools.islice(loader, total), total=total, leave=False, desc="eval")
+    scores, targets = evaluate(model, batches, options)
     threshold = cfg.threshold if cfg.threshold is not None else run_config["trainer"]["threshold"]
     per_class = average_precision(scores, targets) * 100
-    result = {
+    return {
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "weights": weights,
+        "precision": options.precision,
         "dataset": dataset_config["name"],
         "num_images": len(targets),
         "threshold": threshold,
@@ -123,7 +127,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "metrics": compute_metrics(scores, targets, threshold=threshold),
         "per_class_AP": {name: float(ap) for name, ap in zip(class_names, per_class.tolist(), strict=True)},
     }
-    return result
 
 
 def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform):
@@ -134,7 +137,7 @@ def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform)
     """
     if cfg.dataset:
         return instantiate(cfg.dataset.val, transform=transform)
-    return build_from_checkpoint_config(dataset_config["val"], DATASETS, transform=transform)
+    return instantiate_allowed(dataset_config["val"], DATASETS, transform=transform)
 
 
 def _check_classes(data_classes: list[str], checkpoint_classes: list[str], ckpt: str) -> None:

@@ -22,7 +22,7 @@ def build_adamw(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     no_decay_norm_and_bias: bool = True,
-    fused: bool | None = None,
+    fused: bool | None = True,
 ) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters.
 

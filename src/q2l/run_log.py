@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from q2l.atomic import atomic_write
 
 
 class RunLog:
@@ -66,11 +66,9 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    """Write JSON atomically (q2l.atomic), so a reader never sees half a file."""
+    with atomic_write(path, "w") as handle:
         json.dump(_finite_nested(data), handle, indent=2)
-    os.replace(handle.name, path)
 
 
 def _finite_nested(value: Any) -> Any:

@@ -27,6 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from q2l.messages import and_more
+
 log = logging.getLogger(__name__)
 
 RUN_MARKER = ".q2l-run"
@@ -70,8 +72,7 @@ class RunDirectory:
         # Runs of q2l 0.1 have no marker; their config.yaml, .hydra/ and checkpoints/ identify them.
         self.existing = RUN_MARKER in entries or {"config.yaml", ".hydra", "checkpoints"} <= set(entries)
         if entries and not self.existing and entries != [LOCK_NAME]:
-            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-            raise RunDirError(f"run directory {self.path} holds files that are not a q2l run ({shown}); "
+            raise RunDirError(f"run directory {self.path} holds files that are not a q2l run ({and_more(entries, 5)}); "
                               "nothing was changed. Pass an empty or new hydra.run.dir")
         self._lock()
         return self

@@ -1,13 +1,12 @@
 """Data sets, transforms and loaders.
 
-`build_from_checkpoint_config` rebuilds a split from a config stored in a checkpoint. Such a config is file input, so its `_target_` is looked up in the allowlists below
-instead of being imported.
+A checkpoint's config is file input: `DATASETS` lists the readers that may be rebuilt from one
+(q2l.config.instantiate_allowed), so no other `_target_` read from a file is imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from q2l.data.coco import CocoMultiLabel
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset
@@ -25,18 +24,6 @@ DATASETS: dict[str, Callable[..., MultiLabelImageDataset]] = {
 }
 
 
-def build_from_checkpoint_config(node: dict[str, Any], allowed: dict[str, Callable], **runtime: Any) -> Any:
-    """Call the allowlisted `node["_target_"]` with the node's other keys plus `runtime` ones."""
-    arguments = {k: v for k, v in node.items() if not k.startswith("_")}
-    target = node.get("_target_")
-    if target not in allowed:
-        raise ValueError(
-            f"the checkpoint's config names {target!r}, which q2l does not rebuild from a file; "
-            f"known: {sorted(allowed)}. Pass the data set explicitly (dataset=... on the command line)."
-        )
-    return allowed[target](**arguments, **runtime)
-
-
 __all__ = [
     "BadImageError",
     "CocoMultiLabel",
@@ -46,5 +33,4 @@ __all__ = [
     "OpenImagesMultiLabel",
     "TableMultiLabel",
     "VocMultiLabel",
-    "build_from_checkpoint_config",
 ]

@@ -13,22 +13,20 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from q2l.atomic import atomic_write
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
+from q2l.messages import and_more
 
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 2
-# How many offending ids an error message lists before it only counts the rest.
-_SHOWN = 10
 
 
 class CocoMultiLabel(MultiLabelImageDataset):
@@ -124,7 +122,7 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
     listed = collections.Counter(image["id"] for image in coco.dataset.get("images", []))
     duplicated = {image_id: count for image_id, count in listed.items() if count > 1}
     problems = [
-        f"{what}: {_first(counts)}"
+        f"{what}: {and_more(f'{key}: {count}' for key, count in counts.items())}"
         for what, counts in [
             ("image ids listed more than once (id: times)", duplicated),
             ("annotations naming unknown category ids (id: annotations)", unknown_categories),
@@ -138,21 +136,14 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
     return [str(i) for i in image_ids], file_names, labels, class_names
 
 
-def _first(counts: dict[Any, int]) -> str:
-    """'7: 3, 9: 1' for the first few entries, then how many more."""
-    items = list(counts.items())
-    text = ", ".join(f"{key}: {count}" for key, count in items[:_SHOWN])
-    return text + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
 
 def _write_cache(cache_file: Path, image_ids: list[str], file_names: list[str], labels: np.ndarray,
                  class_names: list[str]) -> None:
     """Write the cache atomically; an unwritable cache folder only costs the next start time."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npz", delete=False) as handle:
+        with atomic_write(cache_file) as handle:
             np.savez(handle, image_ids=np.array(image_ids), file_names=np.array(file_names), labels=labels,
                      class_names=np.array(class_names))
-        os.replace(handle.name, cache_file)
     except OSError as error:
         log.warning("could not write label cache %s (%s)", cache_file, error)

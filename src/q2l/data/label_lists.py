@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from q2l.messages import and_more
+
 UNLISTED_POLICIES = ("negative", "unknown")
 UNKNOWN_LABEL_POLICIES = ("error", "ignore")
-# How many offending names an error message lists before it only counts the rest.
-_SHOWN = 10
 
 
 class ImageLabels(NamedTuple):
@@ -45,7 +45,7 @@ def check_class_names(names: Sequence[str], source: str | Path) -> None:
         raise ValueError(f"{source}: no class names")
     repeated = [name for name, count in collections.Counter(names).items() if count > 1]
     if repeated:
-        raise ValueError(f"{source}: class names listed more than once: {repeated[:_SHOWN]}")
+        raise ValueError(f"{source}: class names listed more than once: {and_more(repeated)}")
 
 
 def split_names(text: str | Sequence[str] | None, delimiter: str) -> list[str]:
@@ -94,10 +94,9 @@ def label_matrix(
                 else:
                     strangers[name] += 1
     if strangers and unknown_labels == "error":
-        shown = ", ".join(f"{name!r}: {count}" for name, count in strangers.most_common(_SHOWN))
-        more = f" and {len(strangers) - _SHOWN} more" if len(strangers) > _SHOWN else ""
         raise ValueError(
-            f"{source}: {len(strangers)} label name(s) not in the class list (name: rows): {shown}{more}. "
+            f"{source}: {len(strangers)} label name(s) not in the class list (name: rows): "
+            f"{and_more(f'{name!r}: {count}' for name, count in strangers.most_common())}. "
             "Fix the annotations, add the classes to the class list, or set unknown_labels=ignore"
         )
     return labels

@@ -33,11 +33,10 @@ import numpy as np
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.label_lists import UNKNOWN_LABEL_POLICIES, check_class_names
 from q2l.data.paths import confine_all
+from q2l.messages import and_more
 
 _REQUIRED_COLUMNS = ("ImageID", "LabelName", "Confidence")
 _DESCRIPTIONS_HEADER = ("LabelName", "DisplayName")
-# How many offending names an error message lists before it only counts the rest.
-_SHOWN = 10
 
 
 class OpenImagesMultiLabel(MultiLabelImageDataset):
@@ -143,7 +142,7 @@ def _label_matrix(
         value = 1 if confidence == 1.0 else 0 if confidence == 0.0 else -1
         entries.append((index, column[label], value))
     if strangers and unknown_labels == "error":
-        shown = ", ".join(f"{name!r}: {count}" for name, count in strangers.most_common(_SHOWN))
+        shown = and_more(f"{name!r}: {count}" for name, count in strangers.most_common())
         raise ValueError(f"{source}: {len(strangers)} LabelName(s) not in the class list (name: rows): {shown}")
     labels = np.full((len(row_of), len(label_names)), -1, dtype=np.int8)
     if entries:

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-# How many offending names an error message lists before it only counts the rest.
-_SHOWN = 10
+from q2l.messages import and_more
 
 
 def confine_all(image_root: str | Path, file_names: Iterable[str], source: str | Path) -> list[Path]:
@@ -31,11 +30,9 @@ def confine_all(image_root: str | Path, file_names: Iterable[str], source: str |
         else:
             paths.append(image_root / name)
     if escaping:
-        shown = ", ".join(repr(name) for name in escaping[:_SHOWN])
-        more = f" and {len(escaping) - _SHOWN} more" if len(escaping) > _SHOWN else ""
         raise ValueError(
             f"{source}: file name escapes the image folder {image_root} (absolute or containing "
-            f"'..') in {len(escaping)} image(s): {shown}{more}"
+            f"'..') in {len(escaping)} image(s): {and_more(map(repr, escaping))}"
         )
     return paths
 

@@ -31,12 +31,11 @@ from typing import Any
 from PIL import Image
 
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb
+from q2l.messages import and_more
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("quick", "full")
-# How many file names a problem line lists before it only counts the rest.
-_SHOWN = 10
 # File checks wait on storage more than on the CPU; PIL also releases the GIL while decoding.
 _THREADS = min(32, 4 * (os.cpu_count() or 1))
 
@@ -134,7 +133,7 @@ def validate_splits(
         _judge_split(name, split, bad_image_tolerance, problems, warnings)
     shared = _shared_images(train.image_paths, val.image_paths)
     if shared:
-        problems.append(f"{len(shared)} image(s) in both train and val (val would measure memory): {_listed(shared)}")
+        problems.append(f"{len(shared)} image(s) in both train and val (val would measure memory): {and_more(shared)}")
     report = DataReport(level, splits, shared, problems, warnings, time.perf_counter() - start)
     if problems:
         raise DataValidationError(report)
@@ -190,14 +189,14 @@ def _judge_split(name: str, split: SplitReport, tolerance: float | None, problem
     sink = warnings if tolerated else problems
     suffix = f" (tolerated: on_bad_image=skip, max_bad_fraction={tolerance})" if tolerated else ""
     if split.missing:
-        sink.append(f"{name}: {len(split.missing)} missing image file(s){suffix}: {_listed(split.missing)}")
+        sink.append(f"{name}: {len(split.missing)} missing image file(s){suffix}: {and_more(split.missing)}")
     if split.unreadable:
-        sink.append(f"{name}: {len(split.unreadable)} unreadable image file(s){suffix}: {_listed(split.unreadable)}")
+        sink.append(f"{name}: {len(split.unreadable)} unreadable image file(s){suffix}: {and_more(split.unreadable)}")
     if split.duplicated:
-        problems.append(f"{name}: {len(split.duplicated)} image(s) listed more than once: {_listed(split.duplicated)}")
+        problems.append(f"{name}: {len(split.duplicated)} image(s) listed more than once: {and_more(split.duplicated)}")
     if split.classes_without_positives:
         warnings.append(f"{name}: {len(split.classes_without_positives)} class(es) without a positive "
-                        f"(their AP is undefined): {_listed(split.classes_without_positives)}")
+                        f"(their AP is undefined): {and_more(split.classes_without_positives)}")
 
 
 def _duplicated(values: Sequence[Any]) -> list[str]:
@@ -210,9 +209,6 @@ def _shared_images(train_paths: Sequence[Path], val_paths: Sequence[Path]) -> li
     return sorted({str(p) for p in val_paths if os.path.realpath(p) in resolved_train})
 
 
-def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(str(item) for item in items[:_SHOWN])
-    return shown + (f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
+from q2l.messages import and_more
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -36,8 +37,6 @@ VOC_CLASSES = (
 DIFFICULT_POLICIES = {"ignore": -1, "positive": 1, "negative": 0}
 # VOC annotation files are a few kB; anything this large is not one.
 _MAX_XML_BYTES = 1 << 20
-# How many offending files an error message lists before it only counts the rest.
-_SHOWN = 10
 
 
 class VocMultiLabel(MultiLabelImageDataset):
@@ -105,8 +104,7 @@ def read_voc_labels(annotation_files: list[Path], difficult_target: int) -> np.n
             if labels[row, index] != 1:
                 labels[row, index] = difficult_target
     if problems:
-        more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
-        raise ValueError(f"{len(problems)} problem(s) in VOC annotations:\n  " + "\n  ".join(problems[:_SHOWN]) + more)
+        raise ValueError(f"{len(problems)} problem(s) in VOC annotations:\n  " + and_more(problems, separator="\n  "))
     return labels
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from q2l.messages import and_more
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".q2l-built.json"
@@ -99,9 +101,8 @@ def check_replaceable(root: Path, kind: str, hint: str = "") -> None:
         raise FolderNotOursError(f"{root} exists and is not a folder q2l created; nothing was changed. {hint}".rstrip())
     foreign = _foreign_entries(root, kind)
     if foreign:
-        shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         raise FolderNotOursError(
-            f"refusing to write {kind} into {root}: it holds files q2l did not write ({shown}). q2l never "
+            f"refusing to write {kind} into {root}: it holds files q2l did not write ({and_more(foreign, _SHOWN)}). q2l never "
             f"moves, deletes or rewrites a folder it did not create; nothing was changed. {hint}".rstrip()
         )
 

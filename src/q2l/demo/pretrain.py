@@ -60,7 +60,7 @@ def pretrain_digits_backbone(
         _pretrain(folder / WEIGHTS_FILE, **arguments)
 
     folder = build_owned_folder(output_dir, "the digits-pretrained demo backbone", arguments, build,
-                                hint=data_dir_hint("backbone.prepare.output_dir"))
+                                hint=data_dir_hint("prepare.backbone.output_dir"))
     return folder / WEIGHTS_FILE
 
 

@@ -1,48 +1,22 @@
-"""Model zoo: timm backbones under Query2Label heads, built from plain config dicts."""
+"""Model zoo: timm backbones under Query2Label heads.
+
+Training builds models with `hydra.utils.instantiate` from the composed config. A checkpoint's
+config is file input: `MODEL_TARGETS` lists what may be rebuilt from one
+(`q2l.config.instantiate_allowed`), so a `_target_` read from a file is never imported otherwise.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from torch import nn
 
 from q2l.models.backbone import TimmBackbone
 from q2l.models.query2label import Query2Label
 
-# Heads a config may name. Checkpoints carry their config, and a `_target_` read from a file is
-# never imported blindly: eval rebuilds only what is listed here.
+# Heads a config may name, under their qualified names (and the short alias of q2l 0.1).
 HEADS: dict[str, type[nn.Module]] = {
-    "q2l.models.Query2Label": Query2Label,
     "q2l.models.query2label.Query2Label": Query2Label,
+    "q2l.models.Query2Label": Query2Label,
 }
+MODEL_TARGETS: dict[str, type[nn.Module]] = {**HEADS, "q2l.models.backbone.TimmBackbone": TimmBackbone}
 
-
-def build_model(
-    backbone: dict[str, Any], head: dict[str, Any], num_classes: int, image_size: int | None = None
-) -> nn.Module:
-    """Build backbone + head from plain dicts (a composed config or a checkpoint's copy of one).
-
-    Args:
-        backbone: {name, pretrained, weights, kwargs} for `TimmBackbone`.
-        head: head options with `_target_` naming one of `HEADS`.
-        num_classes: number of labels K.
-        image_size: input size, for backbones that fix it at construction (ViT, Swin).
-    Returns:
-        a module mapping images (B, 3, H, W) to logits (B, K).
-    """
-    head = dict(head)
-    target = head.pop("_target_", "q2l.models.Query2Label")
-    head.pop("_partial_", None)
-    if target not in HEADS:
-        raise ValueError(f"model._target_={target!r} is not a known head; choose from {sorted(HEADS)}")
-    body = TimmBackbone(
-        name=backbone["name"],
-        pretrained=backbone.get("pretrained", False),
-        weights=backbone.get("weights"),
-        image_size=image_size,
-        **dict(backbone.get("kwargs") or {}),
-    )
-    return HEADS[target](backbone=body, num_classes=num_classes, **head)
-
-
-__all__ = ["HEADS", "Query2Label", "TimmBackbone", "build_model"]
+__all__ = ["HEADS", "MODEL_TARGETS", "Query2Label", "TimmBackbone"]

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
@@ -30,29 +31,28 @@ class TimmBackbone(nn.Module):
 
     Args:
         name: timm model name, e.g. "resnet101", "tresnet_l", "vit_small_patch16_224".
-        pretrained: load pretrained weights (from `weights`, else timm's offline cache).
+        pretrained: load pretrained weights (from `weights`, else timm's offline cache; never a
+            download). Query2Label is trained from a pretrained backbone, hence the default.
         weights: path to a local .pth/.pt/.safetensors state dict for this model.
         image_size: input size for models that need it fixed at build time (ViT, Swin).
-        kwargs: passed to `timm.create_model` (drop_path_rate, output_stride, ...).
+        timm_kwargs: more `timm.create_model` arguments (drop_path_rate, output_stride, ...).
     """
 
     def __init__(
         self,
         name: str,
-        pretrained: bool = False,
+        pretrained: bool = True,
         weights: str | None = None,
         image_size: int | None = None,
-        **kwargs,
+        timm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(
-                f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
-            )
+            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices")
+        kwargs = dict(timm_kwargs or {})
         if image_size is not None and _needs_image_size(name):
             kwargs.setdefault("img_size", image_size)
         self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
-        self.name = name
         self.num_channels: int = self.body.num_features
         # Token models keep some leading tokens (class/register) that are not part of the grid.
         self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)

@@ -13,8 +13,8 @@ import torch
 from sklearn.metrics import average_precision_score
 from torchmetrics.functional.classification import multilabel_average_precision
 
+from benchmarks.timing import Row, Workload, interleaved
 from q2l import metrics
-from q2l.bench.timing import Row, Workload, interleaved
 
 COCO_VAL_IMAGES = 40_137
 COCO_CLASSES = 80

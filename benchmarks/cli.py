@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from q2l.bench import exact_map, memory, pipeline, throughput, timing
-from q2l.bench.timing import Row, machine, matmul_peak
+from benchmarks import exact_map, memory, pipeline, throughput, timing
+from benchmarks.timing import Row, machine, matmul_peak
 
 log = logging.getLogger("q2l.bench")
 

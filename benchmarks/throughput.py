@@ -27,10 +27,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from q2l.bench.timing import Row, Workload, interleaved, native_bf16
-from q2l.config import CONFIG_DIR
-from q2l.engine import evaluate, train_one_epoch
-from q2l.models import build_model
+from benchmarks.timing import Row, Workload, interleaved, native_bf16
+from q2l.amp import resolve_precision
+from q2l.config import CONFIG_DIR, build_model
+from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
 
@@ -89,12 +89,7 @@ def compose_config(overrides: tuple[str, ...] | list[str]) -> DictConfig:
 def build_case_model(case: ModelCase, cfg: DictConfig, seed: int = 0) -> nn.Module:
     """The case's model, initialised from `seed` so every side starts from the same weights."""
     torch.manual_seed(seed)
-    return build_model(
-        OmegaConf.to_container(cfg.backbone, resolve=True),
-        OmegaConf.to_container(cfg.model, resolve=True),
-        case.num_classes,
-        cfg.dataset.image_size,
-    )
+    return build_model(OmegaConf.to_container(cfg, resolve=True), case.num_classes)
 
 
 def synthetic_batches(cfg: DictConfig, num_classes: int, steps: int, seed: int = 0) -> list:
@@ -218,11 +213,12 @@ def q2l_train(model: nn.Module, cfg: DictConfig, loss_fn: nn.Module, batches: li
     """q2l's own training loop (`q2l.engine.train_one_epoch`) under `cfg.trainer`'s settings."""
     # Far more steps than will run, so the one-cycle schedule never runs out.
     scheduler = instantiate(cfg.schedule)(optimizer, total_steps=1_000_000, steps_per_epoch=len(batches))
-    scaler = torch.amp.GradScaler("cpu", enabled=cfg.trainer.precision == "fp16")
+    precision = resolve_precision(cfg.trainer.precision.value, CPU)
+    state = TrainState(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=precision == "fp16"))
+    options = StepOptions(CPU, precision, cfg.trainer.channels_last, check_finite=False)
 
     def run() -> int:
-        train_one_epoch(model, batches, loss_fn, optimizer, scheduler, scaler, CPU,
-                        precision=cfg.trainer.precision.value, channels_last=cfg.trainer.channels_last)
+        train_one_epoch(state, batches, options)
         return _count(batches)
 
     return Workload(run)
@@ -231,9 +227,10 @@ def q2l_train(model: nn.Module, cfg: DictConfig, loss_fn: nn.Module, batches: li
 def q2l_inference(model: nn.Module, cfg: DictConfig, batches: list) -> Workload:
     """q2l's own evaluation loop (`q2l.engine.evaluate`) under `cfg.trainer`'s settings."""
 
+    options = StepOptions(CPU, resolve_precision(cfg.trainer.precision.value, CPU), cfg.trainer.channels_last)
+
     def run() -> int:
-        evaluate(model, batches, CPU, precision=cfg.trainer.precision.value,
-                 channels_last=cfg.trainer.channels_last)
+        evaluate(model, batches, options)
         return _count(batches)
 
     return Workload(run)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from q2l.bench.timing import Row
+from benchmarks.timing import Row
 
 DEMO_TIME_TARGET_S = 180.0  # issue #4: `make train` reaches its mAP target in at most 3 minutes
 DEMO_MAP_TARGET = 90.0  # conf/experiment/demo.yaml: "val mAP above 90"
@@ -41,7 +41,7 @@ def run_training(overrides: list[str], poll_s: float = 0.05) -> TrainingRun:
     with tempfile.TemporaryDirectory(prefix="q2l-bench-train-") as folder:
         root = Path(folder)
         run_dir = root / "run"
-        command = [sys.executable, "-m", "q2l.train", f"hydra.run.dir={run_dir}",
+        command = [sys.executable, "-m", "q2l.train", "experiment=demo", f"hydra.run.dir={run_dir}",
                    "trainer.progress_bar=false", *overrides]
         # The configs put generated data and caches under these, so nothing lands in the checkout.
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", "Q2L_DATA_DIR": str(root / "data"),
@@ -78,11 +78,12 @@ def measure_memory(epochs: int, num_train: int, num_val: int) -> list[Row]:
     """Section d: peak resident memory of a shrunk demo run, and its growth across epochs."""
     run = run_training([
         f"trainer.epochs={epochs}",
-        f"dataset.prepare.num_train={num_train}",
-        f"dataset.prepare.num_val={num_val}",
+        f"prepare.data.num_train={num_train}",
+        f"prepare.data.num_val={num_val}",
         # Random backbone weights: memory does not depend on them, and pretraining takes minutes.
         "backbone.pretrained=false",
-        "backbone.prepare=null",
+        "~prepare.backbone",
+        "backbone.weights=null",
     ])
     rss = run.epoch_rss_mb
     per_epoch = " ".join(f"{value:.0f}" for value in rss)

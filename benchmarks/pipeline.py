@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from q2l.bench.timing import Row, Workload, interleaved
+from benchmarks.timing import Row, Workload, interleaved
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.metrics import single_threaded
