@@ -39,6 +39,7 @@ bench: ## speed and memory benchmarks; prints a table and writes bench-results/*
 
 lint: ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks train.py eval.py
+	$(VENV)/bin/ruff format --check src tests benchmarks train.py eval.py
 
 format: ## ruff format + import sorting
 	$(VENV)/bin/ruff check --fix --select I src tests benchmarks train.py eval.py

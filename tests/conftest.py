@@ -28,7 +28,8 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
     return [
         "experiment=demo",
         f"dataset.root={digits_root}",
-        "prepare.data.num_train=64",  # the data set digits_root holds: the demo's builder finds it done
+        # The data set digits_root holds: the demo's builder finds it done.
+        "prepare.data.num_train=64",
         "prepare.data.num_val=32",
         "prepare.data.canvas_size=32",
         "dataset.image_size=32",
@@ -62,7 +63,9 @@ def tiny_cfg(compose_config, digits_root, tmp_path):
     """The demo config shrunk to the tiny data set; extra overrides appended."""
 
     def _make(*extra: str):
-        return compose_config("train", tiny_overrides(digits_root, tmp_path / "cache") + list(extra))
+        return compose_config(
+            "train", tiny_overrides(digits_root, tmp_path / "cache") + list(extra)
+        )
 
     return _make
 

@@ -1,4 +1,5 @@
-"""Augmentation: every conf/augment option, per-sample seeding, MixUp/CutMix with unknown targets, draft decoding."""
+"""Augmentation: every conf/augment option, per-sample seeding, MixUp/CutMix with -1 targets,
+draft decoding."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.engine import StepOptions, TrainState, train_one_epoch
 
 MEAN = STD = (0.5, 0.5, 0.5)
-EVERYTHING = {"hflip": 0.5, "scale": [0.3, 1.0], "randaugment": True, "cutout_factor": 0.3,
-              "auto_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.5, "random_erasing_count": 2}
+EVERYTHING = {
+    "hflip": 0.5,
+    "scale": [0.3, 1.0],
+    "randaugment": True,
+    "cutout_factor": 0.3,
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "random_erasing": 0.5,
+    "random_erasing_count": 2,
+}
 
 
 def _noise_images(root: Path, count: int, size: int = 40) -> list[Path]:
@@ -38,7 +46,9 @@ def _dataset(root: Path, transform) -> MultiLabelImageDataset:
     return MultiLabelImageDataset(paths, labels, [f"c{k}" for k in range(5)], transform)
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "augment").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "option", sorted(p.stem for p in (Path(CONFIG_DIR) / "augment").glob("*.yaml"))
+)
 def test_every_augment_option_builds_and_runs(compose_config, option):
     cfg = compose_config("train", [f"augment={option}", "dataset=digits", "dataset.batch_size=4"])
     augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
@@ -47,13 +57,20 @@ def test_every_augment_option_builds_and_runs(compose_config, option):
     assert transform(Image.new("RGB", (50, 40), (10, 200, 30))).shape == (3, 32, 32)
     batch_transform = build_batch_transform(mix, num_classes=3, batch_size=4)
     if batch_transform is not None:
-        images, targets = batch_transform(torch.rand(4, 3, 32, 32), torch.tensor([[1.0, 0, -1]] * 4))
+        images, targets = batch_transform(
+            torch.rand(4, 3, 32, 32), torch.tensor([[1.0, 0, -1]] * 4)
+        )
         assert images.shape == (4, 3, 32, 32) and targets.shape == (4, 3)
 
 
 def test_paper_recipe_is_cutout_then_randaugment_without_flip(compose_config):
     augment = compose_config("train", ["augment=q2l", "dataset=digits"]).augment
-    assert augment.cutout_factor == 0.5 and augment.randaugment and augment.hflip == 0 and augment.scale is None
+    assert (
+        augment.cutout_factor == 0.5
+        and augment.randaugment
+        and augment.hflip == 0
+        and augment.scale is None
+    )
 
 
 def test_eval_transform_is_deterministic():
@@ -83,17 +100,23 @@ def test_augmentation_is_the_same_whatever_num_workers(tmp_path):
     for epoch in range(2):
         for a, b in zip(in_process[epoch], with_workers[epoch], strict=True):
             assert torch.equal(a, b)
-    assert not torch.equal(torch.cat(in_process[0]).sum(0), torch.cat(in_process[1]).sum(0))  # epochs differ
+    assert not torch.equal(
+        torch.cat(in_process[0]).sum(0), torch.cat(in_process[1]).sum(0)
+    )  # epochs differ
 
 
 def test_mixup_keeps_unknown_targets_unknown():
     np.random.seed(0)
-    images = torch.stack([torch.full((3, 8, 8), 1.0), torch.full((3, 8, 8), 0.0)])  # mirror of 0 is 1
+    images = torch.stack(
+        [torch.full((3, 8, 8), 1.0), torch.full((3, 8, 8), 0.0)]
+    )  # mirror of 0 is 1
     targets = torch.tensor([[1.0, 0.0, -1.0, 1.0], [0.0, 0.0, 1.0, -1.0]])
     mixed_images, mixed = MultiLabelMixup(num_classes=4, mixup_alpha=1.0)(images.clone(), targets)
     lam = mixed_images[0, 0, 0, 0].item()  # image 0 = lam·1 + (1 - lam)·0
     assert 0 < lam < 1
-    assert mixed[0, :2].tolist() == pytest.approx([lam, 0.0]) and mixed[1, :2].tolist() == pytest.approx([1 - lam, 0.0])
+    assert mixed[0, :2].tolist() == pytest.approx([lam, 0.0]) and mixed[
+        1, :2
+    ].tolist() == pytest.approx([1 - lam, 0.0])
     assert (mixed[:, 2:] == -1).all()  # unknown in either source image -> unknown
 
 
@@ -103,7 +126,9 @@ def test_cutmix_mixes_targets_by_pasted_area():
     kept_shares = []
     for seed in range(5):
         np.random.seed(seed)
-        mixed_images, mixed = MultiLabelMixup(num_classes=2, cutmix_alpha=1.0)(images.clone(), targets)
+        mixed_images, mixed = MultiLabelMixup(num_classes=2, cutmix_alpha=1.0)(
+            images.clone(), targets
+        )
         kept = mixed_images[0].mean().item()  # share of image 0 still its own
         assert mixed[0].tolist() == pytest.approx([kept, 1 - kept])
         kept_shares.append(kept)
@@ -113,7 +138,12 @@ def test_cutmix_mixes_targets_by_pasted_area():
 def test_mix_refuses_odd_batches():
     with pytest.raises(ValueError, match="even dataset.batch_size"):
         build_batch_transform({"mixup_alpha": 0.8}, num_classes=3, batch_size=5)
-    assert build_batch_transform({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, num_classes=3, batch_size=5) is None
+    assert (
+        build_batch_transform(
+            {"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, num_classes=3, batch_size=5
+        )
+        is None
+    )
 
 
 def test_train_one_epoch_applies_the_batch_transform():
@@ -126,12 +156,20 @@ def test_train_one_epoch_applies_the_batch_transform():
         return images, targets * 0.5
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = TrainState(model, torch.nn.BCEWithLogitsLoss(), optimizer,
-                       torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                       torch.amp.GradScaler("cpu", enabled=False))
+    state = TrainState(
+        model,
+        torch.nn.BCEWithLogitsLoss(),
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
     losses = []
-    steps = train_one_epoch(state, loader, StepOptions(torch.device("cpu"), batch_transform=batch_transform),
-                            on_step=lambda loss, skipped: losses.append(float(loss)) or False)
+    steps = train_one_epoch(
+        state,
+        loader,
+        StepOptions(torch.device("cpu"), batch_transform=batch_transform),
+        on_step=lambda loss, skipped: losses.append(float(loss)) or False,
+    )
     assert seen == [(4, 2)] * 3 and steps == 3 == state.step and np.isfinite(losses).all()
 
 
@@ -139,7 +177,9 @@ def test_large_jpegs_decode_at_reduced_size_but_never_below_need(tmp_path):
     path = tmp_path / "large.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated by 90°
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(path, exif=exif)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(
+        path, exif=exif
+    )
     assert load_rgb(path).size == (600, 800)  # upright
     reduced = load_rgb(path, min_size=100)
     assert reduced.size == (150, 200) and min(reduced.size) >= 100  # 1/4 scale, still upright

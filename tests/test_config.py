@@ -21,8 +21,10 @@ def _options(group: str) -> list[str]:
     return sorted(BACKBONES) if group == "backbone" else files
 
 
-@pytest.mark.parametrize("group", ["backbone", "model", "dataset", "augment", "loss", "optimizer", "schedule",
-                                   "experiment"])
+@pytest.mark.parametrize(
+    "group",
+    ["backbone", "model", "dataset", "augment", "loss", "optimizer", "schedule", "experiment"],
+)
 def test_every_option_composes(compose_config, group):
     for option in _options(group):
         data = [] if group in ("dataset", "experiment") else ["dataset=coco2014"]
@@ -40,10 +42,16 @@ def test_eval_config_composes(compose_config):
 @pytest.mark.parametrize("option", _options("loss"))
 def test_losses_instantiate(compose_config, option):
     loss_fn = instantiate(compose_config("train", [f"loss={option}", "dataset=digits"]).loss)
-    expected = {"asl": AsymmetricLoss, "partial_asl": PartialAsymmetricLoss, "bce": BCEWithLogitsLoss}[option]
+    expected = {
+        "asl": AsymmetricLoss,
+        "partial_asl": PartialAsymmetricLoss,
+        "bce": BCEWithLogitsLoss,
+    }[option]
     assert isinstance(loss_fn, expected)
     targets = torch.tensor([[1.0, 0.0, -1.0]])
-    assert torch.isfinite(loss_fn(torch.randn(1, 3), targets if option != "asl" else targets.clamp(min=0)))
+    assert torch.isfinite(
+        loss_fn(torch.randn(1, 3), targets if option != "asl" else targets.clamp(min=0))
+    )
 
 
 @pytest.mark.parametrize("schedule", _options("schedule"))
@@ -66,8 +74,17 @@ def test_optimizer_and_schedules_instantiate(compose_config, schedule):
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_every_backbone_builds(compose_config, backbone):
     size = 384 if "384" in BACKBONES[backbone] else 224
-    cfg = compose_config("train", [f"backbone={backbone}", "dataset=digits", "model.hidden_dim=32", "model.ffn_dim=32",
-                                   "backbone.pretrained=false", f"dataset.image_size={size}"])
+    cfg = compose_config(
+        "train",
+        [
+            f"backbone={backbone}",
+            "dataset=digits",
+            "model.hidden_dim=32",
+            "model.ffn_dim=32",
+            "backbone.pretrained=false",
+            f"dataset.image_size={size}",
+        ],
+    )
     model = build_model(OmegaConf.to_container(cfg, resolve=True), num_classes=3)
     assert model.backbone.num_channels > 0 and cfg.backbone.name == BACKBONES[backbone]
 
@@ -93,7 +110,11 @@ def test_bad_overrides_fail_at_composition(compose_config, override, message):
 def test_experiment_sets_paper_settings_and_cli_still_wins(compose_config):
     cfg = compose_config("train", ["experiment=coco_r101_448"])
     assert cfg.backbone.name == "resnet101" and cfg.model.hidden_dim == 2048
-    assert cfg.dataset.image_size == 448 and cfg.loss.gamma_neg == 2 and cfg.trainer.ema_decay == 0.9997
+    assert (
+        cfg.dataset.image_size == 448
+        and cfg.loss.gamma_neg == 2
+        and cfg.trainer.ema_decay == 0.9997
+    )
     cfg = compose_config("train", ["experiment=coco_r101_448", "backbone=tresnet_l"])
     assert cfg.backbone.name == "tresnet_l"
 

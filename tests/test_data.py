@@ -1,4 +1,4 @@
-"""COCO loading, the label cache, path confinement, image decoding, transforms, sampling, partial labels."""
+"""COCO loading, label cache, path confinement, decoding, transforms, sampling, partial labels."""
 
 from __future__ import annotations
 
@@ -19,16 +19,31 @@ from q2l.data.transforms import Cutout, build_eval_transform, build_train_transf
 
 
 def _coco(root, split="val", **kwargs):
-    return CocoMultiLabel(root / f"{split}2014", root / "annotations" / f"instances_{split}2014.json", **kwargs)
+    return CocoMultiLabel(
+        root / f"{split}2014", root / "annotations" / f"instances_{split}2014.json", **kwargs
+    )
 
 
 def test_classes_follow_sorted_category_ids_with_names(digits_root):
     dataset = _coco(digits_root)
-    assert dataset.class_names == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert dataset.class_names == [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    ]
     annotation = json.loads((digits_root / "annotations" / "instances_val2014.json").read_text())
     by_id = {c["id"]: c["name"] for c in annotation["categories"]}
     first = sorted(annotation["images"], key=lambda image: image["id"])[0]
-    names = {by_id[a["category_id"]] for a in annotation["annotations"] if a["image_id"] == first["id"]}
+    names = {
+        by_id[a["category_id"]] for a in annotation["annotations"] if a["image_id"] == first["id"]
+    }
     assert {dataset.class_names[k] for k in np.flatnonzero(dataset.labels[0])} == names
 
 
@@ -96,7 +111,11 @@ def test_unreadable_images_are_named(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16"])
 def test_any_image_mode_becomes_rgb(tmp_path, mode):
-    path = tmp_path / f"image_{mode.replace(';', '')}.png" if mode != "CMYK" else tmp_path / "image.jpg"
+    path = (
+        tmp_path / f"image_{mode.replace(';', '')}.png"
+        if mode != "CMYK"
+        else tmp_path / "image.jpg"
+    )
     if mode == "I;16":
         Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path)
     else:
@@ -116,8 +135,9 @@ def test_exif_rotation_is_applied(tmp_path):
 
 
 def test_train_transform_recipe_runs():
-    transform = build_train_transform(48, (0.5,) * 3, (0.5,) * 3, hflip=0.5, scale=[0.5, 1.0], randaugment=True,
-                                      cutout_factor=0.5)
+    transform = build_train_transform(
+        48, (0.5,) * 3, (0.5,) * 3, hflip=0.5, scale=[0.5, 1.0], randaugment=True, cutout_factor=0.5
+    )
     assert transform(Image.new("RGB", (80, 60), (10, 200, 30))).shape == (3, 48, 48)
 
 
@@ -193,5 +213,7 @@ def test_partial_labels_hide_train_labels_only(tiny_cfg):
 def test_partial_asl_trains_end_to_end_on_hidden_labels(tiny_cfg, tmp_path):
     from q2l.train import train
 
-    summary = train(tiny_cfg("loss=partial_asl", "dataset.partial.keep_ratio=0.4", "trainer.epochs=1"), tmp_path)
+    summary = train(
+        tiny_cfg("loss=partial_asl", "dataset.partial.keep_ratio=0.4", "trainer.epochs=1"), tmp_path
+    )
     assert summary["status"] == "completed" and np.isfinite(summary["best"]["mAP"])

@@ -48,7 +48,8 @@ def test_layout_matches_coco_2014(small_root: Path) -> None:
         assert len(list((small_root / f"{split}2014").glob(f"COCO_{split}2014_*.jpg"))) == count
     assert not list(small_root.parent.glob(".coco.*")), "temporary folders must not outlive a build"
     assert (small_root / MARKER_NAME).stat().st_mtime_ns >= max(
-        path.stat().st_mtime_ns for path in small_root.rglob("*") if path.is_file()), "marker written last"
+        path.stat().st_mtime_ns for path in small_root.rglob("*") if path.is_file()
+    ), "marker written last"
 
 
 def test_categories_have_gapped_ids_listed_out_of_order(small_root: Path) -> None:
@@ -151,7 +152,10 @@ def test_leftovers_of_a_crashed_build_are_cleared_and_foreign_folders_kept(tmp_p
     assert (unstamped / "photo.jpg").read_bytes() == b"x"
     assert len(list((root / "train2014").iterdir())) == SMALL["num_train"]
     marker = json.loads((root / MARKER_NAME).read_text())
-    assert marker["kind"] == "the digits demo data set" and marker["arguments"]["seed"] == SMALL["seed"]
+    assert (
+        marker["kind"] == "the digits demo data set"
+        and marker["arguments"]["seed"] == SMALL["seed"]
+    )
     assert len(marker["files"]) == SMALL["num_train"] + SMALL["num_val"] + 2
 
 
@@ -163,7 +167,9 @@ def test_a_coco_layout_folder_without_marker_is_never_replaced(tmp_path: Path) -
     (tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg").write_bytes(b"real photo")
     (tmp_path / "coco" / "annotations" / "instances_train2014.json").write_text("{}")
     before = _file_bytes(tmp_path / "coco")
-    with pytest.raises(FolderNotOursError, match=r"coco.*q2l did not write.*annotations/instances_train2014.json"):
+    with pytest.raises(
+        FolderNotOursError, match=r"coco.*q2l did not write.*annotations/instances_train2014.json"
+    ):
         build_digits_coco(tmp_path / "coco", **SMALL)
     assert _file_bytes(tmp_path / "coco") == before
     assert [path.name for path in tmp_path.iterdir()] == ["coco"], "refused before building"
@@ -178,11 +184,17 @@ def test_a_file_added_to_a_built_folder_blocks_a_rebuild(tmp_path: Path) -> None
     assert build_digits_coco(root, **SMALL) == root  # the same arguments still match: nothing to do
 
 
-def test_an_unwritable_data_dir_names_the_path_and_the_variable(tmp_path: Path, monkeypatch) -> None:
+def test_an_unwritable_data_dir_names_the_path_and_the_variable(
+    tmp_path: Path, monkeypatch
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("Q2L_DATA_DIR", str(blocker))
-    with pytest.raises(PermissionError, match=r"cannot write the digits demo data set to .*file/digits.*Q2L_DATA_DIR \(now .*file\)"):
+    with pytest.raises(
+        PermissionError,
+        match=r"cannot write the digits demo data set to .*file/digits.*Q2L_DATA_DIR "
+        r"\(now .*file\)",
+    ):
         build_digits_coco(blocker / "digits", **SMALL)
 
 

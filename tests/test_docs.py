@@ -22,8 +22,13 @@ from q2l.config import CONFIG_DIR
 from .conftest import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-ENTRY_POINTS = {"train.py": "train", "q2l-train": "train", "q2l-validate-data": "train", "eval.py": "eval",
-                "q2l-eval": "eval"}
+ENTRY_POINTS = {
+    "train.py": "train",
+    "q2l-train": "train",
+    "q2l-validate-data": "train",
+    "eval.py": "eval",
+    "q2l-eval": "eval",
+}
 DEMO_FILES = ("experiment/demo.yaml", "dataset/digits.yaml")
 
 
@@ -38,15 +43,24 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                 if words[:1] == ["python"]:
                     words = words[1:]
                 if words[:2] == ["make", "train"]:
-                    words = ["train.py", "experiment=demo", *[w.removeprefix("ARGS=") for w in words[2:]]]
+                    words = [
+                        "train.py",
+                        "experiment=demo",
+                        *[w.removeprefix("ARGS=") for w in words[2:]],
+                    ]
                 if not words or words[0] not in ENTRY_POINTS:
                     continue
-                overrides = [w for w in words[1:] if "=" in w and not w.startswith("-") and w != "..."]
+                overrides = [
+                    w for w in words[1:] if "=" in w and not w.startswith("-") and w != "..."
+                ]
                 if "-m" in words:  # a sweep: its first job stands for all of them
                     overrides = [re.sub(r"=([^,\[]*),.*", r"=\1", w) for w in overrides]
                 if "resume=auto" in overrides:
-                    continue  # composes from the run's saved overrides: test_safety.py runs it for real
-                found.append((f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides))
+                    # Composes from the run's saved overrides: test_safety.py runs it for real.
+                    continue
+                found.append(
+                    (f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides)
+                )
     return found
 
 
@@ -77,10 +91,14 @@ def test_the_docs_show_the_commands_users_type():
 
 
 @pytest.mark.parametrize(("where", "name", "overrides"), COMMANDS, ids=[c[0] for c in COMMANDS])
-def test_every_documented_command_composes_without_demo_settings(where, name, overrides, conf_without_demo):
+def test_every_documented_command_composes_without_demo_settings(
+    where, name, overrides, conf_without_demo
+):
     shipped = _compose(Path(CONFIG_DIR), name, overrides)
     if "experiment=demo" in overrides or "dataset=digits" in overrides:
         assert shipped["dataset"]["name"] == "digits", where
         return
     assert _compose(conf_without_demo, name, overrides) == shipped, where
-    assert not (shipped.get("dataset") or {}).get("prepare") and not (shipped.get("backbone") or {}).get("prepare")
+    assert not (shipped.get("dataset") or {}).get("prepare") and not (
+        shipped.get("backbone") or {}
+    ).get("prepare")

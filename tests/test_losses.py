@@ -1,4 +1,4 @@
-"""Tests for q2l.losses: ASL against BCE and its written-out formula, fp32 safety, partial-label modes, BCE."""
+"""q2l.losses: ASL against BCE and its written-out formula, fp32 safety, partial labels, BCE."""
 
 import pytest
 import torch
@@ -28,11 +28,12 @@ def _asl_by_formula(logits, targets, gamma_neg, gamma_pos, clip, eps=1e-8):
     p = torch.sigmoid(logits)
     p_m = torch.clamp(p - clip, min=0.0)
     positive_term = targets * (1 - p) ** gamma_pos * torch.log(torch.clamp(p, min=eps))
-    negative_term = (1 - targets) * p_m ** gamma_neg * torch.log(torch.clamp(1 - p_m, min=eps))
+    negative_term = (1 - targets) * p_m**gamma_neg * torch.log(torch.clamp(1 - p_m, min=eps))
     return -(positive_term + negative_term)
 
 
 # ---- AsymmetricLoss ----
+
 
 def test_asl_without_focusing_or_clip_is_bce():
     logits, targets = _batch()
@@ -50,15 +51,23 @@ def test_asl_matches_paper_formula():
 
 def test_reductions_are_consistent():
     logits, targets = _batch()
-    losses = {name: AsymmetricLoss(reduction=name)(logits, targets) for name in ("sum", "batchmean", "mean")}
+    losses = {
+        name: AsymmetricLoss(reduction=name)(logits, targets)
+        for name in ("sum", "batchmean", "mean")
+    }
     torch.testing.assert_close(losses["sum"], losses["batchmean"] * B)
     torch.testing.assert_close(losses["sum"], losses["mean"] * B * K)
 
 
 def _asl_grad(logits, targets, disable_focal_grad):
     logits = logits.clone().requires_grad_(True)
-    loss = AsymmetricLoss(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, disable_focal_grad=disable_focal_grad,
-                          reduction="sum")(logits, targets)
+    loss = AsymmetricLoss(
+        gamma_neg=4.0,
+        gamma_pos=1.0,
+        clip=0.05,
+        disable_focal_grad=disable_focal_grad,
+        reduction="sum",
+    )(logits, targets)
     loss.backward()
     return logits.grad
 
@@ -91,8 +100,11 @@ def test_fp16_extreme_logits_give_fp32_result():
 def test_losses_stay_float32_inside_bf16_autocast():
     logits, targets = _batch()
     partial_targets = _partial_targets(targets)
-    criteria = [(AsymmetricLoss(), targets), (PartialAsymmetricLoss(mode="selective"), partial_targets),
-                (BCEWithLogitsLoss(), partial_targets)]
+    criteria = [
+        (AsymmetricLoss(), targets),
+        (PartialAsymmetricLoss(mode="selective"), partial_targets),
+        (BCEWithLogitsLoss(), partial_targets),
+    ]
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         for criterion, criterion_targets in criteria:
             loss = criterion(logits.bfloat16(), criterion_targets)
@@ -105,33 +117,48 @@ def test_losses_stay_float32_inside_bf16_autocast():
 def test_gradients_finite_at_saturated_logits(gamma, disable_focal_grad):
     logits = torch.tensor([[40.0, -40.0, 0.0, 1e-3], [-40.0, 40.0, -1.0, 2.0]], requires_grad=True)
     targets = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
-    loss = AsymmetricLoss(gamma_neg=gamma, gamma_pos=gamma, clip=0.05,
-                          disable_focal_grad=disable_focal_grad)(logits, targets)
+    loss = AsymmetricLoss(
+        gamma_neg=gamma, gamma_pos=gamma, clip=0.05, disable_focal_grad=disable_focal_grad
+    )(logits, targets)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 # ---- PartialAsymmetricLoss ----
 
+
 def test_partial_ignore_skips_unannotated_entries():
     logits, targets = _batch()
     partial = _partial_targets(targets)
     unannotated = partial == -1
-    criterion = PartialAsymmetricLoss(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, mode="ignore", reduction="sum")
+    criterion = PartialAsymmetricLoss(
+        gamma_neg=4.0, gamma_pos=1.0, clip=0.05, mode="ignore", reduction="sum"
+    )
     loss = criterion(logits, partial)
 
     perturbed = logits.masked_fill(unannotated, 25.0)
     torch.testing.assert_close(criterion(perturbed, partial), loss)
-    expected = _asl_by_formula(logits, targets, gamma_neg=4.0, gamma_pos=1.0, clip=0.05)[~unannotated].sum()
+    expected = _asl_by_formula(logits, targets, gamma_neg=4.0, gamma_pos=1.0, clip=0.05)[
+        ~unannotated
+    ].sum()
     torch.testing.assert_close(loss, expected)
 
 
 def test_partial_negative_equals_asl_with_unannotated_as_negative():
     logits, targets = _batch()
     partial = _partial_targets(targets)
-    loss = PartialAsymmetricLoss(gamma_neg=3.0, gamma_pos=1.0, gamma_unann=3.0, alpha_neg=1.0, alpha_unann=1.0,
-                                 clip=0.05, mode="negative")(logits, partial)
-    expected = AsymmetricLoss(gamma_neg=3.0, gamma_pos=1.0, clip=0.05)(logits, partial.clamp(min=0.0))
+    loss = PartialAsymmetricLoss(
+        gamma_neg=3.0,
+        gamma_pos=1.0,
+        gamma_unann=3.0,
+        alpha_neg=1.0,
+        alpha_unann=1.0,
+        clip=0.05,
+        mode="negative",
+    )(logits, partial)
+    expected = AsymmetricLoss(gamma_neg=3.0, gamma_pos=1.0, clip=0.05)(
+        logits, partial.clamp(min=0.0)
+    )
     torch.testing.assert_close(loss, expected)
 
 
@@ -141,11 +168,19 @@ def test_partial_selective_ignores_topk_and_high_prior_classes():
     unannotated = partial == -1
     priors = [0.01] * K
     priors[2] = priors[7] = 0.5
-    criterion = PartialAsymmetricLoss(gamma_neg=2.0, gamma_unann=2.0, mode="selective", likelihood_topk=1,
-                                      prior_threshold=0.05, class_priors=priors, reduction="sum")
+    criterion = PartialAsymmetricLoss(
+        gamma_neg=2.0,
+        gamma_unann=2.0,
+        mode="selective",
+        likelihood_topk=1,
+        prior_threshold=0.05,
+        class_priors=priors,
+        reduction="sum",
+    )
     loss = criterion(logits, partial)
 
-    # Expected ignore set, built independently: the B likeliest unannotated entries, plus classes 2 and 7.
+    # Expected ignore set, built independently: the B likeliest unannotated entries, plus classes 2
+    # and 7.
     flat_indices = unannotated.flatten().nonzero().squeeze(1)
     likeliest = flat_indices[logits.flatten()[flat_indices].argsort(descending=True)[:B]]
     top_k = torch.zeros(B * K, dtype=torch.bool)
@@ -156,10 +191,13 @@ def test_partial_selective_ignores_topk_and_high_prior_classes():
     ignored = top_k | high_prior
     assert (high_prior & ~top_k).any() and (top_k & ~high_prior).any()  # both rules are exercised
 
-    elementwise = _asl_by_formula(logits, partial.clamp(min=0.0), gamma_neg=2.0, gamma_pos=0.0, clip=0.0)
+    elementwise = _asl_by_formula(
+        logits, partial.clamp(min=0.0), gamma_neg=2.0, gamma_pos=0.0, clip=0.0
+    )
     torch.testing.assert_close(loss, elementwise[~ignored].sum())
 
-    # Moving ignored logits in a direction that keeps the ignore set (top-k up, the rest down) leaves the loss.
+    # Moving ignored logits in a direction that keeps the ignore set (top-k up, the rest down)
+    # leaves the loss.
     logits_ignored_changed = logits.masked_fill(top_k, 30.0).masked_fill(ignored & ~top_k, -30.0)
     torch.testing.assert_close(criterion(logits_ignored_changed, partial), loss)
 
@@ -169,7 +207,9 @@ def test_partial_selective_topk_never_drops_annotated_entries():
     logits, targets = _batch()
     partial = _partial_targets(targets)
     selective = PartialAsymmetricLoss(mode="selective", likelihood_topk=100, prior_threshold=None)
-    torch.testing.assert_close(selective(logits, partial), PartialAsymmetricLoss(mode="ignore")(logits, partial))
+    torch.testing.assert_close(
+        selective(logits, partial), PartialAsymmetricLoss(mode="ignore")(logits, partial)
+    )
 
 
 def test_partial_online_priors_update_in_train_mode_only():
@@ -185,7 +225,9 @@ def test_partial_online_priors_update_in_train_mode_only():
     criterion.train()
     criterion(logits, partial)
     batch_mean = torch.sigmoid(logits).mean(dim=0)
-    torch.testing.assert_close(criterion.class_priors, batch_mean)  # the first batch seeds the average
+    torch.testing.assert_close(
+        criterion.class_priors, batch_mean
+    )  # the first batch seeds the average
     criterion(torch.zeros(B, K), partial)
     torch.testing.assert_close(criterion.class_priors, 0.5 * batch_mean + 0.5 * 0.5)
     assert not criterion.class_priors.requires_grad
@@ -213,44 +255,57 @@ def test_partial_gradients_finite():
     logits, targets = _batch(scale=20.0)
     logits.requires_grad_(True)
     for mode in ("negative", "ignore", "selective"):
-        loss = PartialAsymmetricLoss(mode=mode, clip=0.05, disable_focal_grad=False)(logits, _partial_targets(targets))
+        loss = PartialAsymmetricLoss(mode=mode, clip=0.05, disable_focal_grad=False)(
+            logits, _partial_targets(targets)
+        )
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 # ---- BCEWithLogitsLoss ----
 
+
 def test_bce_matches_torch_and_ignores_unannotated():
     logits, targets = _batch()
-    torch.testing.assert_close(BCEWithLogitsLoss(reduction="mean")(logits, targets),
-                               F.binary_cross_entropy_with_logits(logits, targets))
+    torch.testing.assert_close(
+        BCEWithLogitsLoss(reduction="mean")(logits, targets),
+        F.binary_cross_entropy_with_logits(logits, targets),
+    )
 
     partial = _partial_targets(targets)
     annotated = partial != -1
     loss = BCEWithLogitsLoss(reduction="sum")(logits, partial)
-    expected = F.binary_cross_entropy_with_logits(logits[annotated], targets[annotated], reduction="sum")
+    expected = F.binary_cross_entropy_with_logits(
+        logits[annotated], targets[annotated], reduction="sum"
+    )
     torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(BCEWithLogitsLoss(reduction="sum")(logits.masked_fill(~annotated, 9.0), partial), loss)
+    torch.testing.assert_close(
+        BCEWithLogitsLoss(reduction="sum")(logits.masked_fill(~annotated, 9.0), partial), loss
+    )
     torch.testing.assert_close(BCEWithLogitsLoss()(logits, partial), loss / B)
 
 
 # ---- argument checks ----
 
-@pytest.mark.parametrize(("factory", "message"), [
-    (lambda: AsymmetricLoss(gamma_neg=-1.0), "gamma_neg"),
-    (lambda: AsymmetricLoss(gamma_pos=-0.5), "gamma_pos"),
-    (lambda: AsymmetricLoss(clip=1.0), "clip"),
-    (lambda: AsymmetricLoss(clip=-0.1), "clip"),
-    (lambda: AsymmetricLoss(reduction="avg"), "'avg'"),
-    (lambda: BCEWithLogitsLoss(reduction="none"), "'none'"),
-    (lambda: PartialAsymmetricLoss(mode="selctive"), "'negative', 'ignore', 'selective'"),
-    (lambda: PartialAsymmetricLoss(gamma_unann=-2.0), "gamma_unann"),
-    (lambda: PartialAsymmetricLoss(alpha_pos=-1.0), "alpha_pos"),
-    (lambda: PartialAsymmetricLoss(likelihood_topk=-1), "likelihood_topk"),
-    (lambda: PartialAsymmetricLoss(prior_momentum=1.5), "prior_momentum"),
-    (lambda: PartialAsymmetricLoss(prior_threshold=2.0), "prior_threshold"),
-    (lambda: PartialAsymmetricLoss(class_priors=[0.2, 1.5]), "class_priors"),
-])
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: AsymmetricLoss(gamma_neg=-1.0), "gamma_neg"),
+        (lambda: AsymmetricLoss(gamma_pos=-0.5), "gamma_pos"),
+        (lambda: AsymmetricLoss(clip=1.0), "clip"),
+        (lambda: AsymmetricLoss(clip=-0.1), "clip"),
+        (lambda: AsymmetricLoss(reduction="avg"), "'avg'"),
+        (lambda: BCEWithLogitsLoss(reduction="none"), "'none'"),
+        (lambda: PartialAsymmetricLoss(mode="selctive"), "'negative', 'ignore', 'selective'"),
+        (lambda: PartialAsymmetricLoss(gamma_unann=-2.0), "gamma_unann"),
+        (lambda: PartialAsymmetricLoss(alpha_pos=-1.0), "alpha_pos"),
+        (lambda: PartialAsymmetricLoss(likelihood_topk=-1), "likelihood_topk"),
+        (lambda: PartialAsymmetricLoss(prior_momentum=1.5), "prior_momentum"),
+        (lambda: PartialAsymmetricLoss(prior_threshold=2.0), "prior_threshold"),
+        (lambda: PartialAsymmetricLoss(class_priors=[0.2, 1.5]), "class_priors"),
+    ],
+)
 def test_bad_arguments_raise(factory, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         factory()
@@ -261,4 +316,6 @@ def test_mismatched_shapes_and_prior_length_raise():
     with pytest.raises(ValueError, match="same shape"):
         AsymmetricLoss()(logits, targets[:, :-1])
     with pytest.raises(ValueError, match="class_priors has 3 classes"):
-        PartialAsymmetricLoss(mode="selective", class_priors=[0.1, 0.2, 0.3])(logits, _partial_targets(targets))
+        PartialAsymmetricLoss(mode="selective", class_priors=[0.1, 0.2, 0.3])(
+            logits, _partial_targets(targets)
+        )

@@ -1,4 +1,4 @@
-"""Query2Label model: shapes for CNN and token backbones, resolution independence, weights loading."""
+"""Query2Label: shapes for CNN and token backbones, resolution independence, weights loading."""
 
 from __future__ import annotations
 
@@ -30,12 +30,16 @@ def test_backbone_gives_feature_maps(name, size, grid):
 
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("vit_small_patch16_224", 64)])
 def test_query2label_logits_shape(name, size):
-    model = Query2Label(TimmBackbone(name, pretrained=False, image_size=size), num_classes=7, **SMALL_HEAD)
+    model = Query2Label(
+        TimmBackbone(name, pretrained=False, image_size=size), num_classes=7, **SMALL_HEAD
+    )
     assert model(torch.randn(3, 3, size, size)).shape == (3, 7)
 
 
 def test_evaluates_at_another_resolution():
-    model = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=5, **SMALL_HEAD).eval()
+    model = Query2Label(
+        TimmBackbone("resnet18", pretrained=False), num_classes=5, **SMALL_HEAD
+    ).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
         assert model(torch.randn(1, 3, 160, 96)).shape == (1, 5)
@@ -49,20 +53,32 @@ def test_paper_defaults_and_removable_self_attention():
     assert model.label_embed.weight.shape == (4, 2048)
     assert transformer.decoder_layers[0].ffn[0].out_features == 8192
     assert all(layer.self_attn is None for layer in transformer.decoder_layers)
-    with_self = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=4, hidden_dim=32, ffn_dim=32,
-                            decoder_self_attention=True)
+    with_self = Query2Label(
+        TimmBackbone("resnet18", pretrained=False),
+        num_classes=4,
+        hidden_dim=32,
+        ffn_dim=32,
+        decoder_self_attention=True,
+    )
     assert all(layer.self_attn is not None for layer in with_self.transformer.decoder_layers)
 
 
 def test_no_encoder_layers_is_allowed():
-    model = Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=3, **SMALL_HEAD, num_encoder_layers=0)
+    model = Query2Label(
+        TimmBackbone("resnet18", pretrained=False),
+        num_classes=3,
+        **SMALL_HEAD,
+        num_encoder_layers=0,
+    )
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
 def test_groupwise_linear_is_one_classifier_per_label():
     head = GroupWiseLinear(num_classes=3, hidden_dim=5)
     features = torch.randn(2, 3, 5)
-    expected = torch.stack([features[:, k] @ head.weight[k] + head.bias[k] for k in range(3)], dim=1)
+    expected = torch.stack(
+        [features[:, k] @ head.weight[k] + head.bias[k] for k in range(3)], dim=1
+    )
     torch.testing.assert_close(head(features), expected)
 
 
@@ -76,16 +92,28 @@ def test_position_encoding_follows_feature_size():
 
 def test_input_proj_false_needs_matching_width():
     with pytest.raises(ValueError, match="input_proj=false"):
-        Query2Label(TimmBackbone("resnet18", pretrained=False), num_classes=2, hidden_dim=32, input_proj=False)
+        Query2Label(
+            TimmBackbone("resnet18", pretrained=False),
+            num_classes=2,
+            hidden_dim=32,
+            input_proj=False,
+        )
 
 
 def test_unknown_backbone_and_head_are_rejected():
     with pytest.raises(ValueError, match="not a timm model"):
         TimmBackbone("resnet9000", pretrained=False)
     # A checkpoint's config is file input: only allowlisted targets are rebuilt from it.
-    for evil in ({"model": {"_target_": "os.system"}}, {"backbone": {"_target_": "os.system", "name": "x"}}):
-        config = {"backbone": {"name": "resnet18", "pretrained": False}, "model": dict(SMALL_HEAD, _target_=
-                  "q2l.models.query2label.Query2Label"), "dataset": {"image_size": 32}, **evil}
+    for evil in (
+        {"model": {"_target_": "os.system"}},
+        {"backbone": {"_target_": "os.system", "name": "x"}},
+    ):
+        config = {
+            "backbone": {"name": "resnet18", "pretrained": False},
+            "model": dict(SMALL_HEAD, _target_="q2l.models.query2label.Query2Label"),
+            "dataset": {"image_size": 32},
+            **evil,
+        }
         with pytest.raises(ValueError, match="'os.system', which q2l does not rebuild from a file"):
             build_model(config, num_classes=2, trusted=False)
 
@@ -123,7 +151,10 @@ def test_weights_for_another_model_are_refused(tmp_path):
 def test_pretrained_uses_timms_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr("q2l.models.backbone._cached_weights", lambda name: tmp_path / "cached.pth")
-    state = {k: v.clone() for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()}
+    state = {
+        k: v.clone()
+        for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()
+    }
     torch.save(state, tmp_path / "cached.pth")
     loaded = TimmBackbone("resnet18", pretrained=True)
     torch.testing.assert_close(loaded.body.state_dict()["conv1.weight"], state["conv1.weight"])

@@ -1,4 +1,4 @@
-"""The demo's single-digit backbone pretraining: loadable weights, built once, never over a user's file."""
+"""The demo's backbone pretraining: loadable weights, built once, never over a user's file."""
 
 from __future__ import annotations
 

@@ -74,20 +74,27 @@ def uninterrupted(tmp_path_factory, digits_root):
     return base / "run", summary
 
 
-def test_sigterm_mid_step_saves_at_the_boundary_then_resume_is_exact(uninterrupted, tiny_cfg, tmp_path,
-                                                                     monkeypatch):
+def test_sigterm_mid_step_saves_at_the_boundary_then_resume_is_exact(
+    uninterrupted, tiny_cfg, tmp_path, monkeypatch
+):
     run_dir = tmp_path / "run"
     _signal_at_call(monkeypatch, call=6)  # epoch 2, second step
     summary = train(tiny_cfg(*EXACT), run_dir)
     assert summary["status"] == "preempted"
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert (saved["epoch"], saved["step"], saved["progress"]["batches_done"]) == (1, 6, 2)  # step 6 finished
+    assert (saved["epoch"], saved["step"], saved["progress"]["batches_done"]) == (
+        1,
+        6,
+        2,
+    )  # step 6 finished
     monkeypatch.undo()
     summary = train(tiny_cfg(*EXACT, "resume=auto"), run_dir)
     assert summary["status"] == "completed"
     reference_dir, reference = uninterrupted
-    _assert_same_weights(_weights(run_dir / "checkpoints" / "last.pt"),
-                         _weights(reference_dir / "checkpoints" / "last.pt"))
+    _assert_same_weights(
+        _weights(run_dir / "checkpoints" / "last.pt"),
+        _weights(reference_dir / "checkpoints" / "last.pt"),
+    )
     assert summary["best"]["mAP"] == reference["best"]["mAP"]
 
 
@@ -109,12 +116,22 @@ def test_second_signal_during_the_run_does_no_harm(tiny_cfg, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(uninterrupted, cli_env, digits_root, tmp_path):
+def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(
+    uninterrupted, cli_env, digits_root, tmp_path
+):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "train.py", *tiny_overrides(digits_root, tmp_path / "cache"), *EXACT,
-               "trainer.keep_last=10", "resume=auto", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "train.py",
+        *tiny_overrides(digits_root, tmp_path / "cache"),
+        *EXACT,
+        "trainer.keep_last=10",
+        "resume=auto",
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     target = run_dir / "checkpoints" / "step-00000003.pt"
     deadline = time.monotonic() + 240
     while not target.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -122,12 +139,16 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(uninterrupted, cli_env
     process.kill()  # SIGKILL: no handler runs, whatever was being written is left as it is
     process.wait()
     assert target.exists()
-    result = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in (run_dir / "train.log").read_text()
     reference_dir, _ = uninterrupted
-    _assert_same_weights(_weights(run_dir / "checkpoints" / "last.pt"),
-                         _weights(reference_dir / "checkpoints" / "last.pt"))
+    _assert_same_weights(
+        _weights(run_dir / "checkpoints" / "last.pt"),
+        _weights(reference_dir / "checkpoints" / "last.pt"),
+    )
 
 
 def test_truncated_checkpoint_is_detected_and_auto_falls_back(tiny_cfg, tmp_path, caplog):
@@ -149,20 +170,33 @@ def test_truncated_checkpoint_is_detected_and_auto_falls_back(tiny_cfg, tmp_path
 def test_resume_refuses_a_changed_config_with_the_diff(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
-    with pytest.raises(ValueError, match=r"optimizer.lr: 0.001 -> 0.002[\s\S]*allow_config_change=true"):
+    with pytest.raises(
+        ValueError, match=r"optimizer.lr: 0.001 -> 0.002[\s\S]*allow_config_change=true"
+    ):
         train(tiny_cfg("trainer.epochs=1", "optimizer.lr=0.002", "resume=auto"), run_dir)
-    summary = train(tiny_cfg("trainer.epochs=2", "optimizer.lr=0.002", "resume=auto",
-                             "allow_config_change=true"), run_dir)
+    summary = train(
+        tiny_cfg(
+            "trainer.epochs=2", "optimizer.lr=0.002", "resume=auto", "allow_config_change=true"
+        ),
+        run_dir,
+    )
     assert summary["epochs_run"] == 2
 
 
 def test_resume_refuses_another_class_count_naming_the_keys(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
-    with pytest.raises(ValueError, match=r"does not fit this model: \d+ mismatched.*input_proj.weight: "
-                                         r"checkpoint \(32, 512, 1, 1\) vs model \(16, 512, 1, 1\)"):
-        train(tiny_cfg("trainer.epochs=2", "model.hidden_dim=16", "resume=auto", "allow_config_change=true"),
-              run_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this model: \d+ mismatched.*input_proj.weight: "
+        r"checkpoint \(32, 512, 1, 1\) vs model \(16, 512, 1, 1\)",
+    ):
+        train(
+            tiny_cfg(
+                "trainer.epochs=2", "model.hidden_dim=16", "resume=auto", "allow_config_change=true"
+            ),
+            run_dir,
+        )
 
 
 def test_init_from_loads_matching_weights_only(tiny_cfg, tmp_path, caplog):
@@ -174,7 +208,9 @@ def test_init_from_loads_matching_weights_only(tiny_cfg, tmp_path, caplog):
     assert "init_from" in caplog.text and "loaded" in caplog.text
 
 
-def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(
+    tiny_cfg, tmp_path, monkeypatch
+):
     original = AsymmetricLoss.forward
     calls = {"n": 0}
 
@@ -184,7 +220,9 @@ def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(tiny_cfg,
         return loss * float("nan") if calls["n"] == 6 else loss
 
     monkeypatch.setattr(AsymmetricLoss, "forward", forward)
-    with pytest.raises(NonFiniteError, match=r"loss is nan at step 6[\s\S]*last good checkpoint: .*last.pt"):
+    with pytest.raises(
+        NonFiniteError, match=r"loss is nan at step 6[\s\S]*last good checkpoint: .*last.pt"
+    ):
         train(tiny_cfg(*EXACT), tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["step"] == 4  # the end of epoch 1; steps 5 and 6 were never saved
@@ -199,8 +237,14 @@ def test_fp16_scaler_skips_are_bounded(tiny_cfg, tmp_path, monkeypatch):
     original = AsymmetricLoss.forward
     monkeypatch.setattr(AsymmetricLoss, "forward", lambda self, x, y: original(self, x, y) * 1e30)
     with pytest.raises(NonFiniteError, match="skipped 3 steps in a row"):
-        train(tiny_cfg("trainer.precision=fp16", "trainer.max_consecutive_skipped_steps=2",
-                       "trainer.check_finite=false"), tmp_path / "run")
+        train(
+            tiny_cfg(
+                "trainer.precision=fp16",
+                "trainer.max_consecutive_skipped_steps=2",
+                "trainer.check_finite=false",
+            ),
+            tmp_path / "run",
+        )
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -212,7 +256,9 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous last.pt is intact"):
+    with pytest.raises(
+        CheckpointError, match="No space left on device.*previous last.pt is intact"
+    ):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
@@ -244,7 +290,11 @@ def test_keep_last_purges_by_scanning_the_folder(tmp_path):
         save_checkpoint({"step": step}, tmp_path / f"step-{step:08d}.pt")
     (tmp_path / "notes.pt").write_text("not ours")
     purge_periodic(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pt", "step-00000009.pt", "step-00000012.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.pt",
+        "step-00000009.pt",
+        "step-00000012.pt",
+    ]
 
 
 def test_future_checkpoint_format_is_refused(tmp_path):
@@ -263,8 +313,13 @@ def test_unwritable_run_dir_fails_before_loading_data(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     ("environment", "job"),
-    [({"SLURM_JOB_ID": "12345"}, "12345"),
-     ({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "12345", "SLURM_ARRAY_TASK_ID": "2"}, "12345_2")],
+    [
+        ({"SLURM_JOB_ID": "12345"}, "12345"),
+        (
+            {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "12345", "SLURM_ARRAY_TASK_ID": "2"},
+            "12345_2",
+        ),
+    ],
 )
 def test_slurm_requeue_calls_scontrol(monkeypatch, environment, job):
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
@@ -284,10 +339,23 @@ def test_slurm_requeue_calls_scontrol(monkeypatch, environment, job):
 
 def test_preempted_cli_run_exits_with_the_documented_code(cli_env, digits_root, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "train.py", *tiny_overrides(digits_root, tmp_path / "cache"), *EXACT,
-               "trainer.epochs=50", "trainer.slurm_requeue=false", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "train.py",
+        *tiny_overrides(digits_root, tmp_path / "cache"),
+        *EXACT,
+        "trainer.epochs=50",
+        "trainer.slurm_requeue=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""A user's data, weights and finished runs survive every command (issue 8); each test names its point.
+"""A user's data, weights and finished runs survive every command; each test names its point.
 
 docs/reliability.md lists these guarantees with the tests below.
 """
@@ -38,8 +38,11 @@ EXACT = ("trainer.deterministic=true", "model.dropout=0.1")
 
 def _tree(root: Path, skip: tuple[str, ...] = (LOCK_NAME,)) -> dict[str, bytes]:
     """Every file under `root` with its bytes (the lock file's holder line excluded)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 @pytest.fixture
@@ -62,13 +65,25 @@ def finished_run(tmp_path_factory, digits_root):
     run_dir = base / "run"
     env = {**os.environ, "Q2L_CACHE_DIR": str(base / "cache")}
     result = subprocess.run(
-        [sys.executable, "train.py", *tiny_overrides(digits_root, base / "cache"), "trainer.epochs=1",
-         f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "train.py",
+            *tiny_overrides(digits_root, base / "cache"),
+            "trainer.epochs=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
 
 # 1. A user's COCO folder is never touched by the demo.
+
 
 def test_1_validate_data_without_dataset_refuses_and_keeps_the_folder(users_coco, capsys):
     before = _tree(users_coco)
@@ -84,15 +99,24 @@ def test_1_the_demo_pointed_at_a_users_folder_refuses_and_keeps_it(users_coco, t
     assert _tree(users_coco) == before
 
 
-def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(finished_run, compose_config, tmp_path,
-                                                                 users_coco):
+def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(
+    finished_run, compose_config, tmp_path, users_coco
+):
     from q2l.evaluate import evaluate_checkpoint
 
     payload = load_checkpoint(finished_run / "checkpoints" / "best.pt")
-    payload["config"]["prepare"]["data"]["root"] = str(users_coco)  # a checkpoint naming another root
+    payload["config"]["prepare"]["data"]["root"] = str(
+        users_coco
+    )  # a checkpoint naming another root
     tampered = tmp_path / "tampered.pt"
-    save_checkpoint({k: v for k, v in payload.items() if k not in ("format_version", "q2l_version",
-                                                                   "torch_version")}, tampered)
+    save_checkpoint(
+        {
+            k: v
+            for k, v in payload.items()
+            if k not in ("format_version", "q2l_version", "torch_version")
+        },
+        tampered,
+    )
     before = _tree(users_coco)
     result = evaluate_checkpoint(compose_config("eval", [f"ckpt={tampered}"]))
     assert result["num_images"] > 0
@@ -101,21 +125,40 @@ def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(finished_run, co
 
 # 2. A user's weights file is never overwritten; a mistyped path is an error.
 
-def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(compose_config, digits_root,
-                                                                           tmp_path, monkeypatch):
+
+def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(
+    compose_config, digits_root, tmp_path, monkeypatch
+):
     from q2l.models import TimmBackbone
 
     weights = tmp_path / "w" / "my_imagenet_resnet18.safetensors"
     weights.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()}, str(weights))
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()
+        },
+        str(weights),
+    )
     before = weights.read_bytes()
     monkeypatch.setenv("Q2L_DATA_DIR", str(tmp_path / "data"))
     # The demo with its backbone pretraining on (tiny), and the user's own weights file.
-    overrides = [o for o in tiny_overrides(digits_root, tmp_path / "cache")
-                 if not o.startswith(("backbone.", "~prepare.backbone"))]
-    cfg = compose_config("train", [*overrides, "trainer.epochs=1", f"backbone.weights={weights}",
-                                   "prepare.backbone.num_images=64", "prepare.backbone.epochs=1",
-                                   "+prepare.backbone.batch_size=32"])
+    overrides = [
+        o
+        for o in tiny_overrides(digits_root, tmp_path / "cache")
+        if not o.startswith(("backbone.", "~prepare.backbone"))
+    ]
+    cfg = compose_config(
+        "train",
+        [
+            *overrides,
+            "trainer.epochs=1",
+            f"backbone.weights={weights}",
+            "prepare.backbone.num_images=64",
+            "prepare.backbone.epochs=1",
+            "+prepare.backbone.batch_size=32",
+        ],
+    )
     assert train(cfg, tmp_path / "run")["status"] == "completed"
     assert weights.read_bytes() == before
     assert sorted(p.name for p in weights.parent.iterdir()) == [weights.name]
@@ -123,18 +166,32 @@ def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(compo
 
 def test_2_a_mistyped_weights_path_fails_and_creates_nothing(tiny_cfg, tmp_path):
     typo = tmp_path / "w" / "my_imagenet_resnet18.safetensros"
-    with pytest.raises(FileNotFoundError, match=r"backbone.weights=.*safetensros.*no such file.*pretrained=false"):
+    with pytest.raises(
+        FileNotFoundError, match=r"backbone.weights=.*safetensros.*no such file.*pretrained=false"
+    ):
         train(tiny_cfg("backbone.pretrained=true", f"backbone.weights={typo}"), tmp_path / "run")
     assert not typo.parent.exists()
 
 
 # 4. A refused resume leaves a finished run exactly as it was; resume=auto alone continues a run.
 
+
 def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_env):
     before = _tree(finished_run)
-    result = subprocess.run([sys.executable, "train.py", "resume=auto", f"hydra.run.dir={finished_run}",
-                             "optimizer.lr=0.5"], cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "resume=auto",
+            f"hydra.run.dir={finished_run}",
+            "optimizer.lr=0.5",
+        ],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "optimizer.lr: 0.001 -> 0.5" in result.stdout + result.stderr
     assert _tree(finished_run) == before
@@ -142,8 +199,14 @@ def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_
 
 def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env):
     before = _tree(finished_run)
-    result = subprocess.run([sys.executable, "train.py", "resume=auto", f"hydra.run.dir={finished_run}"],
-                            cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", "resume=auto", f"hydra.run.dir={finished_run}"],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "continuing" in result.stderr and "experiment=demo" in result.stderr
     assert "already finished" in result.stdout
@@ -152,29 +215,52 @@ def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env
 
 # 5. Preemption of the whole process group, with DataLoader workers.
 
+
 def _cli_run(cli_env, digits_root, base: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", *tiny_overrides(digits_root, base / "cache"), *EXACT,
-            "trainer.slurm_requeue=false", *extra]
+    return [
+        sys.executable,
+        "train.py",
+        *tiny_overrides(digits_root, base / "cache"),
+        *EXACT,
+        "trainer.slurm_requeue=false",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_cli(tmp_path_factory, digits_root):
-    """Final weights of the 2-epoch CLI run that the preemption tests interrupt, run without a stop."""
+    """Final weights of the 2-epoch CLI run the preemption tests interrupt, run without a stop."""
     base = tmp_path_factory.mktemp("uninterrupted")
     env = {**os.environ, "Q2L_CACHE_DIR": str(base / "cache")}
-    subprocess.run(_cli_run(env, digits_root, base, f"hydra.run.dir={base / 'run'}"), cwd=REPO_ROOT, env=env,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cli_run(env, digits_root, base, f"hydra.run.dir={base / 'run'}"),
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return load_checkpoint(base / "run" / "checkpoints" / "last.pt")["model"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("number", "workers"), [(signal.SIGTERM, 2), (signal.SIGINT, 0)])
 def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactly(
-        number, workers, uninterrupted_cli, cli_env, digits_root, tmp_path):
+    number, workers, uninterrupted_cli, cli_env, digits_root, tmp_path
+):
     run_dir = tmp_path / "run"
-    command = _cli_run(cli_env, digits_root, tmp_path, f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = _cli_run(
+        cli_env, digits_root, tmp_path, f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -185,8 +271,14 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert stopped["progress"]["status"] == "running"
 
-    resumed = subprocess.run([*command, "resume=auto"], cwd=REPO_ROOT, env=cli_env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "resume=auto"],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     for key, tensor in uninterrupted_cli.items():
@@ -207,25 +299,44 @@ def test_5_dataloader_workers_leave_stop_signals_to_the_main_process():
 
 # 6. Leftover temporary files are removed; resume picks the newest checkpoint by recorded step.
 
+
 def test_6_resume_takes_the_highest_step_and_clears_leftovers(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
-    train(tiny_cfg(*EXACT, "trainer.epochs=1", "trainer.checkpoint_every_steps=2", "trainer.keep_last=5"), run_dir)
+    train(
+        tiny_cfg(
+            *EXACT, "trainer.epochs=1", "trainer.checkpoint_every_steps=2", "trainer.keep_last=5"
+        ),
+        run_dir,
+    )
     checkpoints = run_dir / "checkpoints"
-    # kill -9 while last.pt was being rewritten at step 4: last.pt still holds step 2, a temp file stays.
+    # kill -9 while last.pt was being rewritten at step 4: last.pt still holds step 2, a temp file
+    # stays.
     (checkpoints / "last.pt").write_bytes((checkpoints / "step-00000002.pt").read_bytes())
     leftover = checkpoints / ".last.pt.k9x2j.tmp"
     leftover.write_bytes(b"half a checkpoint")
     path, payload = find_resumable(checkpoints)
     assert (path.name, payload["step"]) == ("step-00000004.pt", 4)
-    summary = train(tiny_cfg(*EXACT, "trainer.epochs=2", "trainer.checkpoint_every_steps=2",
-                             "trainer.keep_last=5", "resume=auto", "allow_config_change=true"), run_dir)
+    summary = train(
+        tiny_cfg(
+            *EXACT,
+            "trainer.epochs=2",
+            "trainer.checkpoint_every_steps=2",
+            "trainer.keep_last=5",
+            "resume=auto",
+            "allow_config_change=true",
+        ),
+        run_dir,
+    )
     assert summary["steps"] == 8 and not leftover.exists()
 
 
 # 7. A resumed epoch's record covers the whole epoch.
 
+
 @pytest.mark.parametrize("stop_at", [2, 4])  # mid-epoch, and at the epoch's last step
-def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(tiny_cfg, tmp_path, monkeypatch, stop_at):
+def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(
+    tiny_cfg, tmp_path, monkeypatch, stop_at
+):
     reference = train(tiny_cfg(*EXACT, "trainer.epochs=1"), tmp_path / "reference")
     original = AsymmetricLoss.forward
     calls = {"n": 0}
@@ -247,10 +358,22 @@ def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(tiny_cfg, tmp_path, 
 
 # 8. Values that cannot work fail at start, naming the key.
 
-@pytest.mark.parametrize("override", ["trainer.epochs=0", "trainer.epochs=-1", "trainer.limit_train_batches=0",
-                                      "dataset.batch_size=0", "dataset.image_size=0",
-                                      "dataset.max_bad_fraction=1.5", "trainer.limit_val_batches=0"])
-def test_8_impossible_values_fail_at_start_naming_the_key(tiny_cfg, tmp_path, monkeypatch, override):
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.epochs=0",
+        "trainer.epochs=-1",
+        "trainer.limit_train_batches=0",
+        "dataset.batch_size=0",
+        "dataset.image_size=0",
+        "dataset.max_bad_fraction=1.5",
+        "trainer.limit_val_batches=0",
+    ],
+)
+def test_8_impossible_values_fail_at_start_naming_the_key(
+    tiny_cfg, tmp_path, monkeypatch, override
+):
     monkeypatch.setattr(train_module, "_build_datasets", lambda *a: pytest.fail("data was read"))
     key = override.split("=")[0]
     with pytest.raises(ConfigValueError, match=f"{key}="):
@@ -260,11 +383,17 @@ def test_8_impossible_values_fail_at_start_naming_the_key(tiny_cfg, tmp_path, mo
 
 
 def test_8_validate_data_refuses_impossible_values(digits_root, capsys):
-    assert validate_main(["experiment=demo", f"dataset.root={digits_root}", "dataset.max_bad_fraction=-1"]) == 2
+    assert (
+        validate_main(
+            ["experiment=demo", f"dataset.root={digits_root}", "dataset.max_bad_fraction=-1"]
+        )
+        == 2
+    )
     assert "dataset.max_bad_fraction=-1" in capsys.readouterr().err
 
 
 # 9. A full disk says so, naming the file; the previous checkpoint survives.
+
 
 class _FullDisk:
     """A file whose writes fail with ENOSPC after `room` bytes, as a real full disk's do."""
@@ -293,8 +422,12 @@ def test_9_disk_full_is_reported_as_such(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 1}, path)
     real = atomic_module.tempfile.NamedTemporaryFile
-    monkeypatch.setattr(atomic_module.tempfile, "NamedTemporaryFile", lambda *a, **k: _FullDisk(real(*a, **k)))
-    with pytest.raises(CheckpointError, match=rf"{path}: No space left on device; the previous last.pt is intact"):
+    monkeypatch.setattr(
+        atomic_module.tempfile, "NamedTemporaryFile", lambda *a, **k: _FullDisk(real(*a, **k))
+    )
+    with pytest.raises(
+        CheckpointError, match=rf"{path}: No space left on device; the previous last.pt is intact"
+    ):
         save_checkpoint({"step": 2, "weights": torch.zeros(10_000)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
@@ -305,12 +438,18 @@ def test_9_a_really_full_file_system(tmp_path):
     """The same on a real 64 KiB tmpfs where this machine allows mounting one (root)."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         save_checkpoint({"step": 1}, mount / "last.pt")
-        with pytest.raises(CheckpointError, match="No space left on device; the previous last.pt is intact"):
+        with pytest.raises(
+            CheckpointError, match="No space left on device; the previous last.pt is intact"
+        ):
             save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, mount / "last.pt")
         assert load_checkpoint(mount / "last.pt")["step"] == 1
         assert [p.name for p in mount.iterdir()] == ["last.pt"]
@@ -319,6 +458,7 @@ def test_9_a_really_full_file_system(tmp_path):
 
 
 # 10. One process per run directory; a dead holder does not block.
+
 
 def test_10_a_second_process_on_a_live_run_is_refused(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
@@ -335,16 +475,32 @@ def test_10_a_second_process_on_a_live_run_is_refused(tiny_cfg, tmp_path):
 def test_10_a_lock_held_by_a_killed_process_is_free(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('locked', flush=True); time.sleep(60)"), str(run_dir / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, "
+                "fcntl.LOCK_EX); "
+                ""
+                "print('locked', flush=True); time.sleep(60)"
+            ),
+            str(run_dir / LOCK_NAME),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()
     holder.wait()
-    assert train(tiny_cfg("trainer.epochs=1", "trainer.limit_train_batches=1"), run_dir)["status"] == "completed"
+    assert (
+        train(tiny_cfg("trainer.epochs=1", "trainer.limit_train_batches=1"), run_dir)["status"]
+        == "completed"
+    )
 
 
 # 11. Unwritable output folders are found before any data is read; eval keeps and prints results.
+
 
 @pytest.fixture
 def read_only():
@@ -365,7 +521,9 @@ def read_only():
         subprocess.run(["umount", str(folder)], check=False)
 
 
-def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(tiny_cfg, tmp_path, read_only, monkeypatch):
+def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(
+    tiny_cfg, tmp_path, read_only, monkeypatch
+):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
     read_only(run_dir / "checkpoints")
@@ -374,22 +532,29 @@ def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(tiny_cfg, t
         train(tiny_cfg("trainer.epochs=2", "resume=auto", "allow_config_change=true"), run_dir)
 
 
-def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(finished_run, cli_env, tmp_path,
-                                                                              read_only):
+def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(
+    finished_run, cli_env, tmp_path, read_only
+):
     import shutil
 
     checkpoint_dir = tmp_path / "ckpts"
     checkpoint_dir.mkdir()
     shutil.copy(finished_run / "checkpoints" / "best.pt", checkpoint_dir / "best.pt")
     command = [sys.executable, "eval.py", f"ckpt={checkpoint_dir / 'best.pt'}"]
-    first = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
-    second = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
+    )
+    second = subprocess.run(
+        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert len(list(checkpoint_dir.glob("eval-best-*/eval.json"))) == 2  # one folder per evaluation
 
     before = _tree(checkpoint_dir)
     read_only(checkpoint_dir)
-    third = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    third = subprocess.run(
+        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
+    )
     assert third.returncode == 1
     assert "mAP" in third.stdout and "nine" in third.stdout  # the metrics were printed
     assert "could not be written" in third.stdout + third.stderr
@@ -398,14 +563,22 @@ def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(fi
 
 # 12. Clear messages: an unusable checkpoint is refused without suggesting weights_only=False.
 
+
 class CodeCarrier:
     """Anything a weights_only load refuses: a pickled class instance."""
 
 
 def test_12_a_code_carrying_checkpoint_is_refused_without_torchs_advice(tmp_path):
-    for path, load in [(tmp_path / "ckpt.pt", load_checkpoint), (tmp_path / "weights.pth", read_state_dict)]:
-        torch.save({"format_version": 1, "model": {"w": torch.zeros(1)}, "extra": CodeCarrier()}, path)
+    for path, load in [
+        (tmp_path / "ckpt.pt", load_checkpoint),
+        (tmp_path / "weights.pth", read_state_dict),
+    ]:
+        torch.save(
+            {"format_version": 1, "model": {"w": torch.zeros(1)}, "extra": CodeCarrier()}, path
+        )
         with pytest.raises((CheckpointError, WeightsFileError)) as error:
             load(path)
         assert str(path) in str(error.value) and "CodeCarrier" in str(error.value)
-        assert "weights_only=False" not in str(error.value) and "weights_only" not in str(error.value.__cause__ or "")
+        assert "weights_only=False" not in str(error.value) and "weights_only" not in str(
+            error.value.__cause__ or ""
+        )

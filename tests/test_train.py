@@ -1,4 +1,4 @@
-"""End to end on a tiny generated data set: the run directory, eval parity, resume, the CLI, sweeps."""
+"""End to end on a tiny generated data set: run directory, eval parity, resume, the CLI, sweeps."""
 
 from __future__ import annotations
 
@@ -37,12 +37,27 @@ def trained_run(tmp_path_factory, digits_root):
 
 def test_run_directory_holds_everything(trained_run):
     run_dir, summary = trained_run
-    for relative in ["config.yaml", "metrics.jsonl", "metrics.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
+    for relative in [
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ]:
         assert (run_dir / relative).is_file(), relative
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
-    for key in ["train_loss", "train_lr", "train_images_per_sec", "mAP", "mAP_ema", "mAP_voc", "CF1", "OF1_top3"]:
+    for key in [
+        "train_loss",
+        "train_lr",
+        "train_images_per_sec",
+        "mAP",
+        "mAP_ema",
+        "mAP_voc",
+        "CF1",
+        "OF1_top3",
+    ]:
         assert key in lines[0], key
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored["status"] == "completed" and stored["epochs_run"] == 2
@@ -53,11 +68,24 @@ def test_run_directory_holds_everything(trained_run):
 def test_checkpoint_is_plain_and_complete(trained_run):
     run_dir, _ = trained_run
     payload = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    for key in ["model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "best_metric", "class_names",
-                "config", "format_version"]:
+    for key in [
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "best_metric",
+        "class_names",
+        "config",
+        "format_version",
+    ]:
         assert key in payload, key
     assert payload["epoch"] == 2 and payload["class_names"][:3] == ["zero", "one", "two"]
-    assert isinstance(payload["config"], dict) and payload["config"]["backbone"]["name"] == "resnet18"
+    assert (
+        isinstance(payload["config"], dict) and payload["config"]["backbone"]["name"] == "resnet18"
+    )
 
 
 def test_eval_reproduces_training_map(trained_run, compose_config):
@@ -68,7 +96,9 @@ def test_eval_reproduces_training_map(trained_run, compose_config):
     assert result["metrics"]["mAP"] == pytest.approx(summary["best"]["mAP"], abs=1e-6)
     written = write_results(result, output_dir(cfg))
     assert written.parent.parent == best.parent and written.parent.name.startswith("eval-best-")
-    assert json.loads(written.read_text())["metrics"]["mAP"] == pytest.approx(result["metrics"]["mAP"])
+    assert json.loads(written.read_text())["metrics"]["mAP"] == pytest.approx(
+        result["metrics"]["mAP"]
+    )
     report = format_report(result)
     assert "mAP" in report and "nine" in report
 
@@ -83,9 +113,16 @@ def test_eval_refuses_data_with_other_classes(trained_run, compose_config, tmp_p
     data = json.loads(annotation.read_text())
     data["categories"][0]["name"] = "zebra"
     annotation.write_text(json.dumps(data))
-    cfg = compose_config("eval", [f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "dataset=coco2014",
-                                  f"dataset.root={other}", f"dataset.cache_dir={tmp_path / 'cache'}",
-                                  "dataset.image_size=32"])
+    cfg = compose_config(
+        "eval",
+        [
+            f"ckpt={run_dir / 'checkpoints' / 'best.pt'}",
+            "dataset=coco2014",
+            f"dataset.root={other}",
+            f"dataset.cache_dir={tmp_path / 'cache'}",
+            "dataset.image_size=32",
+        ],
+    )
     with pytest.raises(ValueError, match="zebra"):
         evaluate_checkpoint(cfg)
 
@@ -95,7 +132,9 @@ def test_resume_continues_where_it_stopped(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.epochs=1"), first)
     last = first / "checkpoints" / "last.pt"
     resumed = tmp_path / "resumed"
-    summary = train(tiny_cfg("trainer.epochs=2", f"resume={last}", "allow_config_change=true"), resumed)
+    summary = train(
+        tiny_cfg("trainer.epochs=2", f"resume={last}", "allow_config_change=true"), resumed
+    )
     assert summary["epochs_run"] == 2
     lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # the history travels with the checkpoint
@@ -107,26 +146,44 @@ def test_resume_continues_where_it_stopped(tiny_cfg, tmp_path):
 def test_resume_refuses_another_model(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.epochs=1"), tmp_path / "a")
     with pytest.raises(ValueError, match="model.hidden_dim: 32 -> 16"):
-        train(tiny_cfg("model.hidden_dim=16", f"resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"), tmp_path / "b")
+        train(
+            tiny_cfg("model.hidden_dim=16", f"resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"),
+            tmp_path / "b",
+        )
 
 
 def test_early_stopping(tiny_cfg, tmp_path):
     # lr 0 can never improve on epoch 1, so patience 1 stops at epoch 2 of 5.
-    summary = train(tiny_cfg("trainer.epochs=5", "trainer.early_stop_patience=1", "optimizer.lr=0",
-                             "trainer.ema_decay=0"), tmp_path / "run")
+    summary = train(
+        tiny_cfg(
+            "trainer.epochs=5",
+            "trainer.early_stop_patience=1",
+            "optimizer.lr=0",
+            "trainer.ema_decay=0",
+        ),
+        tmp_path / "run",
+    )
     assert summary["status"] == "early_stopped" and summary["epochs_run"] == 2
 
 
 def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("experiment=demo loss.gamma_neg=abc", "could not be converted to Float"),
-     ("dataset=imagenet22k", "Available options"),
-     ("dataset.root=/data/my_coco", "You must specify 'dataset'")],  # forgot dataset=: nothing runs
+    [
+        ("experiment=demo loss.gamma_neg=abc", "could not be converted to Float"),
+        ("dataset=imagenet22k", "Available options"),
+        ("dataset.root=/data/my_coco", "You must specify 'dataset'"),
+    ],  # forgot dataset=: nothing runs
 )
 def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, message):
     result = _run(["train.py", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"], cli_env)
@@ -156,10 +213,22 @@ def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
 def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = tiny_overrides(digits_root, tmp_path / "cache")
-    result = _run(["train.py", "-m", *overrides, "trainer.epochs=1", "optimizer.lr=1e-3,-1",
-                   f"hydra.sweep.dir={sweep_dir}"], cli_env)
+    result = _run(
+        [
+            "train.py",
+            "-m",
+            *overrides,
+            "trainer.epochs=1",
+            "optimizer.lr=1e-3,-1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cli_env,
+    )
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    assert [row["overrides"].split()[-1] for row in rows] == ["optimizer.lr=0.001", "optimizer.lr=-1"]
+    assert [row["overrides"].split()[-1] for row in rows] == [
+        "optimizer.lr=0.001",
+        "optimizer.lr=-1",
+    ]
     assert [row["status"] for row in rows] == ["completed", "failed"]
     assert float(rows[0]["best_mAP"]) > 0
     assert (sweep_dir / "summary.md").is_file()

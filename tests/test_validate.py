@@ -1,4 +1,4 @@
-"""Data validation (the function, the CLI, the check at train start) and bad images during training."""
+"""Data validation (function, CLI, check at train start) and bad images during training."""
 
 from __future__ import annotations
 
@@ -106,13 +106,19 @@ def test_training_stops_before_any_step_when_an_image_is_missing(tiny_cfg, digit
 
 # ---- bad images while training (dataset.on_bad_image) ----
 
+
 def _dataset(root: Path, **options) -> MultiLabelImageDataset:
     rows = [(f"{i}.jpg", "x") for i in range(8)]
     _table(root, rows)
     paths = [root / name for name, _ in rows]
     labels = np.eye(8, dtype=np.int8)  # target i identifies image i
-    return MultiLabelImageDataset(paths, labels, [f"c{i}" for i in range(8)],
-                                  build_eval_transform(16, (0.5,) * 3, (0.5,) * 3), **options)
+    return MultiLabelImageDataset(
+        paths,
+        labels,
+        [f"c{i}" for i in range(8)],
+        build_eval_transform(16, (0.5,) * 3, (0.5,) * 3),
+        **options,
+    )
 
 
 def test_error_policy_names_the_file_and_the_reason(tmp_path):

@@ -16,7 +16,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`precision` itself, or for "auto" the fastest safe choice for `device` (fp32, bf16 or fp16)."""
+    """`precision` itself, or for "auto" the fastest safe one on `device` (fp32, bf16 or fp16)."""
     if precision != "auto":
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")

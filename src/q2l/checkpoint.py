@@ -39,12 +39,29 @@ log = logging.getLogger(__name__)
 # Config keys that may differ on resume: they change how a run is watched or launched, not what
 # it computes.
 RESUME_IGNORED_KEYS = (
-    "resume", "allow_config_change", "init_from", "prepare", "trainer.progress_bar", "trainer.log_every_n_steps",
-    "trainer.checkpoint_every_steps", "trainer.keep_last", "trainer.slurm_requeue", "dataset.num_workers",
-    "dataset.validate", "dataset.cache_dir", "backbone.weights", "backbone.pretrained",
+    "resume",
+    "allow_config_change",
+    "init_from",
+    "prepare",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_steps",
+    "trainer.keep_last",
+    "trainer.slurm_requeue",
+    "dataset.num_workers",
+    "dataset.validate",
+    "dataset.cache_dir",
+    "backbone.weights",
+    "backbone.pretrained",
 )
 # Changes to these make the saved LR schedule stale.
-SCHEDULE_KEYS = ("trainer.epochs", "schedule.", "optimizer.lr", "dataset.batch_size", "trainer.limit_train_batches")
+SCHEDULE_KEYS = (
+    "trainer.epochs",
+    "schedule.",
+    "optimizer.lr",
+    "dataset.batch_size",
+    "trainer.limit_train_batches",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -66,7 +83,9 @@ def training_payload(state: TrainState, **extra: Any) -> dict[str, Any]:
     }
 
 
-def restore_training(state: TrainState, checkpoint: dict[str, Any], source: Path, changes: list[str]) -> None:
+def restore_training(
+    state: TrainState, checkpoint: dict[str, Any], source: Path, changes: list[str]
+) -> None:
     """Put every part of `state` (and every RNG) back as `checkpoint` had it.
 
     `changes` are the accepted config changes (`resume_changes`); with a changed schedule the
@@ -89,22 +108,30 @@ def restore_training(state: TrainState, checkpoint: dict[str, Any], source: Path
     restore_rng(checkpoint["rng"])
 
 
-def resume_changes(checkpoint: dict[str, Any], source: Path, config: dict[str, Any],
-                   allow_config_change: bool) -> list[str]:
+def resume_changes(
+    checkpoint: dict[str, Any], source: Path, config: dict[str, Any], allow_config_change: bool
+) -> list[str]:
     """The config changes since `checkpoint`; refuses (ValueError with the diff) unless allowed."""
     changes = config_diff(checkpoint["config"], config, ignore=RESUME_IGNORED_KEYS)
     if changes and not allow_config_change:
-        raise ValueError(f"resume from {source}: the config differs from the checkpoint's:\n  "
-                         + "\n  ".join(changes) + "\nrerun with the original settings, or pass "
-                         "allow_config_change=true to continue anyway. Nothing was changed")
+        raise ValueError(
+            f"resume from {source}: the config differs from the checkpoint's:\n  "
+            + "\n  ".join(changes)
+            + "\nrerun with the original settings, or pass "
+            "allow_config_change=true to continue anyway. Nothing was changed"
+        )
     if changes:
-        log.warning("resuming from %s with a changed config (allow_config_change=true):\n  %s", source,
-                    "\n  ".join(changes))
+        log.warning(
+            "resuming from %s with a changed config (allow_config_change=true):\n  %s",
+            source,
+            "\n  ".join(changes),
+        )
     return changes
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "auto",
-                          image_size: int | None = None) -> tuple[torch.nn.Module, str]:
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], weights: str = "auto", image_size: int | None = None
+) -> tuple[torch.nn.Module, str]:
     """The trained model in `checkpoint`, rebuilt from its config through the allowlist.
 
     Args:
@@ -115,9 +142,15 @@ def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "auto",
     """
     from q2l.config import build_model  # config imports the model zoo; only this needs it here
 
-    chosen = checkpoint.get("eval_weights", "model") if weights == "auto" else {"raw": "model", "ema": "ema"}.get(weights)
+    chosen = (
+        checkpoint.get("eval_weights", "model")
+        if weights == "auto"
+        else {"raw": "model", "ema": "ema"}.get(weights)
+    )
     if chosen is None or checkpoint.get(chosen) is None:
-        raise ValueError(f"weights={weights!r}: choose auto, raw or ema (ema only if the run kept one)")
+        raise ValueError(
+            f"weights={weights!r}: choose auto, raw or ema (ema only if the run kept one)"
+        )
     config = checkpoint["config"]
     if image_size is not None:
         config = {**config, "dataset": {**config["dataset"], "image_size": image_size}}
@@ -129,34 +162,48 @@ def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "auto",
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """load_state_dict(strict=True) with every mismatched key named in one error."""
     own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if mismatched or missing or unexpected:
-        raise ValueError(f"checkpoint {source} does not fit this model: {len(mismatched)} mismatched "
-                         f"({and_more(mismatched)}), {len(missing)} missing ({and_more(missing)}), "
-                         f"{len(unexpected)} unexpected ({and_more(unexpected)})")
+        raise ValueError(
+            f"checkpoint {source} does not fit this model: {len(mismatched)} mismatched "
+            f"({and_more(mismatched)}), {len(missing)} missing ({and_more(missing)}), "
+            f"{len(unexpected)} unexpected ({and_more(unexpected)})"
+        )
     model.load_state_dict(state)
 
 
 def load_matching_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: Path) -> None:
-    """Fine-tuning start (`init_from`): load every weight whose name and shape match; log the rest."""
+    """Fine-tuning start (`init_from`): load weights whose name and shape match; log the rest."""
     own = model.state_dict()
     usable = {k: v for k, v in checkpoint["model"].items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(checkpoint["model"]) - set(usable))
     fresh = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
-    log.info("init_from=%s: loaded %d tensors; skipped (shape or name differs) %s; newly initialised %s",
-             source, len(usable), and_more(skipped), and_more(fresh))
+    log.info(
+        "init_from=%s: loaded %d tensors; skipped (shape or name differs) %s; newly initialised %s",
+        source,
+        len(usable),
+        and_more(skipped),
+        and_more(fresh),
+    )
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write `payload` to `path` atomically (q2l.atomic): a crash or a full disk during the write
     leaves the previous file at `path` untouched, and no partial file."""
     path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, "q2l_version": q2l.__version__,
-               "torch_version": str(torch.__version__), **payload}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "q2l_version": q2l.__version__,
+        "torch_version": str(torch.__version__),
+        **payload,
+    }
     writer = None
     try:
         with atomic_write(path) as handle:
@@ -168,8 +215,14 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         cause = (writer.error if writer else None) or error
         if not isinstance(cause, OSError):
             raise
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
-        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from cause
+        kept = (
+            f"the previous {path.name} is intact"
+            if path.exists()
+            else f"no earlier {path.name} existed"
+        )
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}"
+        ) from cause
 
 
 class _RecordingWriter:
@@ -221,12 +274,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The readable checkpoint in `directory` with the highest recorded step: (path, payload), or None.
+    """The readable checkpoint in `directory` with the highest recorded step, as (path, payload).
 
     Candidates are last.pt and the periodic step-N.pt files; each one's step is read from the file
     itself (memory-mapped, so cheap), because a last.pt interrupted mid-write stays at its older
-    step while a newer step-N.pt exists. On equal steps last.pt wins. A corrupt or truncated file
-    is skipped with a warning naming it and the one used instead.
+    step while a newer step-N.pt exists. On equal steps last.pt wins. A corrupt or truncated file is
+    skipped with a warning naming it and the one used instead.
     """
     directory = Path(directory)
     ranked, skipped = [], []
@@ -251,7 +304,9 @@ def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
             log.warning("resuming from %s instead of the unreadable %s", path, ", ".join(skipped))
         return path, payload
     if skipped:
-        raise CheckpointError(f"no readable checkpoint in {directory}; unreadable: {', '.join(skipped)}")
+        raise CheckpointError(
+            f"no readable checkpoint in {directory}; unreadable: {', '.join(skipped)}"
+        )
     return None
 
 
@@ -289,7 +344,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+def config_diff(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> list[str]:
     """Lines `key: saved -> current` for every leaf that differs, keys under `ignore` skipped."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
     lines = []

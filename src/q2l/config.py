@@ -57,8 +57,13 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-def schema_for(target: Callable, runtime: Sequence[str] = (), partial: bool = False, name: str | None = None,
-               with_target: bool = True) -> type:
+def schema_for(
+    target: Callable,
+    runtime: Sequence[str] = (),
+    partial: bool = False,
+    name: str | None = None,
+    with_target: bool = True,
+) -> type:
     """A structured-config dataclass with one field per keyword argument of `target`.
 
     Types and defaults are read from the signature; arguments without a default are MISSING
@@ -74,13 +79,20 @@ def schema_for(target: Callable, runtime: Sequence[str] = (), partial: bool = Fa
     if partial:
         specs.append(("_partial_", bool, field(default=True)))
     for parameter in inspect.signature(target).parameters.values():
-        if parameter.name in runtime or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if parameter.name in runtime or parameter.kind in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        ):
             continue
         default = parameter.default
         if default is inspect.Parameter.empty:
             spec = field(default=MISSING)
         elif isinstance(default, (list, dict, tuple)):
-            spec = field(default_factory=lambda value=default: list(value) if isinstance(value, tuple) else value)
+            spec = field(
+                default_factory=lambda value=default: (
+                    list(value) if isinstance(value, tuple) else value
+                )
+            )
         else:
             spec = field(default=default)
         specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
@@ -101,7 +113,9 @@ def _config_type(annotation: Any) -> Any:
         return list[_config_type(item)] if item in (int, float, str, bool) else list[Any]
     if origin is dict or annotation is dict:
         return dict[str, Any]
-    if annotation in (int, float, str, bool) or (isinstance(annotation, type) and issubclass(annotation, Enum)):
+    if annotation in (int, float, str, bool) or (
+        isinstance(annotation, type) and issubclass(annotation, Enum)
+    ):
         return annotation
     return Any
 
@@ -149,9 +163,13 @@ class DatasetConf:
     num_workers: int = 8  # DataLoader worker processes
     train: Any = MISSING  # `_target_` node; the transform is supplied at run time
     val: Any = MISSING
-    validate: ValidateLevel = ValidateLevel.quick  # checked at train start (q2l-validate-data does the same)
+    validate: ValidateLevel = (
+        ValidateLevel.quick
+    )  # checked at train start (q2l-validate-data does the same)
     on_bad_image: BadImagePolicy = BadImagePolicy.error
-    max_bad_fraction: float = 0.01  # with on_bad_image=skip: more bad images than this share stops the run
+    max_bad_fraction: float = (
+        0.01  # with on_bad_image=skip: more bad images than this share stops the run
+    )
     partial: PartialLabelsConf = field(default_factory=PartialLabelsConf)
 
 
@@ -180,7 +198,9 @@ class OpenImagesDatasetConf(DatasetConf):
     train_annotations: str = MISSING
     val_annotations: str = MISSING
     class_file: str | None = None  # None: every LabelName in both annotation files
-    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.ignore  # rows of classes outside class_file
+    unknown_labels: UnknownLabelPolicy = (
+        UnknownLabelPolicy.ignore
+    )  # rows of classes outside class_file
     image_extension: str = ".jpg"
 
 
@@ -206,7 +226,9 @@ MixConf = schema_for(MultiLabelMixup, runtime=("num_classes",), name="MixConf", 
 
 
 @dataclass
-class AugmentConf(schema_for(build_train_transform, runtime=("image_size", "mean", "std"), with_target=False)):
+class AugmentConf(
+    schema_for(build_train_transform, runtime=("image_size", "mean", "std"), with_target=False)
+):
     mix: MixConf = field(default_factory=MixConf)  # MixUp/CutMix: a batch transform, off by default
 
 
@@ -223,7 +245,9 @@ class TrainerConf:
     log_every_n_steps: int = 50
     limit_train_batches: int | None = None  # for smoke tests
     limit_val_batches: int | None = None
-    channels_last: bool = True  # NHWC convolutions: faster inference on CPU and GPU, neutral in training
+    channels_last: bool = (
+        True  # NHWC convolutions: faster inference on CPU and GPU, neutral in training
+    )
     compile: bool = False
     deterministic: bool = False
     progress_bar: bool = True
@@ -267,10 +291,14 @@ class EvalConf:
     batch_size: int | None = None
     num_workers: int | None = None
     device: str = "auto"
-    precision: str = "checkpoint"  # the precision the run trained with (so mAP matches); or auto/fp32/bf16/fp16
+    precision: str = (
+        "checkpoint"  # the precision the run trained with (so mAP matches); or auto/fp32/bf16/fp16
+    )
     threshold: float | None = None  # None: the run's trainer.threshold
     limit_val_batches: int | None = None
-    output: str | None = None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
+    output: str | None = (
+        None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
+    )
 
 
 class ConfigValueError(ValueError):
@@ -295,13 +323,19 @@ VALUE_RULES = {
     "trainer.early_stop_patience": _OPTIONAL_AT_LEAST_1,
     "trainer.max_consecutive_skipped_steps": _NON_NEGATIVE,
     "trainer.ema_decay": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 turns the EMA off)"),
-    "trainer.grad_clip_norm": (lambda v: v is None or v > 0, "must be positive (or null for no clipping)"),
+    "trainer.grad_clip_norm": (
+        lambda v: v is None or v > 0,
+        "must be positive (or null for no clipping)",
+    ),
     "trainer.threshold": _OPEN_FRACTION,
     "dataset.batch_size": _AT_LEAST_1,
     "dataset.image_size": _AT_LEAST_1,
     "dataset.num_workers": _NON_NEGATIVE,
     "dataset.max_bad_fraction": _FRACTION,
-    "dataset.partial.keep_ratio": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1] (1 keeps every label)"),
+    "dataset.partial.keep_ratio": (
+        lambda v: 0.0 < v <= 1.0,
+        "must be in (0, 1] (1 keeps every label)",
+    ),
     "dataset.val_fraction": _OPEN_FRACTION,
     "optimizer.lr": _NON_NEGATIVE,
     "optimizer.weight_decay": _NON_NEGATIVE,
@@ -311,7 +345,10 @@ VALUE_RULES = {
     "batch_size": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the run's own)"),
     "num_workers": (lambda v: v is None or v >= 0, "must be 0 or more (or null for the run's own)"),
     "limit_val_batches": _OPTIONAL_AT_LEAST_1,
-    "threshold": (lambda v: v is None or 0.0 < v < 1.0, "must be in (0, 1) (or null for the run's own)"),
+    "threshold": (
+        lambda v: v is None or 0.0 < v < 1.0,
+        "must be in (0, 1) (or null for the run's own)",
+    ),
 }
 
 
@@ -334,7 +371,13 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConf)
     store.store(name="eval_schema", node=EvalConf)
     for group, name, node in [
-        ("model", "query2label", schema_for(HEADS["q2l.models.query2label.Query2Label"], runtime=("backbone", "num_classes"))),
+        (
+            "model",
+            "query2label",
+            schema_for(
+                HEADS["q2l.models.query2label.Query2Label"], runtime=("backbone", "num_classes")
+            ),
+        ),
         ("dataset", "coco", CocoDatasetConf),
         ("dataset", "voc", VocDatasetConf),
         ("dataset", "nus_wide", NusWideDatasetConf),
@@ -345,8 +388,24 @@ def register_configs() -> None:
         ("loss", "partial_asl", schema_for(losses.PartialAsymmetricLoss)),
         ("loss", "bce", schema_for(losses.BCEWithLogitsLoss)),
         ("optimizer", "adamw", schema_for(optim.build_adamw, runtime=("model",), partial=True)),
-        ("schedule", "onecycle", schema_for(optim.build_onecycle, runtime=("optimizer", "total_steps", "steps_per_epoch"), partial=True)),
-        ("schedule", "cosine", schema_for(optim.build_cosine, runtime=("optimizer", "total_steps", "steps_per_epoch"), partial=True)),
+        (
+            "schedule",
+            "onecycle",
+            schema_for(
+                optim.build_onecycle,
+                runtime=("optimizer", "total_steps", "steps_per_epoch"),
+                partial=True,
+            ),
+        ),
+        (
+            "schedule",
+            "cosine",
+            schema_for(
+                optim.build_cosine,
+                runtime=("optimizer", "total_steps", "steps_per_epoch"),
+                partial=True,
+            ),
+        ),
     ]:
         store.store(group=f"schema/{group}", name=name, node=node)
     for option, timm_name in BACKBONES.items():
@@ -369,13 +428,18 @@ def instantiate_allowed(node: dict[str, Any], allowed: dict[str, Callable], **ru
     `node` must be in `allowed`, so nothing a file names is imported or called otherwise."""
     for target in _targets(node):
         if target not in allowed:
-            raise ValueError(f"the checkpoint's config names {target!r}, which q2l does not rebuild from a file; "
-                             f"known: {sorted(allowed)}")
+            raise ValueError(
+                f"the checkpoint's config names {target!r}, which q2l does not rebuild from a "
+                "file; "
+                ""
+                f"known: {sorted(allowed)}"
+            )
     return construct(node, **runtime)
 
 
-def build_model(config: dict[str, Any], num_classes: int, pretrained: bool | None = None,
-                trusted: bool = True) -> nn.Module:
+def build_model(
+    config: dict[str, Any], num_classes: int, pretrained: bool | None = None, trusted: bool = True
+) -> nn.Module:
     """The model `config` (a resolved train config) describes: its backbone under its head.
 
     Args:
@@ -392,7 +456,11 @@ def build_model(config: dict[str, Any], num_classes: int, pretrained: bool | Non
         backbone["pretrained"] = pretrained
 
     def make(node: dict[str, Any], **runtime: Any) -> Any:
-        return construct(node, **runtime) if trusted else instantiate_allowed(node, MODEL_TARGETS, **runtime)
+        return (
+            construct(node, **runtime)
+            if trusted
+            else instantiate_allowed(node, MODEL_TARGETS, **runtime)
+        )
 
     body = make(backbone, image_size=config["dataset"]["image_size"])
     return make(dict(config["model"]), backbone=body, num_classes=num_classes)

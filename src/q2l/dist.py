@@ -33,7 +33,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name!r} but CUDA is not available; use device=cpu or auto")
+        raise RuntimeError(
+            f"trainer.device={name!r} but CUDA is not available; use device=cpu or auto"
+        )
     return device
 
 
@@ -48,4 +50,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = (
+            True  # fixed input sizes: let cuDNN pick the fastest kernels
+        )

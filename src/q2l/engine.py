@@ -1,4 +1,4 @@
-"""The two loops: one training pass and one evaluation pass. The epoch loop (q2l.fit) owns the rest."""
+"""The two loops, one training pass and one evaluation pass; q2l.fit owns the epochs."""
 
 from __future__ import annotations
 
@@ -60,9 +60,13 @@ class StepOptions:
     batch_transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None
 
 
-def train_one_epoch(state: TrainState, batches: Iterable[Batch], options: StepOptions,
-                    on_step: Callable[[torch.Tensor, bool], bool] | None = None) -> int:
-    """One optimizer step per batch of images (B, 3, H, W) and targets (B, K); returns the steps taken.
+def train_one_epoch(
+    state: TrainState,
+    batches: Iterable[Batch],
+    options: StepOptions,
+    on_step: Callable[[torch.Tensor, bool], bool] | None = None,
+) -> int:
+    """One optimizer step per batch of images (B, 3, H, W) and targets (B, K); returns the steps.
 
     on_step(loss, skipped) runs after every step with the detached fp32 loss and whether the fp16
     loss scaler skipped the update; returning True ends the pass (stop requests).
@@ -77,8 +81,9 @@ def train_one_epoch(state: TrainState, batches: Iterable[Batch], options: StepOp
     return steps
 
 
-def _train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor,
-                options: StepOptions) -> tuple[torch.Tensor, bool]:
+def _train_step(
+    state: TrainState, images: torch.Tensor, targets: torch.Tensor, options: StepOptions
+) -> tuple[torch.Tensor, bool]:
     """Forward, loss in fp32, backward, clip, optimizer and schedule step, EMA update."""
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     images = images.to(options.device, non_blocking=True, memory_format=memory_format)
@@ -87,10 +92,14 @@ def _train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor,
         images, targets = options.batch_transform(images, targets)
     with autocast(options.device, options.precision):
         logits = state.forward(images)  # (B, K)
-    loss = state.loss(logits.float(), targets)  # fp32 outside autocast: ASL's eps underflows in fp16
+    loss = state.loss(
+        logits.float(), targets
+    )  # fp32 outside autocast: ASL's eps underflows in fp16
     step = state.step + 1
     if options.check_finite and not torch.isfinite(loss):
-        raise NonFiniteError(f"loss is {loss.item()} at step {step}; stopped before the optimizer step")
+        raise NonFiniteError(
+            f"loss is {loss.item()} at step {step}; stopped before the optimizer step"
+        )
 
     scaler = state.scaler
     state.optimizer.zero_grad(set_to_none=True)
@@ -99,10 +108,14 @@ def _train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor,
     if options.grad_clip_norm is not None or (options.check_finite and scale_before is None):
         scaler.unscale_(state.optimizer)  # clip the true gradient, not the scaled one
         # max_norm=inf measures without clipping when only the finiteness check needs the norm.
-        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), options.grad_clip_norm or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(
+            state.model.parameters(), options.grad_clip_norm or math.inf
+        )
         if options.check_finite and scale_before is None and not torch.isfinite(norm):
-            raise NonFiniteError(f"gradient norm is {norm.item()} at step {step} (loss {loss.item():.4g}); "
-                                 "stopped before the optimizer step")
+            raise NonFiniteError(
+                f"gradient norm is {norm.item()} at step {step} (loss {loss.item():.4g}); "
+                "stopped before the optimizer step"
+            )
     scaler.step(state.optimizer)
     scaler.update()
     skipped = scale_before is not None and scaler.get_scale() < scale_before
@@ -114,8 +127,12 @@ def _train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor,
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[Batch], options: StepOptions,
-             should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    options: StepOptions,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Scores (N, K) float32 probabilities and targets (N, K) float32, both on CPU.
 
     should_stop: polled after every batch; when it returns True the pass ends and None is

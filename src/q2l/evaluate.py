@@ -50,13 +50,17 @@ def main(cfg: DictConfig) -> float:
     try:
         write_results(result, output)
     except OSError as error:
-        log.error("the metrics above could not be written to %s (%s); pass output=<a writable folder>", output, error)
+        log.error(
+            "the metrics above could not be written to %s (%s); pass output=<a writable folder>",
+            output,
+            error,
+        )
         sys.exit(1)
     return result["metrics"]["mAP"]
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    """Where this evaluation's files go: `output`, or a new folder named for the checkpoint and time.
+    """Where this evaluation's files go: `output`, or a new folder named for checkpoint and time.
 
     Checked before evaluating: an `output` folder that already holds files is refused (earlier
     results are kept), and an unwritable location is reported at once, as a warning.
@@ -64,14 +68,21 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.output:
         folder = Path(cfg.output).expanduser()
         if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(f"output={cfg.output} already holds files; q2l does not overwrite earlier "
-                                  "results. Pass a new or empty folder")
+            raise FileExistsError(
+                f"output={cfg.output} already holds files; q2l does not overwrite earlier "
+                "results. Pass a new or empty folder"
+            )
     else:
         ckpt = Path(cfg.ckpt)
-        folder = ckpt.parent / f"eval-{ckpt.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+        folder = (
+            ckpt.parent
+            / f"eval-{ckpt.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+        )
     probe = folder if folder.is_dir() else folder.parent
     if not _writable(probe):
-        log.warning("%s is not writable: the metrics will be printed but not saved (pass output=DIR)", probe)
+        log.warning(
+            "%s is not writable: the metrics will be printed but not saved (pass output=DIR)", probe
+        )
     return folder
 
 
@@ -96,11 +107,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     run_config = checkpoint["config"]
     class_names = checkpoint["class_names"]
     device = dist.resolve_device(cfg.device)
-    dataset_config = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.dataset else run_config["dataset"]
+    dataset_config = (
+        OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.dataset else run_config["dataset"]
+    )
     image_size = dataset_config["image_size"]
     model, weights = model_from_checkpoint(checkpoint, cfg.weights, image_size)
     # The precision the run trained (and validated) with, so the mAP it recorded is reproduced.
-    precision = checkpoint.get("precision", "fp32") if cfg.precision == "checkpoint" else cfg.precision
+    precision = (
+        checkpoint.get("precision", "fp32") if cfg.precision == "checkpoint" else cfg.precision
+    )
     channels_last = run_config["trainer"].get("channels_last", False)
     options = StepOptions(device, resolve_precision(precision, device), channels_last=channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -108,9 +123,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     transform = build_eval_transform(image_size, *normalization(run_config["backbone"]["name"]))
     dataset = _build_val_split(cfg, dataset_config, transform)
     _check_classes(dataset.class_names, class_names, cfg.ckpt)
-    loader = build_loader(dataset, cfg.batch_size or dataset_config["batch_size"], train=False,
-                          num_workers=dataset_config["num_workers"] if cfg.num_workers is None else cfg.num_workers)
-    total = len(loader) if cfg.limit_val_batches is None else min(len(loader), cfg.limit_val_batches)
+    loader = build_loader(
+        dataset,
+        cfg.batch_size or dataset_config["batch_size"],
+        train=False,
+        num_workers=dataset_config["num_workers"] if cfg.num_workers is None else cfg.num_workers,
+    )
+    total = (
+        len(loader) if cfg.limit_val_batches is None else min(len(loader), cfg.limit_val_batches)
+    )
     batches = tqdm(itertools.islice(loader, total), total=total, leave=False, desc="eval")
     scores, targets = evaluate(model, batches, options)
     threshold = cfg.threshold if cfg.threshold is not None else run_config["trainer"]["threshold"]
@@ -125,7 +146,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "epoch": checkpoint["epoch"],
         "trained_mAP": checkpoint["metrics"].get("mAP_best"),
         "metrics": compute_metrics(scores, targets, threshold=threshold),
-        "per_class_AP": {name: float(ap) for name, ap in zip(class_names, per_class.tolist(), strict=True)},
+        "per_class_AP": {
+            name: float(ap) for name, ap in zip(class_names, per_class.tolist(), strict=True)
+        },
     }
 
 
@@ -145,7 +168,11 @@ def _check_classes(data_classes: list[str], checkpoint_classes: list[str], ckpt:
         return
     missing = [c for c in checkpoint_classes if c not in data_classes]
     extra = [c for c in data_classes if c not in checkpoint_classes]
-    detail = f"only in checkpoint: {missing}; only in data: {extra}" if missing or extra else "same names, other order"
+    detail = (
+        f"only in checkpoint: {missing}; only in data: {extra}"
+        if missing or extra
+        else "same names, other order"
+    )
     raise ValueError(f"the data set's classes do not match checkpoint {ckpt} ({detail})")
 
 
@@ -154,13 +181,21 @@ def format_report(result: dict[str, Any]) -> str:
     metrics = result["metrics"]
     lines = [
         f"checkpoint {result['checkpoint']} ({result['weights']} weights, epoch {result['epoch']})",
-        f"data set   {result['dataset']}: {result['num_images']} images, threshold {result['threshold']}",
+        f"data set   {result['dataset']}: {result['num_images']} images, threshold "
+        f"{result['threshold']}",
         "",
         f"{'metric':<12}{'value':>8}",
     ]
-    lines += [f"{key:<12}{value:>8.2f}" for key, value in metrics.items() if key != "num_classes_without_positives"]
+    lines += [
+        f"{key:<12}{value:>8.2f}"
+        for key, value in metrics.items()
+        if key != "num_classes_without_positives"
+    ]
     if metrics.get("num_classes_without_positives"):
-        lines.append(f"({metrics['num_classes_without_positives']} classes without positives left out of mAP)")
+        lines.append(
+            f"({metrics['num_classes_without_positives']} classes without positives left out of "
+            "mAP)"
+        )
     width = max(len(name) for name in result["per_class_AP"]) + 2
     lines += ["", f"{'class':<{width}}{'AP':>8}"]
     lines += [f"{name:<{width}}{ap:>8.2f}" for name, ap in result["per_class_AP"].items()]

@@ -48,10 +48,12 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> Progress:
-        """The saved progress; checkpoints of q2l 0.1 predate validated_epoch (all validated then)."""
+        """The saved progress (q2l 0.1 checkpoints predate validated_epoch: all were validated)."""
         saved = checkpoint["progress"]
         known = {f.name for f in fields(cls)}
-        return cls(**{"validated_epoch": saved["epoch"], **{k: v for k, v in saved.items() if k in known}})
+        return cls(
+            **{"validated_epoch": saved["epoch"], **{k: v for k, v in saved.items() if k in known}}
+        )
 
 
 @dataclass
@@ -66,8 +68,10 @@ class Loop:
     eval_options: StepOptions  # validation (no batch transform)
 
 
-def fit(state: TrainState, train_loader, val_loader, trainer: DictConfig, progress: Progress, loop: Loop) -> str:
-    """Train and validate until `trainer.epochs`, early stop, or a stop request; returns the run status."""
+def fit(
+    state: TrainState, train_loader, val_loader, trainer: DictConfig, progress: Progress, loop: Loop
+) -> str:
+    """Train and validate up to `trainer.epochs`, an early stop or a stop request; return status."""
     with StopRequest() as stop:
         while True:
             if progress.validated_epoch < progress.epoch:
@@ -87,15 +91,25 @@ def fit(state: TrainState, train_loader, val_loader, trainer: DictConfig, progre
             progress.batches_done = 0
 
 
-def _finish_epoch(record: dict[str, Any], train_loader, state: TrainState, trainer: DictConfig,
-                  progress: Progress, loop: Loop) -> str | None:
+def _finish_epoch(
+    record: dict[str, Any],
+    train_loader,
+    state: TrainState,
+    trainer: DictConfig,
+    progress: Progress,
+    loop: Loop,
+) -> str | None:
     """Log and checkpoint a validated epoch; returns the final status when training ends here."""
     steps = max(progress.batches_done, 1)
-    record = {"epoch": progress.epoch, "step": state.step,
-              "train_loss": progress.epoch_loss_sum / steps,
-              "train_lr": state.optimizer.param_groups[0]["lr"],
-              "train_images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
-              "train_bad_images": getattr(train_loader.dataset, "bad_images", 0), **record}
+    record = {
+        "epoch": progress.epoch,
+        "step": state.step,
+        "train_loss": progress.epoch_loss_sum / steps,
+        "train_lr": state.optimizer.param_groups[0]["lr"],
+        "train_images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
+        "train_bad_images": getattr(train_loader.dataset, "bad_images", 0),
+        **record,
+    }
     progress.validated_epoch = progress.epoch
     progress.batches_done = progress.epoch_images = 0
     progress.epoch_loss_sum = progress.epoch_seconds = 0.0
@@ -103,9 +117,15 @@ def _finish_epoch(record: dict[str, Any], train_loader, state: TrainState, train
     if improved:
         progress.best_metric, progress.best_epoch = record["mAP_best"], progress.epoch
     loop.run_log.log_epoch(record, state.step)
-    log.info("epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | %.0f img/s", progress.epoch, trainer.epochs,
-             record["train_loss"], record["mAP"], f"{record['mAP_ema']:.2f}" if "mAP_ema" in record else "-",
-             record["train_images_per_sec"])
+    log.info(
+        "epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | %.0f img/s",
+        progress.epoch,
+        trainer.epochs,
+        record["train_loss"],
+        record["mAP"],
+        f"{record['mAP_ema']:.2f}" if "mAP_ema" in record else "-",
+        record["train_images_per_sec"],
+    )
     patience = trainer.early_stop_patience
     if patience is not None and progress.epoch - progress.best_epoch >= patience:
         log.info("early stop: no better mAP for %d epochs", patience)
@@ -122,8 +142,14 @@ def _preempted(stop: StopRequest, state: TrainState, progress: Progress, loop: L
     return "preempted"
 
 
-def _train_epoch_part(state: TrainState, train_loader, trainer: DictConfig, progress: Progress, loop: Loop,
-                      stop: StopRequest) -> None:
+def _train_epoch_part(
+    state: TrainState,
+    train_loader,
+    trainer: DictConfig,
+    progress: Progress,
+    loop: Loop,
+    stop: StopRequest,
+) -> None:
     """Train from `progress.batches_done` to the end of the epoch, or until a stop request.
 
     The epoch's loss, image and time totals accumulate in `progress`, so that they survive a
@@ -153,8 +179,11 @@ def _train_epoch_part(state: TrainState, train_loader, trainer: DictConfig, prog
         if progress.consecutive_skips > trainer.max_consecutive_skipped_steps:
             raise NonFiniteError(
                 f"the fp16 loss scaler skipped {progress.consecutive_skips} steps in a row (scale "
-                f"{state.scaler.get_scale():.3g}) up to step {state.step}: the loss is probably exploding; "
-                "lower the learning rate, clip gradients (trainer.grad_clip_norm) or use bf16")
+                f"{state.scaler.get_scale():.3g}) up to step {state.step}: the loss is probably "
+                "exploding; "
+                ""
+                "lower the learning rate, clip gradients (trainer.grad_clip_norm) or use bf16"
+            )
         if stop or (every and state.step % every == 0):
             sync_totals()
         if every and state.step % every == 0 and not stop:
@@ -174,8 +203,9 @@ def _train_epoch_part(state: TrainState, train_loader, trainer: DictConfig, prog
     sync_totals()
 
 
-def _validate(state: TrainState, val_loader, trainer: DictConfig, loop: Loop,
-              should_stop: Callable[[], bool]) -> dict[str, Any] | None:
+def _validate(
+    state: TrainState, val_loader, trainer: DictConfig, loop: Loop, should_stop: Callable[[], bool]
+) -> dict[str, Any] | None:
     """Metrics of the raw weights and, with EMA on, of the EMA weights; names the better.
 
     None when `should_stop()` turned true before the end (a stop request during validation).
@@ -183,7 +213,11 @@ def _validate(state: TrainState, val_loader, trainer: DictConfig, loop: Loop,
     candidates = {"": state.model}
     if state.ema is not None:
         candidates["_ema"] = state.ema.module
-    total = len(val_loader) if trainer.limit_val_batches is None else min(trainer.limit_val_batches, len(val_loader))
+    total = (
+        len(val_loader)
+        if trainer.limit_val_batches is None
+        else min(trainer.limit_val_batches, len(val_loader))
+    )
     record: dict[str, Any] = {}
     for suffix, module in candidates.items():
         batches = _progress_bar(itertools.islice(val_loader, total), total, "eval", trainer)
@@ -203,18 +237,32 @@ def _progress_bar(batches, total: int, description: str, trainer: DictConfig):
     return tqdm(batches, total=total, disable=not show, leave=False, desc=description)
 
 
-def _save(state: TrainState, progress: Progress, loop: Loop, record: dict | None, improved: bool = False,
-          periodic: bool = False) -> None:
-    """Write checkpoints/last.pt (and step-N.pt when periodic); point best.pt at it on improvement."""
+def _save(
+    state: TrainState,
+    progress: Progress,
+    loop: Loop,
+    record: dict | None,
+    improved: bool = False,
+    periodic: bool = False,
+) -> None:
+    """Write checkpoints/last.pt (and step-N.pt if periodic); point best.pt at it on improvement."""
     if not dist.is_main_process():
         return
     history = loop.run_log.history
     latest = record or (history[-1] if history else {})
     payload = training_payload(
-        state, progress=asdict(progress), epoch=progress.epoch, best_metric=progress.best_metric,
-        best_epoch=progress.best_epoch, eval_weights=latest.get("eval_weights", "model"), metrics=latest,
-        history=history, class_names=[str(name) for name in loop.class_names], config=loop.config,
-        precision=loop.options.precision)
+        state,
+        progress=asdict(progress),
+        epoch=progress.epoch,
+        best_metric=progress.best_metric,
+        best_epoch=progress.best_epoch,
+        eval_weights=latest.get("eval_weights", "model"),
+        metrics=latest,
+        history=history,
+        class_names=[str(name) for name in loop.class_names],
+        config=loop.config,
+        precision=loop.options.precision,
+    )
     checkpoints = loop.run_dir / "checkpoints"
     if periodic:
         save_checkpoint(payload, checkpoints / f"step-{state.step:08d}.pt")

@@ -1,23 +1,13 @@
-"""Multi-label classification losses: asymmetric loss, its partial-label variant, and a BCE baseline.
+"""Multi-label classification losses: asymmetric loss (ASL), its partial-label variant, and BCE.
 
-- `AsymmetricLoss`: ASL from Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021
-  (arXiv 2009.14119). Query2Label (Liu et al., arXiv 2107.10834) trains with it.
-- `PartialAsymmetricLoss`: ASL for partially annotated labels (targets 1 / 0 / -1), after Ben-Baruch et al.,
-  "Multi-label Classification with Partial Annotations using Class-aware Selective Loss", CVPR 2022
-  (arXiv 2110.10955).
-- `BCEWithLogitsLoss`: binary cross-entropy on logits with the same reductions; it ignores -1 targets.
+- `AsymmetricLoss`: Ridnik et al., ICCV 2021 (arXiv 2009.14119), which Query2Label trains with.
+- `PartialAsymmetricLoss`: ASL for targets 1 / 0 / -1 (not annotated), after Ben-Baruch et al.,
+  CVPR 2022 (arXiv 2110.10955).
+- `BCEWithLogitsLoss`: binary cross-entropy on logits with the same reductions; -1 targets ignored.
 
-Lineage: the maths follows Alibaba-MIIL/ASL (`AsymmetricLoss`) and Alibaba-MIIL/PartialLabelingCSL
-(`PartialSelectiveLoss`). The code is written from the formulas. It differs from those implementations in three ways:
-
-1. Every loss runs in float32 with autocast disabled. In float16, `eps=1e-8` rounds to 0, so
-   `log(max(p, eps))` becomes -inf, and a zero target times -inf gives NaN. This is the NaN seen in the
-   Q2L/ASL AMP issues. Logits of any dtype are accepted; the result is always a float32 scalar.
-2. `reduction` selects the normalisation. ASL returns the plain sum, so its value grows with the batch size, and
-   Q2L returns `sum / B / K * 1000`. Here the choices are "sum" (ASL), "batchmean" (sum over classes, mean over
-   the batch; the default) and "mean" (mean over all B*K entries; Q2L's value / 1000).
-3. Partial-label class priors may be estimated online, as a moving average kept in a buffer, instead of being
-   read from a CSV file written by a separate pass.
+Written from the formulas of Alibaba-MIIL/ASL and PartialLabelingCSL; every loss runs in float32
+outside autocast (fp16 underflows ASL's eps into NaN), and `reduction` makes the value independent
+of the batch size. docs/losses.md has the formulas and how they differ from the reference code.
 """
 
 import torch
@@ -31,24 +21,28 @@ _PARTIAL_MODES = ("negative", "ignore", "selective")
 class AsymmetricLoss(nn.Module):
     """Asymmetric loss (ASL) on logits.
 
-    With p = sigmoid(x) and the shifted negative probability p_m = max(p - clip, 0), each entry costs
+    With p = sigmoid(x) and the shifted negative probability p_m = max(p - clip, 0), each entry
+    costs
 
-        -[y * (1 - p)^gamma_pos * log(max(p, eps)) + (1 - y) * p_m^gamma_neg * log(max(1 - p_m, eps))]
+        -[y (1 - p)^gamma_pos log(max(p, eps)) + (1 - y) p_m^gamma_neg log(max(1 - p_m, eps))]
 
-    The focusing weights (1 - p)^gamma_pos and p_m^gamma_neg lower the cost of easy entries. The clip margin
-    sets the cost of negatives with p <= clip to zero. With both gammas and clip at 0 this is plain BCE.
+    The focusing weights (1 - p)^gamma_pos and p_m^gamma_neg lower the cost of easy entries. The
+    clip margin sets the cost of negatives with p <= clip to zero. With both gammas and clip at 0
+    this is plain BCE.
 
     Args:
         gamma_neg: focusing exponent for negatives (>= 0).
         gamma_pos: focusing exponent for positives (>= 0).
         clip: probability margin m subtracted from negatives, in [0, 1); 0 disables it.
         eps: lower bound inside the logs.
-        disable_focal_grad: treat the focusing weights as constants in backward, as ASL's reference does.
+        disable_focal_grad: treat the focusing weights as constants in backward, as ASL's reference
+            does.
         reduction: "sum", "batchmean" or "mean" (see the module docstring).
 
     Shapes:
         logits: (B, K), any float dtype.
-        targets: (B, K) in [0, 1]; soft targets are allowed. For -1 (unannotated) use `PartialAsymmetricLoss`.
+        targets: (B, K) in [0, 1]; soft targets are allowed. For -1 (unannotated) use
+            `PartialAsymmetricLoss`.
         returns: float32 scalar.
     """
 
@@ -75,44 +69,57 @@ class AsymmetricLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
         with _autocast_disabled(logits):
-            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(logits, clip=self.clip, eps=self.eps)
-            weight_pos = _focusing_weight(1.0 - probs, gamma=self.gamma_pos, eps=self.eps,
-                                          detach=self.disable_focal_grad)
-            weight_neg = _focusing_weight(neg_probs, gamma=self.gamma_neg, eps=self.eps,
-                                          detach=self.disable_focal_grad)
-            loss = -(targets * weight_pos * log_pos + (1.0 - targets) * weight_neg * log_neg)  # (B, K)
+            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(
+                logits, clip=self.clip, eps=self.eps
+            )
+            weight_pos = _focusing_weight(
+                1.0 - probs, gamma=self.gamma_pos, eps=self.eps, detach=self.disable_focal_grad
+            )
+            weight_neg = _focusing_weight(
+                neg_probs, gamma=self.gamma_neg, eps=self.eps, detach=self.disable_focal_grad
+            )
+            loss = -(
+                targets * weight_pos * log_pos + (1.0 - targets) * weight_neg * log_neg
+            )  # (B, K)
             return _reduce(loss, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return (f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, eps={self.eps}, "
-                f"disable_focal_grad={self.disable_focal_grad}, reduction={self.reduction!r}")
+        return (
+            f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
+            f"eps={self.eps}, "
+            ""
+            f"disable_focal_grad={self.disable_focal_grad}, reduction={self.reduction!r}"
+        )
 
 
 class PartialAsymmetricLoss(nn.Module):
-    """ASL for partially annotated labels: targets are 1 (positive), 0 (negative) or -1 (not annotated).
+    """ASL for partially annotated labels: targets 1 (positive), 0 (negative), -1 (not annotated).
 
     Each entry costs alpha * w * log-likelihood * mode_weight, negated. For positives this is
-    alpha_pos * (1 - p)^gamma_pos * log(max(p, eps)). Negatives use alpha_neg and gamma_neg, and unannotated
-    entries use alpha_unann and gamma_unann, both with p_m^gamma * log(max(1 - p_m, eps)) and
-    p_m = max(p - clip, 0). `mode` decides what happens to unannotated entries (mode_weight):
+    alpha_pos * (1 - p)^gamma_pos * log(max(p, eps)). Negatives use alpha_neg and gamma_neg, and
+    unannotated entries use alpha_unann and gamma_unann, both with
+    p_m^gamma * log(max(1 - p_m, eps)) and p_m = max(p - clip, 0). `mode` decides what happens to
+    unannotated entries (mode_weight):
 
     - "negative": they count as negatives, with their own gamma and alpha (weight 1).
     - "ignore": weight 0.
-    - "selective": weight 0 for the `likelihood_topk * B` unannotated entries of the batch with the highest
-      logits (the likeliest missed positives). Weight 0 also for every unannotated entry of a class whose prior
-      exceeds `prior_threshold`. Other unannotated entries count as negatives. As in PartialLabelingCSL, the
-      top-k is taken over all unannotated entries, so it may overlap the high-prior classes.
+    - "selective": weight 0 for the `likelihood_topk * B` unannotated entries of the batch with the
+      highest logits (the likeliest missed positives). Weight 0 also for every unannotated entry of
+      a class whose prior exceeds `prior_threshold`. Other unannotated entries count as negatives.
+      As in PartialLabelingCSL, the top-k is taken over all unannotated entries, so it may overlap
+      the high-prior classes.
 
-    Class priors are `class_priors` when that is given. Otherwise they are estimated online: in training mode,
-    each forward updates the `class_priors` buffer (K,) with an exponential moving average of the batch-mean
-    sigmoid. The first batch seeds the average so that it starts unbiased. The buffer is in `state_dict()`, so
-    a resumed run keeps it. Early in training the predicted probabilities are high (about 0.5 at a neutral
-    initialisation), so the online priors make "selective" ignore most unannotated entries until the model
-    settles. Pass priors from an earlier run to use the paper's setting. In eval mode the buffer is frozen, and
-    if it was never filled only the top-k rule applies. Each DDP rank estimates its own priors.
+    Class priors are `class_priors` when that is given. Otherwise they are estimated online: in
+    training mode, each forward updates the `class_priors` buffer (K,) with an exponential moving
+    average of the batch-mean sigmoid. The first batch seeds the average so that it starts unbiased.
+    The buffer is in `state_dict()`, so a resumed run keeps it. Early in training the predicted
+    probabilities are high (about 0.5 at a neutral initialisation), so the online priors make
+    "selective" ignore most unannotated entries until the model settles. Pass priors from an earlier
+    run to use the paper's setting. In eval mode the buffer is frozen, and if it was never filled
+    only the top-k rule applies. Each DDP rank estimates its own priors.
 
-    Entries whose target is none of 1, 0, -1 contribute nothing. They are not checked, because the check would
-    cost a device sync per step.
+    Entries whose target is none of 1, 0, -1 contribute nothing. They are not checked, because the
+    check would cost a device sync per step.
 
     Args:
         gamma_neg, gamma_pos, gamma_unann: focusing exponents (>= 0).
@@ -120,9 +127,10 @@ class PartialAsymmetricLoss(nn.Module):
         clip: probability margin for negatives and unannotated entries, in [0, 1); 0 disables it.
         eps: lower bound inside the logs.
         mode: "negative", "ignore" or "selective".
-        likelihood_topk: unannotated entries ignored per sample in "selective" mode (the total is topk * B).
-        prior_threshold: classes with a prior above this have their unannotated entries ignored in "selective"
-            mode; None turns the prior rule off.
+        likelihood_topk: unannotated entries ignored per sample in "selective" mode (the total is
+            topk * B).
+        prior_threshold: classes with a prior above this have their unannotated entries ignored in
+            "selective" mode; None turns the prior rule off.
         prior_momentum: EMA momentum of the online prior estimate, in [0, 1].
         class_priors: fixed per-class priors (K floats in [0, 1]); None estimates them online.
         disable_focal_grad: treat the focusing weights as constants in backward.
@@ -153,9 +161,15 @@ class PartialAsymmetricLoss(nn.Module):
         reduction: str = "batchmean",
     ) -> None:
         super().__init__()
-        _check_non_negative(gamma_neg=gamma_neg, gamma_pos=gamma_pos, gamma_unann=gamma_unann,
-                            alpha_pos=alpha_pos, alpha_neg=alpha_neg, alpha_unann=alpha_unann,
-                            likelihood_topk=likelihood_topk)
+        _check_non_negative(
+            gamma_neg=gamma_neg,
+            gamma_pos=gamma_pos,
+            gamma_unann=gamma_unann,
+            alpha_pos=alpha_pos,
+            alpha_neg=alpha_neg,
+            alpha_unann=alpha_unann,
+            likelihood_topk=likelihood_topk,
+        )
         _check_clip(clip)
         _check_reduction(reduction)
         if mode not in _PARTIAL_MODES:
@@ -176,35 +190,57 @@ class PartialAsymmetricLoss(nn.Module):
         self.reduction = reduction
         self.fixed_priors = class_priors is not None
         if class_priors is None:
-            # Empty until the first training batch tells us K; see _load_from_state_dict for resuming.
+            # Empty until the first training batch tells us K; see _load_from_state_dict for
+            # resuming.
             priors = torch.empty(0)
         else:
             # float() per item also accepts an OmegaConf ListConfig from Hydra.
             priors = torch.tensor([float(value) for value in class_priors], dtype=torch.float32)
             if priors.ndim != 1 or priors.numel() == 0 or bool(((priors < 0) | (priors > 1)).any()):
-                raise ValueError(f"class_priors must be a non-empty list of floats in [0, 1], got {class_priors}")
+                raise ValueError(
+                    f"class_priors must be a non-empty list of floats in [0, 1], got {class_priors}"
+                )
         self.register_buffer("class_priors", priors)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
         with _autocast_disabled(logits):
-            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(logits, clip=self.clip, eps=self.eps)
+            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(
+                logits, clip=self.clip, eps=self.eps
+            )
             if self.training and not self.fixed_priors:
                 self._update_priors(probs)
-            positive, negative, unannotated = targets == 1, targets == 0, targets == -1  # (B, K) bool each
+            positive, negative, unannotated = (
+                targets == 1,
+                targets == 0,
+                targets == -1,
+            )  # (B, K) bool each
 
-            # One pow over the whole batch: each entry picks its group's gamma, alpha, base and log term.
-            gamma = positive * self.gamma_pos + negative * self.gamma_neg + unannotated * self.gamma_unann
-            alpha = positive * self.alpha_pos + negative * self.alpha_neg + unannotated * self.alpha_unann
+            # One pow over the whole batch: each entry picks its group's gamma, alpha, base and log
+            # term.
+            gamma = (
+                positive * self.gamma_pos
+                + negative * self.gamma_neg
+                + unannotated * self.gamma_unann
+            )
+            alpha = (
+                positive * self.alpha_pos
+                + negative * self.alpha_neg
+                + unannotated * self.alpha_unann
+            )
             base = torch.where(positive, 1.0 - probs, neg_probs)
             log_likelihood = torch.where(positive, log_pos, log_neg)
-            weight = _focusing_weight(base, gamma=gamma, eps=self.eps, detach=self.disable_focal_grad)
+            weight = _focusing_weight(
+                base, gamma=gamma, eps=self.eps, detach=self.disable_focal_grad
+            )
 
-            loss = -(self._mode_weights(logits, unannotated) * alpha * weight * log_likelihood)  # (B, K)
+            loss = -(
+                self._mode_weights(logits, unannotated) * alpha * weight * log_likelihood
+            )  # (B, K)
             return _reduce(loss, reduction=self.reduction)
 
     def _mode_weights(self, logits: Tensor, unannotated: Tensor) -> Tensor:
-        """Per-entry weight (B, K) that the mode puts on each entry; annotated entries always get 1."""
+        """Per-entry weight (B, K) the mode puts on each entry; annotated entries always get 1."""
         weights = torch.ones_like(logits)
         if self.mode == "negative":
             return weights
@@ -217,8 +253,10 @@ class PartialAsymmetricLoss(nn.Module):
                 _check_num_classes(self.class_priors, num_classes=num_classes)
                 high_prior = self.class_priors > self.prior_threshold  # (K,)
                 weights = weights.masked_fill(unannotated & high_prior, 0.0)
-            # Rank annotated entries below every unannotated one; taking the top-k and then keeping only the
-            # unannotated hits avoids counting the unannotated entries, which would need a device sync.
+            # Rank annotated entries below every unannotated one; taking the top-k and then keeping
+            # only the
+            # unannotated hits avoids counting the unannotated entries, which would need a device
+            # sync.
             scores = logits.masked_fill(~unannotated, float("-inf")).flatten()  # (B*K,)
             num_ignore = min(self.likelihood_topk * logits.shape[0], scores.numel())
             top_indices = scores.topk(num_ignore).indices
@@ -234,32 +272,48 @@ class PartialAsymmetricLoss(nn.Module):
             self.class_priors = batch_mean.clone()
             return
         _check_num_classes(self.class_priors, num_classes=batch_mean.numel())
-        self.class_priors.mul_(self.prior_momentum).add_(batch_mean, alpha=1.0 - self.prior_momentum)
+        self.class_priors.mul_(self.prior_momentum).add_(
+            batch_mean, alpha=1.0 - self.prior_momentum
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # The online buffer is (0,) until the first batch, so resize it to the saved shape before loading.
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The online buffer is (0,) until the first batch, so resize it to the saved shape before
+        # loading.
         key = prefix + "class_priors"
-        if key in state_dict and state_dict[key].shape != self.class_priors.shape and not self.fixed_priors:
-            self.class_priors = torch.empty(state_dict[key].shape, dtype=torch.float32,
-                                            device=self.class_priors.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        if (
+            key in state_dict
+            and state_dict[key].shape != self.class_priors.shape
+            and not self.fixed_priors
+        ):
+            self.class_priors = torch.empty(
+                state_dict[key].shape, dtype=torch.float32, device=self.class_priors.device
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, "
-                f"gamma_unann={self.gamma_unann}, alpha_pos={self.alpha_pos}, alpha_neg={self.alpha_neg}, "
-                f"alpha_unann={self.alpha_unann}, clip={self.clip}, likelihood_topk={self.likelihood_topk}, "
-                f"prior_threshold={self.prior_threshold}, fixed_priors={self.fixed_priors}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"mode={self.mode!r}, gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, "
+            f"gamma_unann={self.gamma_unann}, alpha_pos={self.alpha_pos}, "
+            f"alpha_neg={self.alpha_neg}, "
+            ""
+            f"alpha_unann={self.alpha_unann}, clip={self.clip}, "
+            f"likelihood_topk={self.likelihood_topk}, "
+            ""
+            f"prior_threshold={self.prior_threshold}, fixed_priors={self.fixed_priors}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
 class BCEWithLogitsLoss(nn.Module):
     """Binary cross-entropy on logits, in float32, with the q2l reductions; -1 targets are ignored.
 
-    Unlike `torch.nn.BCEWithLogitsLoss`, the default reduction is "batchmean" (sum over classes, mean over the
-    batch), so the value is on the same scale as `AsymmetricLoss`. Entries with target -1 get weight 0 ("mean"
-    still divides by B*K), so the baseline also runs on partial labels.
+    Unlike `torch.nn.BCEWithLogitsLoss`, the default reduction is "batchmean" (sum over classes,
+    mean over the batch), so the value is on the same scale as `AsymmetricLoss`. Entries with target
+    -1 get weight 0 ("mean" still divides by B*K), so the baseline also runs on partial labels.
 
     Shapes:
         logits: (B, K), any float dtype.
@@ -276,7 +330,9 @@ class BCEWithLogitsLoss(nn.Module):
         logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
         with _autocast_disabled(logits):
             annotated = targets != -1  # (B, K)
-            loss = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0.0), reduction="none")
+            loss = F.binary_cross_entropy_with_logits(
+                logits, targets.clamp(min=0.0), reduction="none"
+            )
             return _reduce(loss * annotated, reduction=self.reduction)
 
     def extra_repr(self) -> str:
@@ -286,8 +342,10 @@ class BCEWithLogitsLoss(nn.Module):
 def _as_float32(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Check that logits and targets are matching (B, K) tensors and return both as float32."""
     if logits.ndim != 2 or logits.shape != targets.shape:
-        raise ValueError(f"expected logits and targets of the same shape (B, K), got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits and targets of the same shape (B, K), got {tuple(logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
     return logits.float(), targets.float()
 
 
@@ -296,10 +354,13 @@ def _autocast_disabled(logits: Tensor) -> torch.autocast:
     return torch.autocast(device_type=logits.device.type, enabled=False)
 
 
-def _asymmetric_log_likelihoods(logits: Tensor, clip: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """From float32 logits (B, K), return p, p_m = max(p - clip, 0), log(max(p, eps)) and log(max(1 - p_m, eps)).
+def _asymmetric_log_likelihoods(
+    logits: Tensor, clip: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float32 logits (B, K) -> p, p_m = max(p - clip, 0), log(max(p, eps)), log(max(1 - p_m, eps)).
 
-    The eps clamp also zeroes the gradient where p < eps (logit below about -18.4), as in ASL's reference.
+    The eps clamp also zeroes the gradient where p < eps (logit below about -18.4), as in ASL's
+    reference.
     """
     probs = torch.sigmoid(logits)
     neg_probs = (probs - clip).clamp(min=0.0) if clip > 0 else probs
@@ -310,14 +371,15 @@ def _asymmetric_log_likelihoods(logits: Tensor, clip: float, eps: float) -> tupl
 
 def _focusing_weight(base: Tensor, gamma: float | Tensor, eps: float, detach: bool) -> Tensor:
     """Return base ** gamma (elementwise), detached from the graph if `detach` is set."""
-    # The clamp keeps the pow gradient finite at base == 0 when 0 < gamma < 1. It does not change the loss:
+    # The clamp keeps the pow gradient finite at base == 0 when 0 < gamma < 1. It does not change
+    # the loss:
     # the log term that the weight multiplies is 0 there.
     weight = base.clamp(min=eps).pow(gamma)
     return weight.detach() if detach else weight
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    """Reduce an elementwise loss (B, K) to a scalar: "sum", "batchmean" (sum / B) or "mean" (sum / (B*K))."""
+    """Elementwise loss (B, K) to a scalar: "sum", "batchmean" (sum / B) or "mean" (sum / (B*K))."""
     if reduction == "sum":
         return loss.sum()
     if reduction == "batchmean":
@@ -343,4 +405,6 @@ def _check_non_negative(**values: float) -> None:
 
 def _check_num_classes(priors: Tensor, num_classes: int) -> None:
     if priors.numel() != num_classes:
-        raise ValueError(f"class_priors has {priors.numel()} classes but the logits have {num_classes}")
+        raise ValueError(
+            f"class_priors has {priors.numel()} classes but the logits have {num_classes}"
+        )

@@ -1,8 +1,8 @@
 """Multi-label classification metrics: pure functions of gathered (N, K) score and target tensors.
 
 N images, K classes. `scores` are per-class confidences (probabilities wherever a threshold is
-applied); `targets` hold 1 (positive), 0 (negative) or -1 (not annotated). A -1 entry is dropped from
-its class, as if that image were missing from that column, in every metric here.
+applied); `targets` hold 1 (positive), 0 (negative) or -1 (not annotated). A -1 entry is dropped
+from its class, as if that image were missing from that column, in every metric here.
 
 Two average precisions are offered because the literature reports both under the name "mAP":
 - `average_precision`: non-interpolated AP, identical to sklearn's `average_precision_score` and to
@@ -12,13 +12,13 @@ Two average precisions are offered because the literature reports both under the
   (borrowed there from SSGRL). It is never smaller than the non-interpolated AP.
 Both rank every column with one radix sort of integer keys made from the score bits and then only
 touch the positives: a COCO-val-sized evaluation (40,137 × 80) is several times faster than
-sklearn's per-class loop or torchmetrics' exact AP (docs/performance.md). The functions run with
-one intra-op thread (`single_threaded`): every step is a memory-bound pass or a chain of small
-per-class operations, which extra threads barely speed up and stall badly when the cores are busy.
+sklearn's per-class loop or torchmetrics' exact AP (docs/performance.md). The functions run with one
+intra-op thread (`single_threaded`): every step is a memory-bound pass or a chain of small per-class
+operations, which extra threads barely speed up and stall badly when the cores are busy.
 
-Thresholded metrics follow ML-GCN and the Query2Label paper: CP and CR are per-class means,
-CF1 = 2·CP·CR/(CP+CR) (not the mean of per-class F1, which ASL's validate.py reports), and
-OP/OR/OF1 pool the counts over all classes. `compute_metrics` gathers everything for a report.
+Thresholded metrics follow ML-GCN and the Query2Label paper: CP and CR are per-class means, CF1 =
+2·CP·CR/(CP+CR) (not the mean of per-class F1, which ASL's validate.py reports), and OP/OR/OF1 pool
+the counts over all classes. `compute_metrics` gathers everything for a report.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """Non-interpolated average precision of every class.
 
     AP = Σ_n (R_n − R_{n−1}) · P_n over the distinct score thresholds n, taken from the highest
-    score down, which is sklearn's `average_precision_score` exactly, ties included: images with equal
-    scores enter the ranking together, so each positive in a tie group gets the precision measured
-    after the whole group.
+    score down, which is sklearn's `average_precision_score` exactly, ties included: images with
+    equal scores enter the ranking together, so each positive in a tie group gets the precision
+    measured after the whole group.
 
     Args:
         scores: (N, K) confidences, any real dtype; counts and ratios are taken in float64.
@@ -110,7 +110,8 @@ def mean_average_precision(
     Args:
         scores: (N, K) confidences.
         targets: (N, K) with values in {-1, 0, 1}; -1 entries are ignored.
-        interpolated: False for `average_precision` (sklearn), True for `voc_average_precision` (Q2L).
+        interpolated: False for `average_precision` (sklearn), True for `voc_average_precision`
+            (Q2L).
 
     Returns:
         (mAP as a fraction in [0, 1], number of classes left out for having no positive). mAP is NaN
@@ -198,7 +199,8 @@ def _validate(scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"scores must be 2-D (N, K), got shape {tuple(scores.shape)}")
     if targets.shape != scores.shape:
         raise ValueError(
-            f"targets shape {tuple(targets.shape)} does not match scores shape {tuple(scores.shape)}"
+            f"targets shape {tuple(targets.shape)} does not match scores shape "
+            f"{tuple(scores.shape)}"
         )
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"need at least one sample and one class, got shape {tuple(scores.shape)}")
@@ -226,7 +228,8 @@ class _Ranking(NamedTuple):
     A flat position p is rank p - c·N (0-based) of class c = p // N.
     sorted_keys: (K, N) int32 (int64 for float64 scores), each row nondecreasing; equal keys in a
         row are that class's tied scores.
-    positives, ignored: (M,), (I,) flat positions of annotated positives and of -1 entries, ascending.
+    positives, ignored: (M,), (I,) flat positions of annotated positives and of -1 entries,
+        ascending.
     classes: (M,) class of each positive.
     first_positive, first_ignored: (K,) index into `positives` / `ignored` where each class starts.
     num_positives: (K,) float64 positives per class.
@@ -300,7 +303,7 @@ def _descending_keys(values: Tensor) -> Tensor:
 
 
 def _sort_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable ascending sort of each row of integer keys (K, N): sorted keys and order, (K, N) each."""
+    """Stable ascending sort of each row of integer keys (K, N): sorted keys and order, (K, N)."""
     num_rows, row_length = keys.shape
     long_rows = row_length >= _RADIX_SORT_MIN_LENGTH
     if keys.device.type != "cpu" or (keys.dtype != torch.int32 and not long_rows):

@@ -30,9 +30,16 @@ def build_adamw(
     are put in a group without weight decay.
     """
     if no_decay_norm_and_bias:
-        params = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=("label_embed.weight",))
+        params = param_groups_weight_decay(
+            model, weight_decay, no_weight_decay_list=("label_embed.weight",)
+        )
     else:
-        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        params = [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": weight_decay,
+            }
+        ]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 

@@ -54,7 +54,10 @@ class StopRequest:
 
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` needs: JOBID, or ARRAYJOBID_TASKID for an array task."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    array_job, array_task = (
+        os.environ.get("SLURM_ARRAY_JOB_ID"),
+        os.environ.get("SLURM_ARRAY_TASK_ID"),
+    )
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID")

@@ -62,7 +62,9 @@ def _tag(key: str) -> str:
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: write null for non-finite floats."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -70,10 +70,16 @@ class RunDirectory:
             raise RunDirError(f"run directory {self.path} is not a folder")
         entries = sorted(entry.name for entry in self.path.iterdir())
         # Runs of q2l 0.1 have no marker; their config.yaml, .hydra/ and checkpoints/ identify them.
-        self.existing = RUN_MARKER in entries or {"config.yaml", ".hydra", "checkpoints"} <= set(entries)
+        self.existing = RUN_MARKER in entries or {"config.yaml", ".hydra", "checkpoints"} <= set(
+            entries
+        )
         if entries and not self.existing and entries != [LOCK_NAME]:
-            raise RunDirError(f"run directory {self.path} holds files that are not a q2l run ({and_more(entries, 5)}); "
-                              "nothing was changed. Pass an empty or new hydra.run.dir")
+            raise RunDirError(
+                f"run directory {self.path} holds files that are not a q2l run "
+                f"({and_more(entries, 5)}); "
+                ""
+                "nothing was changed. Pass an empty or new hydra.run.dir"
+            )
         self._lock()
         return self
 
@@ -85,8 +91,10 @@ class RunDirectory:
                 with tempfile.TemporaryFile(dir=folder):
                     pass
             except OSError as error:
-                raise RunDirError(f"{folder} is not writable ({error}); the run would fail when it first "
-                                  "saves there. Fix its permissions or choose another hydra.run.dir") from error
+                raise RunDirError(
+                    f"{folder} is not writable ({error}); the run would fail when it first "
+                    "saves there. Fix its permissions or choose another hydra.run.dir"
+                ) from error
 
     def remove_temporaries(self) -> None:
         """Delete half-written checkpoint files left by a process that was killed while saving."""
@@ -140,10 +148,13 @@ class RunDirectory:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunDirError(f"run directory {self.path} is in use by {holder}; wait for it to end, or "
-                                  "use another hydra.run.dir. Nothing was changed") from None
+                raise RunDirError(
+                    f"run directory {self.path} is in use by {holder}; wait for it to end, or "
+                    "use another hydra.run.dir. Nothing was changed"
+                ) from None
             raise RunDirError(f"cannot lock run directory {self.path}: {error}") from error
-        holder = f"q2l pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        holder = f"q2l pid {os.getpid()} on {socket.gethostname()} since {since}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._lock_fd = fd
@@ -167,7 +178,10 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     saved = [str(item) for item in OmegaConf.load(saved_file)]
     kept = [item for item in saved if _split(item)[0] not in given]
     if kept:
-        print(f"resume=auto: continuing {run_dir} with its saved overrides: {' '.join(kept)}", file=sys.stderr)
+        print(
+            f"resume=auto: continuing {run_dir} with its saved overrides: {' '.join(kept)}",
+            file=sys.stderr,
+        )
     return kept + argv
 
 
@@ -175,4 +189,3 @@ def _split(override: str) -> tuple[str, str]:
     """('trainer.epochs', '5') from 'trainer.epochs=5', '+trainer.epochs=5' or '~trainer.epochs'."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
-

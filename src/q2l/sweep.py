@@ -62,9 +62,13 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             summary = json.loads(metrics_file.read_text())
             best = summary.get("best") or {}
             mean_ap = best.get("mAP")
-            row.update(status=summary.get("status", "unknown"), best_epoch=best.get("epoch"),
-                       best_mAP=round(mean_ap, 3) if mean_ap is not None else None,
-                       weights=best.get("weights"), error=summary.get("error"))
+            row.update(
+                status=summary.get("status", "unknown"),
+                best_epoch=best.get("epoch"),
+                best_mAP=round(mean_ap, 3) if mean_ap is not None else None,
+                weights=best.get("weights"),
+                error=summary.get("error"),
+            )
         rows.append(row)
     return rows
 
@@ -81,7 +85,9 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join("" if row[c] is None else str(row[c]) for c in COLUMNS) + " |")
+        lines.append(
+            "| " + " | ".join("" if row[c] is None else str(row[c]) for c in COLUMNS) + " |"
+        )
     return "\n".join(lines)
 
 

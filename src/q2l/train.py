@@ -1,8 +1,8 @@
 """Training entry point: compose the config, build the parts, run the epochs, keep the results.
 
-    python train.py experiment=demo                  # the demo: Q2L on embedded handwriting data
-    python train.py backbone=tresnet_l dataset=coco2014 dataset.root=/data/coco backbone.weights=...
-    python train.py -m experiment=demo loss.gamma_neg=1,2,4   # a sweep, one run directory per job
+python train.py experiment=demo                  # the demo: Q2L on embedded handwriting data
+python train.py backbone=tresnet_l dataset=coco2014 dataset.root=/data/coco backbone.weights=...
+python train.py -m experiment=demo loss.gamma_neg=1,2,4   # a sweep, one run directory per job
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """`python train.py ...` / `q2l-train ...`: `resume=auto hydra.run.dir=X` reuses X's overrides."""
+    """`python train.py` / `q2l-train`: `resume=auto hydra.run.dir=X` reuses X's saved overrides."""
     sys.argv[1:] = with_saved_overrides(sys.argv[1:])
     _hydra_main()
 
@@ -82,18 +82,29 @@ def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> di
             raise
 
 
-def _train(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: float) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: float
+) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     check_values(cfg)
     run.preflight()
     loss = construct(cfg.loss)  # checks the loss's own arguments before any data is read
     init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from else None
     resume = _find_resume(cfg, run.path)
-    changes = resume_changes(resume[1], resume[0], config, cfg.allow_config_change) if resume else []
+    changes = (
+        resume_changes(resume[1], resume[0], config, cfg.allow_config_change) if resume else []
+    )
     if resume and _finished(resume[1]["progress"], cfg.trainer.epochs):
         progress = Progress.from_checkpoint(resume[1])
-        log.info("%s already finished (%s at epoch %d): nothing to do", run.path, progress.status, progress.epoch)
-        return _summary(resume[1].get("history", []), progress, resume[1]["step"], progress.status, 0.0)
+        log.info(
+            "%s already finished (%s at epoch %d): nothing to do",
+            run.path,
+            progress.status,
+            progress.epoch,
+        )
+        return _summary(
+            resume[1].get("history", []), progress, resume[1]["step"], progress.status, 0.0
+        )
     run.remove_temporaries()
     if not run.started:
         run.start(cfg, hydra)
@@ -111,10 +122,21 @@ def _train(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: 
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     state = _build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
-    train_loader = build_loader(train_set, cfg.dataset.batch_size, True, cfg.dataset.num_workers, cfg.seed,
-                                pin_memory=device.type == "cuda")
-    val_loader = build_loader(val_set, cfg.dataset.batch_size, False, cfg.dataset.num_workers,
-                              pin_memory=device.type == "cuda")
+    train_loader = build_loader(
+        train_set,
+        cfg.dataset.batch_size,
+        True,
+        cfg.dataset.num_workers,
+        cfg.seed,
+        pin_memory=device.type == "cuda",
+    )
+    val_loader = build_loader(
+        val_set,
+        cfg.dataset.batch_size,
+        False,
+        cfg.dataset.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     if init_checkpoint is not None:
         load_matching_weights(model, init_checkpoint, Path(cfg.init_from))
     progress = Progress()
@@ -122,15 +144,39 @@ def _train(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: 
         restore_training(state, resume[1], resume[0], changes)
         progress = Progress.from_checkpoint(resume[1])
         progress.status = "running"  # allow_config_change may have given a finished run more epochs
-        log.info("resumed from %s at epoch %d, step %d (%d batches into the epoch)", resume[0], progress.epoch,
-                 state.step, progress.batches_done)
+        log.info(
+            "resumed from %s at epoch %d, step %d (%d batches into the epoch)",
+            resume[0],
+            progress.epoch,
+            state.step,
+            progress.batches_done,
+        )
     run_log = RunLog(run.path, resume[1].get("history", []) if resume else [])
-    options = StepOptions(device, precision, cfg.trainer.channels_last, cfg.trainer.grad_clip_norm,
-                          cfg.trainer.check_finite, _build_batch_transform(cfg, train_set.num_classes))
-    loop = Loop(run.path, config, train_set.class_names, run_log, options,
-                StepOptions(device, precision, cfg.trainer.channels_last))
-    log.info("run dir %s | %d train / %d val images, %d classes | device %s | %s", run.path, len(train_set),
-             len(val_set), train_set.num_classes, device, precision)
+    options = StepOptions(
+        device,
+        precision,
+        cfg.trainer.channels_last,
+        cfg.trainer.grad_clip_norm,
+        cfg.trainer.check_finite,
+        _build_batch_transform(cfg, train_set.num_classes),
+    )
+    loop = Loop(
+        run.path,
+        config,
+        train_set.class_names,
+        run_log,
+        options,
+        StepOptions(device, precision, cfg.trainer.channels_last),
+    )
+    log.info(
+        "run dir %s | %d train / %d val images, %d classes | device %s | %s",
+        run.path,
+        len(train_set),
+        len(val_set),
+        train_set.num_classes,
+        device,
+        precision,
+    )
     try:
         status = fit(state, train_loader, val_loader, cfg.trainer, progress, loop)
     finally:
@@ -138,31 +184,46 @@ def _train(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: 
     summary = _summary(run_log.history, progress, state.step, status, time.perf_counter() - start)
     run_log.write_summary(summary)
     best = summary["best"]
-    log.info("done (%s): best mAP %.2f at epoch %d (%s weights) in %.0f s; %s", status, best["mAP"],
-             best["epoch"], best["weights"], summary["wall_time_s"], run.path / "checkpoints" / "best.pt")
+    log.info(
+        "done (%s): best mAP %.2f at epoch %d (%s weights) in %.0f s; %s",
+        status,
+        best["mAP"],
+        best["epoch"],
+        best["weights"],
+        summary["wall_time_s"],
+        run.path / "checkpoints" / "best.pt",
+    )
     return summary
 
 
 def _find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
-    """(source, checkpoint) for `resume` (auto: this run's newest valid checkpoint; or a path), or None."""
+    """(source, checkpoint) for `resume` (auto: the run's newest valid checkpoint; or a path)."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
         found = find_resumable(run_dir / "checkpoints")
         if found is None:
-            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+            log.info(
+                "resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints"
+            )
         return found
     return Path(cfg.resume), load_checkpoint(cfg.resume)
 
 
 def _check_weights_file(backbone: DictConfig) -> None:
-    """Fail now when `backbone.weights` names no file (the backbone would say the same after the data check)."""
-    if backbone.pretrained and backbone.weights and not Path(backbone.weights).expanduser().is_file():
-        TimmBackbone(backbone.name, pretrained=True, weights=backbone.weights)  # raises, saying how to fix it
+    """Fail now, not after the data check, when `backbone.weights` names no file."""
+    if (
+        backbone.pretrained
+        and backbone.weights
+        and not Path(backbone.weights).expanduser().is_file()
+    ):
+        TimmBackbone(
+            backbone.name, pretrained=True, weights=backbone.weights
+        )  # raises, saying how to fix it
 
 
 def _finished(progress: dict[str, Any], epochs: int) -> bool:
-    """True when the checkpoint's run ended for good: early stopped, or all `epochs` trained and validated."""
+    """True when the checkpoint's run ended: early stopped, or `epochs` trained and validated."""
     status = progress.get("status", "running")
     return status == "early_stopped" or (status == "completed" and progress["epoch"] >= epochs)
 
@@ -178,39 +239,62 @@ def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, 
     augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
     augment.pop("mix", None)  # a batch transform, not an image one: _build_batch_transform
     loading = {"on_bad_image": _text(data.on_bad_image), "max_bad_fraction": data.max_bad_fraction}
-    train_set = construct(data.train, transform=build_train_transform(size, mean, std, **augment), **loading)
+    train_set = construct(
+        data.train, transform=build_train_transform(size, mean, std, **augment), **loading
+    )
     val_set = construct(data.val, transform=build_eval_transform(size, mean, std), **loading)
     if train_set.class_names != val_set.class_names:
-        raise ValueError("train and val splits have different classes: "
-                         f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}")
+        raise ValueError(
+            "train and val splits have different classes: "
+            f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}"
+        )
     if data.partial.keep_ratio < 1.0:
-        train_set.labels = hide_labels(train_set.labels, data.partial.keep_ratio, seed=data.partial.seed)
-        log.info("partial labels: kept %.0f%% of each training image's labels (dataset.partial.keep_ratio=%s)",
-                 100 * data.partial.keep_ratio, data.partial.keep_ratio)
+        train_set.labels = hide_labels(
+            train_set.labels, data.partial.keep_ratio, seed=data.partial.seed
+        )
+        log.info(
+            "partial labels: kept %.0f%% of each training image's labels "
+            "(dataset.partial.keep_ratio=%s)",
+            100 * data.partial.keep_ratio,
+            data.partial.keep_ratio,
+        )
     _validate_data(cfg, train_set, val_set)
     return train_set, val_set
 
 
 def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
-    """Check every image file of both splits (dataset.validate: quick, full or off); raise listing all problems.
+    """Check both splits' image files (dataset.validate quick/full/off); raise naming every problem.
 
-    With on_bad_image=skip, up to max_bad_fraction of a split may be missing or unreadable (warnings).
-    Unknown (-1) training targets are refused with loss=asl, which would read them as probabilities.
+    With on_bad_image=skip, up to max_bad_fraction of a split may be missing or unreadable
+    (warnings). Unknown (-1) training targets are refused with loss=asl, which would read them as
+    probabilities.
     """
     data = cfg.dataset
     unknown = int((train_set.labels == -1).sum())
     if unknown and str(cfg.loss.get("_target_", "")).endswith(".AsymmetricLoss"):
-        raise ValueError(f"the training labels hold {unknown} unknown (-1) entries, which loss=asl would read as "
-                         "probabilities; use loss=partial_asl or loss=bce (or, for VOC, dataset.difficult=positive)")
+        raise ValueError(
+            f"the training labels hold {unknown} unknown (-1) entries, which loss=asl would read "
+            "as "
+            ""
+            "probabilities; use loss=partial_asl or loss=bce (or, for VOC, "
+            "dataset.difficult=positive)"
+        )
     level = _text(data.validate)
     if level == "off":
         log.warning("dataset.validate=off: image files are not checked before training")
         return
     skip = _text(data.on_bad_image) == "skip"
-    report = validate_splits(train_set, val_set, level=level,
-                             bad_image_tolerance=data.max_bad_fraction if skip else None)
-    log.info("data checked (%s, %.1f s): %d train / %d val images, %d classes, no problems", level,
-             report.seconds, len(train_set), len(val_set), train_set.num_classes)
+    report = validate_splits(
+        train_set, val_set, level=level, bad_image_tolerance=data.max_bad_fraction if skip else None
+    )
+    log.info(
+        "data checked (%s, %.1f s): %d train / %d val images, %d classes, no problems",
+        level,
+        report.seconds,
+        len(train_set),
+        len(val_set),
+        train_set.num_classes,
+    )
     for warning in report.warnings:
         log.warning("data: %s", warning)
 
@@ -218,9 +302,16 @@ def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
 def _build_batch_transform(cfg: DictConfig, num_classes: int):
     """MixUp/CutMix as augment.mix says, or None."""
     mix = OmegaConf.to_container(cfg.augment.mix, enum_to_str=True)
-    batch_transform = build_batch_transform(mix, num_classes=num_classes, batch_size=cfg.dataset.batch_size)
-    if batch_transform is not None and str(cfg.loss.get("_target_", "")).endswith(".PartialAsymmetricLoss"):
-        log.warning("augment.mix makes soft targets, which loss=partial_asl gives no loss; prefer asl or bce")
+    batch_transform = build_batch_transform(
+        mix, num_classes=num_classes, batch_size=cfg.dataset.batch_size
+    )
+    if batch_transform is not None and str(cfg.loss.get("_target_", "")).endswith(
+        ".PartialAsymmetricLoss"
+    ):
+        log.warning(
+            "augment.mix makes soft targets, which loss=partial_asl gives no loss; prefer asl or "
+            "bce"
+        )
     return batch_transform
 
 
@@ -229,29 +320,44 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _build_state(cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int,
-                 precision: str) -> TrainState:
-    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device) and `loss`."""
+def _build_state(
+    cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int, precision: str
+) -> TrainState:
+    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device)."""
     steps_per_epoch = num_images // cfg.dataset.batch_size  # training drops the last partial batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {num_images} images, fewer than "
-                         f"dataset.batch_size={cfg.dataset.batch_size}")
+        raise ValueError(
+            f"the training split has {num_images} images, fewer than "
+            f"dataset.batch_size={cfg.dataset.batch_size}"
+        )
     steps_per_epoch = min(steps_per_epoch, cfg.trainer.limit_train_batches or steps_per_epoch)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = instantiate(cfg.optimizer)(model)
-    scheduler = instantiate(cfg.schedule)(optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs,
-                                          steps_per_epoch=steps_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay, use_warmup=cfg.trainer.ema_warmup) \
-        if cfg.trainer.ema_decay > 0 else None
+    scheduler = instantiate(cfg.schedule)(
+        optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs, steps_per_epoch=steps_per_epoch
+    )
+    ema = (
+        ModelEmaV3(model, decay=cfg.trainer.ema_decay, use_warmup=cfg.trainer.ema_warmup)
+        if cfg.trainer.ema_decay > 0
+        else None
+    )
     device_type = next(model.parameters()).device.type
-    return TrainState(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler,
-                      # Only fp16 needs loss scaling; for bf16/fp32 the disabled scaler is a pass-through.
-                      scaler=torch.amp.GradScaler(device_type, enabled=precision == "fp16"), ema=ema,
-                      forward=torch.compile(model) if cfg.trainer.compile else model)
+    return TrainState(
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        # Only fp16 needs loss scaling; for bf16/fp32 the disabled scaler is a pass-through.
+        scaler=torch.amp.GradScaler(device_type, enabled=precision == "fp16"),
+        ema=ema,
+        forward=torch.compile(model) if cfg.trainer.compile else model,
+    )
 
 
-def _summary(history: list[dict], progress: Progress, step: int, status: str, wall_time: float) -> dict[str, Any]:
+def _summary(
+    history: list[dict], progress: Progress, step: int, status: str, wall_time: float
+) -> dict[str, Any]:
     """metrics.json: status, the best epoch and the last epoch."""
     best = next((r for r in history if r["epoch"] == progress.best_epoch), None)
     final = history[-1] if history else None
@@ -259,11 +365,21 @@ def _summary(history: list[dict], progress: Progress, step: int, status: str, wa
     def view(record):
         if record is None:
             return {"epoch": -1, "mAP": float("nan"), "weights": None}
-        return {"epoch": record["epoch"], "mAP": record["mAP_best"], "weights": record["eval_weights"],
-                "metrics": record}
+        return {
+            "epoch": record["epoch"],
+            "mAP": record["mAP_best"],
+            "weights": record["eval_weights"],
+            "metrics": record,
+        }
 
-    return {"status": status, "epochs_run": progress.epoch, "steps": step,
-            "wall_time_s": round(wall_time, 1), "best": view(best), "final": view(final)}
+    return {
+        "status": status,
+        "epochs_run": progress.epoch,
+        "steps": step,
+        "wall_time_s": round(wall_time, 1),
+        "best": view(best),
+        "final": view(final),
+    }
 
 
 def _record_failure(run_dir: Path, error: Exception) -> None:

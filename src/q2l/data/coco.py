@@ -1,8 +1,8 @@
-"""MS-COCO instances annotations (2014 and 2017 layouts) read as a multi-label data set with pycocotools.
+"""MS-COCO instances annotations (2014 and 2017 layouts) as a multi-label data set (pycocotools).
 
-Class order is the sorted category ids of the annotation file (COCO's ids have gaps), with the
-names kept. Parsing a 450 MB annotation file takes a while, so the multi-hot matrix is cached,
-keyed by the file's SHA-256: an edited annotation file never meets a stale cache.
+Class order is the sorted category ids of the annotation file (COCO's ids have gaps), with the names
+kept. Parsing a 450 MB annotation file takes a while, so the multi-hot matrix is cached, keyed by
+the file's SHA-256: an edited annotation file never meets a stale cache.
 """
 
 from __future__ import annotations
@@ -72,13 +72,19 @@ def _read_labels_cached(
 ) -> tuple[list[str], list[str], np.ndarray, list[str]]:
     """(image ids, file names, (N, K) int8 labels, class names) from the cache or by parsing."""
     digest = hashlib.sha256(annotation_file.read_bytes()).hexdigest()
-    cache_file = Path(cache_dir) / f"coco-labels-v{_CACHE_VERSION}-{digest[:32]}.npz" if cache_dir else None
+    cache_file = (
+        Path(cache_dir) / f"coco-labels-v{_CACHE_VERSION}-{digest[:32]}.npz" if cache_dir else None
+    )
     if cache_file is not None and cache_file.is_file():
         try:
             with np.load(cache_file, allow_pickle=False) as cached:
                 # str(): numpy's str_ would make checkpoints unloadable with weights_only=True.
-                return ([int(i) for i in cached["image_ids"]], [str(n) for n in cached["file_names"]],
-                        cached["labels"], [str(n) for n in cached["class_names"]])
+                return (
+                    [int(i) for i in cached["image_ids"]],
+                    [str(n) for n in cached["file_names"]],
+                    cached["labels"],
+                    [str(n) for n in cached["class_names"]],
+                )
         except (OSError, ValueError, KeyError) as error:
             log.warning("ignoring unreadable label cache %s (%s)", cache_file, error)
     image_ids, file_names, labels, class_names = read_coco_labels(annotation_file)
@@ -100,7 +106,9 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO(str(annotation_file))
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(f"{annotation_file}: not a valid COCO annotation file ({error})") from error
+        raise ValueError(
+            f"{annotation_file}: not a valid COCO annotation file ({error})"
+        ) from error
     category_ids = sorted(coco.getCatIds())
     if not category_ids:
         raise ValueError(f"{annotation_file}: no categories")
@@ -136,14 +144,22 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
     return [str(i) for i in image_ids], file_names, labels, class_names
 
 
-
-
-def _write_cache(cache_file: Path, image_ids: list[str], file_names: list[str], labels: np.ndarray,
-                 class_names: list[str]) -> None:
+def _write_cache(
+    cache_file: Path,
+    image_ids: list[str],
+    file_names: list[str],
+    labels: np.ndarray,
+    class_names: list[str],
+) -> None:
     """Write the cache atomically; an unwritable cache folder only costs the next start time."""
     try:
         with atomic_write(cache_file) as handle:
-            np.savez(handle, image_ids=np.array(image_ids), file_names=np.array(file_names), labels=labels,
-                     class_names=np.array(class_names))
+            np.savez(
+                handle,
+                image_ids=np.array(image_ids),
+                file_names=np.array(file_names),
+                labels=labels,
+                class_names=np.array(class_names),
+            )
     except OSError as error:
         log.warning("could not write label cache %s (%s)", cache_file, error)

@@ -1,7 +1,8 @@
 """The one dataset class every on-disk format feeds: image paths plus a multi-hot label matrix.
 
 Format readers (COCO, VOC, NUS-WIDE, Open Images, tables) only parse annotations into (paths,
-labels, class names); decoding, per-sample seeding, transforms and bad-image handling live here once.
+labels, class names); decoding, per-sample seeding, transforms and bad-image handling live here
+once.
 """
 
 from __future__ import annotations
@@ -66,24 +67,36 @@ class MultiLabelImageDataset(Dataset):
                 f"got {labels.shape}"
             )
         if not np.isin(labels, (-1, 0, 1)).all():
-            raise ValueError(f"labels must be 1, 0 or -1; got values {sorted(set(np.unique(labels)) - {-1, 0, 1})}")
+            raise ValueError(
+                "labels must be 1, 0 or -1; got values "
+                f"{sorted(set(np.unique(labels)) - {-1, 0, 1})}"
+            )
         if image_ids is not None and len(image_ids) != len(image_paths):
             raise ValueError(f"{len(image_ids)} image ids for {len(image_paths)} images")
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+            raise ValueError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.image_paths = [Path(p) for p in image_paths]
         self.labels = labels.astype(np.int8, copy=False)
         self.class_names = list(class_names)
         self.transform = transform
-        self.image_ids = [str(i) for i in image_ids] if image_ids is not None else [str(p) for p in self.image_paths]
+        self.image_ids = (
+            [str(i) for i in image_ids]
+            if image_ids is not None
+            else [str(p) for p in self.image_paths]
+        )
         self.on_bad_image = on_bad_image
         self.max_bad_fraction = max_bad_fraction
         # One flag per image in shared memory: allocated before the workers fork or spawn, so every
         # worker's finds are visible to the others and to the main process.
-        self._bad_flags = torch.zeros(len(self.image_paths), dtype=torch.uint8).share_memory_() \
-            if on_bad_image == "skip" else None
+        self._bad_flags = (
+            torch.zeros(len(self.image_paths), dtype=torch.uint8).share_memory_()
+            if on_bad_image == "skip"
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.image_paths)

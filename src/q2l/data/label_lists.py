@@ -81,9 +81,13 @@ def label_matrix(
     if unlisted not in UNLISTED_POLICIES:
         raise ValueError(f"unlisted must be one of {UNLISTED_POLICIES}, got {unlisted!r}")
     if unknown_labels not in UNKNOWN_LABEL_POLICIES:
-        raise ValueError(f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}")
+        raise ValueError(
+            f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}"
+        )
     column = {name: index for index, name in enumerate(class_names)}
-    labels = np.full((len(rows), len(class_names)), 0 if unlisted == "negative" else -1, dtype=np.int8)
+    labels = np.full(
+        (len(rows), len(class_names)), 0 if unlisted == "negative" else -1, dtype=np.int8
+    )
     strangers: collections.Counter[str] = collections.Counter()
     for index, row in enumerate(rows):
         # Unknown first, then absent, then present: the later write wins.

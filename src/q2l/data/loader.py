@@ -93,7 +93,12 @@ def build_loader(
     (seed, epoch, sample index). Workers persist across epochs; memory is pinned for CUDA copies.
     """
     sampler = EpochSampler(
-        len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=train,
+        len(dataset),
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=train,
         sample_keys=train and isinstance(dataset, MultiLabelImageDataset),
     )
     return DataLoader(

@@ -49,12 +49,25 @@ class MultiLabelMixup:
             raise ValueError(f"mix mode must be one of {MIX_MODES}, got {mode!r}")
         self.num_classes = num_classes
         # Targets travel with an unknown-indicator block appended, mixed by the same weights.
-        self._mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                            mode=mode, label_smoothing=0.0, num_classes=2 * num_classes, multi_label=True)
+        self._mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode=mode,
+            label_smoothing=0.0,
+            num_classes=2 * num_classes,
+            multi_label=True,
+        )
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) % 2:
-            raise ValueError(f"MixUp/CutMix pairs each sample with its mirror and needs an even batch, got {len(images)}")
+            raise ValueError(
+                "MixUp/CutMix pairs each sample with its mirror and needs an even batch, got "
+                f"{len(images)}"
+            )
         unknown = (targets == -1).float()  # (B, K)
         extended = torch.cat([targets.clamp(min=0), unknown], dim=1)  # (B, 2K)
         images, extended = self._mixup(images, extended)
@@ -67,8 +80,16 @@ def build_batch_transform(mix: dict, num_classes: int, batch_size: int) -> Multi
     if mix.get("mixup_alpha", 0) <= 0 and mix.get("cutmix_alpha", 0) <= 0:
         return None
     if batch_size % 2:
-        raise ValueError(f"augment.mix needs an even dataset.batch_size (samples are mixed in pairs), got {batch_size}")
+        raise ValueError(
+            "augment.mix needs an even dataset.batch_size (samples are mixed in pairs), got "
+            f"{batch_size}"
+        )
     mode = str(getattr(mix.get("mode", "batch"), "value", mix.get("mode", "batch")))
-    return MultiLabelMixup(num_classes=num_classes, mixup_alpha=mix.get("mixup_alpha", 0.0),
-                           cutmix_alpha=mix.get("cutmix_alpha", 0.0), prob=mix.get("prob", 1.0),
-                           switch_prob=mix.get("switch_prob", 0.5), mode=mode)
+    return MultiLabelMixup(
+        num_classes=num_classes,
+        mixup_alpha=mix.get("mixup_alpha", 0.0),
+        cutmix_alpha=mix.get("cutmix_alpha", 0.0),
+        prob=mix.get("prob", 1.0),
+        switch_prob=mix.get("switch_prob", 0.5),
+        mode=mode,
+    )

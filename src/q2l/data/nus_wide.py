@@ -60,7 +60,9 @@ class NusWideMultiLabel(MultiLabelImageDataset):
         rows = read_nus_wide_csv(csv_file)
         splits = sorted({row_split for _, _, row_split in rows})
         if split not in splits:
-            raise ValueError(f"{csv_file}: no image in split {split!r}; the CSV has splits {splits}")
+            raise ValueError(
+                f"{csv_file}: no image in split {split!r}; the CSV has splits {splits}"
+            )
         if class_file is not None:
             class_names = read_class_file(class_file)
         else:
@@ -68,8 +70,12 @@ class NusWideMultiLabel(MultiLabelImageDataset):
             check_class_names(class_names, csv_file)
         chosen = [(name, labels) for name, labels, row_split in rows if row_split == split]
         paths = confine_all(image_root, [name for name, _ in chosen], csv_file)
-        labels = label_matrix([labels for _, labels in chosen], class_names, csv_file, unknown_labels=unknown_labels)
-        super().__init__(paths, labels, class_names, transform, image_ids=[name for name, _ in chosen], **options)
+        labels = label_matrix(
+            [labels for _, labels in chosen], class_names, csv_file, unknown_labels=unknown_labels
+        )
+        super().__init__(
+            paths, labels, class_names, transform, image_ids=[name for name, _ in chosen], **options
+        )
 
 
 def read_nus_wide_csv(csv_file: str | Path) -> list[tuple[str, ImageLabels, str]]:
@@ -85,13 +91,22 @@ def read_nus_wide_csv(csv_file: str | Path) -> list[tuple[str, ImageLabels, str]
             if not record:
                 continue
             if len(record) < 3 or not record[0].strip():
-                raise ValueError(f"{csv_file}:{reader.line_num}: expected image path, label list, split; got {record}")
-            rows.append((record[0].strip(), ImageLabels(positives=parse_label_list(record[1])), record[2].strip()))
+                raise ValueError(
+                    f"{csv_file}:{reader.line_num}: expected image path, label list, split; got "
+                    f"{record}"
+                )
+            rows.append(
+                (
+                    record[0].strip(),
+                    ImageLabels(positives=parse_label_list(record[1])),
+                    record[2].strip(),
+                )
+            )
     return rows
 
 
 def parse_label_list(text: str) -> list[str]:
-    """"['clouds', 'sky']" or "[clouds, sky]" -> ['clouds', 'sky']; "[]" -> []."""
+    """ "['clouds', 'sky']" or "[clouds, sky]" -> ['clouds', 'sky']; "[]" -> []."""
     inner = text.strip().removeprefix("[").removesuffix("]")
     names = [part.strip().strip("'\"").strip() for part in inner.split(",")]
     return [name for name in names if name]

@@ -66,7 +66,9 @@ class OpenImagesMultiLabel(MultiLabelImageDataset):
         **options: Any,
     ) -> None:
         if unknown_labels not in UNKNOWN_LABEL_POLICIES:
-            raise ValueError(f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}")
+            raise ValueError(
+                f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}"
+            )
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"Open Images image folder not found: {image_dir}")
@@ -75,12 +77,21 @@ class OpenImagesMultiLabel(MultiLabelImageDataset):
             label_names, class_names = read_class_descriptions(class_file)
         else:
             sources = [Path(p) for p in classes_from] if classes_from else [Path(annotation_file)]
-            label_names = sorted({label for source in sources for _, label, _ in
-                                  (rows if source == Path(annotation_file) else read_image_labels(source))})
+            label_names = sorted(
+                {
+                    label
+                    for source in sources
+                    for _, label, _ in (
+                        rows if source == Path(annotation_file) else read_image_labels(source)
+                    )
+                }
+            )
             class_names = label_names
             check_class_names(class_names, annotation_file)
         image_ids, labels = _label_matrix(rows, label_names, annotation_file, unknown_labels)
-        paths = confine_all(image_dir, [f"{image_id}{image_extension}" for image_id in image_ids], annotation_file)
+        paths = confine_all(
+            image_dir, [f"{image_id}{image_extension}" for image_id in image_ids], annotation_file
+        )
         super().__init__(paths, labels, class_names, transform, image_ids=image_ids, **options)
 
 
@@ -103,7 +114,9 @@ def read_image_labels(annotation_file: str | Path) -> list[tuple[str, str, float
             try:
                 rows.append((record[image], record[label], float(record[confidence])))
             except (IndexError, ValueError) as error:
-                raise ValueError(f"{annotation_file}:{reader.line_num}: bad row {record} ({error})") from error
+                raise ValueError(
+                    f"{annotation_file}:{reader.line_num}: bad row {record} ({error})"
+                ) from error
     return rows
 
 
@@ -122,12 +135,18 @@ def read_class_descriptions(class_file: str | Path) -> tuple[list[str], list[str
         return label_names, label_names
     display = [record[1].strip() for record in records]
     shared = {name for name, count in collections.Counter(display).items() if count > 1}
-    class_names = [f"{name} ({mid})" if name in shared else name for name, mid in zip(display, label_names, strict=True)]
+    class_names = [
+        f"{name} ({mid})" if name in shared else name
+        for name, mid in zip(display, label_names, strict=True)
+    ]
     return label_names, class_names
 
 
 def _label_matrix(
-    rows: list[tuple[str, str, float]], label_names: list[str], source: str | Path, unknown_labels: str
+    rows: list[tuple[str, str, float]],
+    label_names: list[str],
+    source: str | Path,
+    unknown_labels: str,
 ) -> tuple[list[str], np.ndarray]:
     """(image ids in first-seen order, (N, K) int8): 1 where confidence is 1, 0 where 0, else -1."""
     column = {name: index for index, name in enumerate(label_names)}
@@ -143,10 +162,13 @@ def _label_matrix(
         entries.append((index, column[label], value))
     if strangers and unknown_labels == "error":
         shown = and_more(f"{name!r}: {count}" for name, count in strangers.most_common())
-        raise ValueError(f"{source}: {len(strangers)} LabelName(s) not in the class list (name: rows): {shown}")
+        raise ValueError(
+            f"{source}: {len(strangers)} LabelName(s) not in the class list (name: rows): {shown}"
+        )
     labels = np.full((len(row_of), len(label_names)), -1, dtype=np.int8)
     if entries:
         index, col, value = (np.array(part) for part in zip(*entries, strict=True))
-        # Of several rows for one (image, class) the strongest wins: positive over negative over unknown.
+        # Of several rows for one (image, class) the strongest wins: positive over negative over
+        # unknown.
         np.maximum.at(labels, (index, col), value.astype(np.int8))
     return list(row_of), labels

@@ -15,7 +15,7 @@ _ROWS_PER_BLOCK = 8192
 
 
 def hide_labels(labels: np.ndarray, keep_ratio: float, seed: int = 0) -> np.ndarray:
-    """Copy of `labels` (N, K) with all but round(keep_ratio · known) known labels per image set to -1.
+    """Copy of `labels` (N, K) with all but round(keep_ratio · known) known labels per image at -1.
 
     Each image keeps a uniformly random subset of its known (1 or 0) labels, the same for a given
     seed whatever else changes in the run; labels already -1 stay -1. keep_ratio 1 returns an
@@ -35,6 +35,8 @@ def hide_labels(labels: np.ndarray, keep_ratio: float, seed: int = 0) -> np.ndar
         known = block != -1
         keys[~known] = np.inf
         num_keep = np.round(keep_ratio * known.sum(axis=1)).astype(np.int64)  # (n,)
-        rank = keys.argsort(axis=1).argsort(axis=1)  # (n, K): place of each entry in its row's order
+        rank = keys.argsort(axis=1).argsort(
+            axis=1
+        )  # (n, K): place of each entry in its row's order
         hidden[start : start + _ROWS_PER_BLOCK][known & (rank >= num_keep[:, None])] = -1
     return hidden

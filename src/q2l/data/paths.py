@@ -14,7 +14,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from q2l.messages import and_more
 
 
-def confine_all(image_root: str | Path, file_names: Iterable[str], source: str | Path) -> list[Path]:
+def confine_all(
+    image_root: str | Path, file_names: Iterable[str], source: str | Path
+) -> list[Path]:
     """`image_root / name` for every name; raises one ValueError naming every escaping name.
 
     Args:

@@ -94,12 +94,20 @@ class TableMultiLabel(MultiLabelImageDataset):
         image_root = Path(image_root)
         if not image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {image_root}")
-        columns = {"image": image_column, "labels": labels_column, "unknown": unknown_column,
-                   "negatives": negatives_column}
+        columns = {
+            "image": image_column,
+            "labels": labels_column,
+            "unknown": unknown_column,
+            "negatives": negatives_column,
+        }
         train_rows, listed_classes = read_table(train_file, columns, label_delimiter)
         if val_file is not None:
             val_rows, val_classes = read_table(val_file, columns, label_delimiter)
-            if listed_classes is not None and val_classes is not None and val_classes != listed_classes:
+            if (
+                listed_classes is not None
+                and val_classes is not None
+                and val_classes != listed_classes
+            ):
                 raise ValueError(f"{train_file} and {val_file} list different classes")
             listed_classes = listed_classes or val_classes
         else:
@@ -115,12 +123,19 @@ class TableMultiLabel(MultiLabelImageDataset):
         source = Path(val_file) if split == "val" and val_file is not None else Path(train_file)
         file_names = [row.file_name for row in rows]
         paths = confine_all(image_root, file_names, source)
-        labels = label_matrix([row.labels for row in rows], class_names, source, unlisted=unlisted,
-                              unknown_labels=unknown_labels)
+        labels = label_matrix(
+            [row.labels for row in rows],
+            class_names,
+            source,
+            unlisted=unlisted,
+            unknown_labels=unknown_labels,
+        )
         super().__init__(paths, labels, class_names, transform, image_ids=file_names, **options)
 
 
-def read_table(path: str | Path, columns: dict[str, str], delimiter: str) -> tuple[list[TableRow], list[str] | None]:
+def read_table(
+    path: str | Path, columns: dict[str, str], delimiter: str
+) -> tuple[list[TableRow], list[str] | None]:
     """Rows of a CSV/TSV/JSON/JSONL table, and the class list a JSON file may carry (else None).
 
     `columns` maps the roles image, labels, unknown, negatives to the file's column names.
@@ -136,24 +151,32 @@ def read_table(path: str | Path, columns: dict[str, str], delimiter: str) -> tup
     return _read_json(path, columns, delimiter)
 
 
-def hold_out(rows: list[TableRow], fraction: float, seed: int) -> tuple[list[TableRow], list[TableRow]]:
+def hold_out(
+    rows: list[TableRow], fraction: float, seed: int
+) -> tuple[list[TableRow], list[TableRow]]:
     """(train rows, val rows): `fraction` of the distinct file names go to val, chosen by `seed`.
 
     Rows naming the same file stay together, so a duplicated row cannot land in both splits.
     Both keep the table's order.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1) when no val_file is given, got {fraction}")
+        raise ValueError(
+            f"val_fraction must be in (0, 1) when no val_file is given, got {fraction}"
+        )
     names = list(dict.fromkeys(row.file_name for row in rows))
     num_val = round(fraction * len(names))
     if not 0 < num_val < len(names):
         raise ValueError(f"val_fraction={fraction} of {len(names)} images leaves a split empty")
     order = np.random.default_rng(seed).permutation(len(names))
     val_names = {names[i] for i in order[:num_val]}
-    return [r for r in rows if r.file_name not in val_names], [r for r in rows if r.file_name in val_names]
+    return [r for r in rows if r.file_name not in val_names], [
+        r for r in rows if r.file_name in val_names
+    ]
 
 
-def _read_csv(path: Path, columns: dict[str, str], delimiter: str, separator: str) -> list[TableRow]:
+def _read_csv(
+    path: Path, columns: dict[str, str], delimiter: str, separator: str
+) -> list[TableRow]:
     # utf-8-sig: tables saved by spreadsheet programs start with a byte-order mark.
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=separator)
@@ -167,7 +190,9 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, separator: st
     return rows
 
 
-def _read_json(path: Path, columns: dict[str, str], delimiter: str) -> tuple[list[TableRow], list[str] | None]:
+def _read_json(
+    path: Path, columns: dict[str, str], delimiter: str
+) -> tuple[list[TableRow], list[str] | None]:
     text = path.read_text(encoding="utf-8-sig")
     try:
         if path.suffix.lower() == ".jsonl":

@@ -85,17 +85,27 @@ def build_train_transform(
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if random_erasing > 0:
         mode = str(getattr(random_erasing_mode, "value", random_erasing_mode))
-        steps.append(RandomErasing(random_erasing, mode=mode, max_count=random_erasing_count, device="cpu"))
+        steps.append(
+            RandomErasing(random_erasing, mode=mode, max_count=random_erasing_count, device="cpu")
+        )
     return ImageTransform(steps, min_decode_size)
 
 
-def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+def build_eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> ImageTransform:
     """PIL image -> (3, image_size, image_size) float tensor; deterministic square resize."""
-    steps = [T.Resize((image_size, image_size), antialias=True), T.ToTensor(), T.Normalize(mean, std)]
+    steps = [
+        T.Resize((image_size, image_size), antialias=True),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ]
     return ImageTransform(steps, image_size)
 
 
-def build_timm_policy(policy: str, image_size: int, mean: Sequence[float]) -> Callable[[Image.Image], Image.Image]:
+def build_timm_policy(
+    policy: str, image_size: int, mean: Sequence[float]
+) -> Callable[[Image.Image], Image.Image]:
     """timm's RandAugment / AutoAugment / AugMix from its config string, with timm's hparams.
 
     The hparams are those timm's own training transforms pass: translations up to 45% of the
@@ -113,7 +123,9 @@ def build_timm_policy(policy: str, image_size: int, mean: Sequence[float]) -> Ca
         return auto_augment_transform(policy, hparams)
     except (AssertionError, KeyError, ValueError) as error:  # timm checks its strings with assert
         raise ValueError(
-            f"augment.auto_augment={policy!r} is not a timm policy string such as rand-m9-mstd0.5-inc1, "
+            f"augment.auto_augment={policy!r} is not a timm policy string such as "
+            "rand-m9-mstd0.5-inc1, "
+            ""
             f"original, v0 or augmix-m5-w3 ({type(error).__name__}: {error})"
         ) from error
 
@@ -145,4 +157,3 @@ class Cutout:
         image = image.copy()
         ImageDraw.Draw(image).rectangle(box, fill=colour)
         return image
-

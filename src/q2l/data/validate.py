@@ -45,7 +45,9 @@ class DataValidationError(ValueError):
 
     def __init__(self, report: DataReport) -> None:
         self.report = report
-        super().__init__(f"{len(report.problems)} data problem(s):\n  - " + "\n  - ".join(report.problems))
+        super().__init__(
+            f"{len(report.problems)} data problem(s):\n  - " + "\n  - ".join(report.problems)
+        )
 
 
 @dataclass
@@ -74,8 +76,11 @@ class DataReport:
 
     def counts(self) -> dict[str, int]:
         """Flat numbers for logs and metrics files: train_images, val_missing, shared_images, ..."""
-        counts = {"shared_images": len(self.shared_images), "problems": len(self.problems),
-                  "warnings": len(self.warnings)}
+        counts = {
+            "shared_images": len(self.shared_images),
+            "problems": len(self.problems),
+            "warnings": len(self.warnings),
+        }
         for name, split in self.splits.items():
             for key in ("images", "classes", "positives", "negatives", "unknown"):
                 counts[f"{name}_{key}"] = getattr(split, key)
@@ -85,17 +90,40 @@ class DataReport:
 
     def format(self) -> str:
         """A fixed-width table of the counts, then the warnings and problems."""
-        columns = ["images", "classes", "positives", "negatives", "unknown", "missing", "unreadable",
-                   "duplicated", "no-positive classes"]
+        columns = [
+            "images",
+            "classes",
+            "positives",
+            "negatives",
+            "unknown",
+            "missing",
+            "unreadable",
+            "duplicated",
+            "no-positive classes",
+        ]
         widths = [max(len(column), 9) + 2 for column in columns]
-        lines = [f"{'split':<7}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
+        lines = [
+            f"{'split':<7}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+        ]
         for name, split in self.splits.items():
-            values = [split.images, split.classes, split.positives, split.negatives, split.unknown,
-                      len(split.missing), len(split.unreadable), len(split.duplicated),
-                      len(split.classes_without_positives)]
-            lines.append(f"{name:<7}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True)))
-        lines.append(f"images in both splits: {len(self.shared_images)}   (checked: {self.level}, "
-                     f"{self.seconds:.1f} s)")
+            values = [
+                split.images,
+                split.classes,
+                split.positives,
+                split.negatives,
+                split.unknown,
+                len(split.missing),
+                len(split.unreadable),
+                len(split.duplicated),
+                len(split.classes_without_positives),
+            ]
+            lines.append(
+                f"{name:<7}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
+            )
+        lines.append(
+            f"images in both splits: {len(self.shared_images)}   (checked: {self.level}, "
+            f"{self.seconds:.1f} s)"
+        )
         lines += [f"warning: {text}" for text in self.warnings]
         lines += [f"PROBLEM: {text}" for text in self.problems] or ["no problems found"]
         return "\n".join(lines)
@@ -123,8 +151,11 @@ def validate_splits(
     if train.class_names != val.class_names:
         only_train = [c for c in train.class_names if c not in val.class_names]
         only_val = [c for c in val.class_names if c not in train.class_names]
-        detail = f"only in train: {only_train}; only in val: {only_val}" if only_train or only_val \
+        detail = (
+            f"only in train: {only_train}; only in val: {only_val}"
+            if only_train or only_val
             else "same names, other order"
+        )
         problems.append(f"train and val have different classes ({detail})")
     splits = {}
     for name, dataset in (("train", train), ("val", val)):
@@ -133,7 +164,10 @@ def validate_splits(
         _judge_split(name, split, bad_image_tolerance, problems, warnings)
     shared = _shared_images(train.image_paths, val.image_paths)
     if shared:
-        problems.append(f"{len(shared)} image(s) in both train and val (val would measure memory): {and_more(shared)}")
+        problems.append(
+            f"{len(shared)} image(s) in both train and val (val would measure memory): "
+            f"{and_more(shared)}"
+        )
     report = DataReport(level, splits, shared, problems, warnings, time.perf_counter() - start)
     if problems:
         raise DataValidationError(report)
@@ -148,9 +182,13 @@ def _check_split(dataset: MultiLabelImageDataset, level: str) -> SplitReport:
         positives=int((labels == 1).sum()),
         negatives=int((labels == 0).sum()),
         unknown=int((labels == -1).sum()),
-        duplicated=_duplicated(dataset.image_ids) or _duplicated([os.path.normpath(p) for p in dataset.image_paths]),
-        classes_without_positives=[name for name, has in zip(dataset.class_names, (labels == 1).any(axis=0),
-                                                             strict=True) if not has],
+        duplicated=_duplicated(dataset.image_ids)
+        or _duplicated([os.path.normpath(p) for p in dataset.image_paths]),
+        classes_without_positives=[
+            name
+            for name, has in zip(dataset.class_names, (labels == 1).any(axis=0), strict=True)
+            if not has
+        ],
     )
     with ThreadPoolExecutor(_THREADS) as pool:
         outcomes = pool.map(lambda path: _check_file(path, level), dataset.image_paths)
@@ -174,13 +212,18 @@ def _check_file(path: Path, level: str) -> str | None:
     except FileNotFoundError:
         return "missing"
     except BadImageError as error:
-        return "missing" if isinstance(error.__cause__, FileNotFoundError) else str(error.__cause__ or error)
+        return (
+            "missing"
+            if isinstance(error.__cause__, FileNotFoundError)
+            else str(error.__cause__ or error)
+        )
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
 
 
-def _judge_split(name: str, split: SplitReport, tolerance: float | None, problems: list[str],
-                 warnings: list[str]) -> None:
+def _judge_split(
+    name: str, split: SplitReport, tolerance: float | None, problems: list[str], warnings: list[str]
+) -> None:
     """Sort one split's findings into problems and warnings."""
     if split.images == 0:
         problems.append(f"{name}: no images")
@@ -189,14 +232,24 @@ def _judge_split(name: str, split: SplitReport, tolerance: float | None, problem
     sink = warnings if tolerated else problems
     suffix = f" (tolerated: on_bad_image=skip, max_bad_fraction={tolerance})" if tolerated else ""
     if split.missing:
-        sink.append(f"{name}: {len(split.missing)} missing image file(s){suffix}: {and_more(split.missing)}")
+        sink.append(
+            f"{name}: {len(split.missing)} missing image file(s){suffix}: {and_more(split.missing)}"
+        )
     if split.unreadable:
-        sink.append(f"{name}: {len(split.unreadable)} unreadable image file(s){suffix}: {and_more(split.unreadable)}")
+        sink.append(
+            f"{name}: {len(split.unreadable)} unreadable image file(s){suffix}: "
+            f"{and_more(split.unreadable)}"
+        )
     if split.duplicated:
-        problems.append(f"{name}: {len(split.duplicated)} image(s) listed more than once: {and_more(split.duplicated)}")
+        problems.append(
+            f"{name}: {len(split.duplicated)} image(s) listed more than once: "
+            f"{and_more(split.duplicated)}"
+        )
     if split.classes_without_positives:
-        warnings.append(f"{name}: {len(split.classes_without_positives)} class(es) without a positive "
-                        f"(their AP is undefined): {and_more(split.classes_without_positives)}")
+        warnings.append(
+            f"{name}: {len(split.classes_without_positives)} class(es) without a positive "
+            f"(their AP is undefined): {and_more(split.classes_without_positives)}"
+        )
 
 
 def _duplicated(values: Sequence[Any]) -> list[str]:
@@ -209,10 +262,8 @@ def _shared_images(train_paths: Sequence[Path], val_paths: Sequence[Path]) -> li
     return sorted({str(p) for p in val_paths if os.path.realpath(p) in resolved_train})
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """`q2l-validate-data dataset=<name> [dataset.root=...] [dataset.validate=full] [other overrides]`.
+    """`q2l-validate-data dataset=<name> [dataset.root=...] [dataset.validate=full] [overrides]`.
 
     Composes the training config (so any dataset option and override works), builds both splits
     without transforms, checks them and prints the report. Exit status 0: no problems; 1: problems
@@ -251,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(f"PROBLEM: {text}" for text in problems))
         return 1
     try:
-        report = validate_splits(splits["train"], splits["val"], level="full" if level == "full" else "quick")
+        report = validate_splits(
+            splits["train"], splits["val"], level="full" if level == "full" else "quick"
+        )
     except DataValidationError as error:
         print(error.report.format())
         return 1

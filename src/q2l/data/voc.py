@@ -1,19 +1,19 @@
 """Pascal VOC 2007 / 2012 in the VOCdevkit layout, read as a multi-label data set.
 
     VOCdevkit/VOC2007/
-      Annotations/<id>.xml            # one <object><name>..</name><difficult>0|1</difficult> per object
+      Annotations/<id>.xml   # one <object><name>..</name><difficult>0|1</difficult> per object
       ImageSets/Main/<image_set>.txt  # one image id per line: train, val, trainval, test
       JPEGImages/<id>.jpg
 
-The 20 classes are VOC's, in VOC's order. An image is positive for a class when at least one
-object of that class is not marked difficult. When the class is present only as difficult objects,
+The 20 classes are VOC's, in VOC's order. An image is positive for a class when at least one object
+of that class is not marked difficult. When the class is present only as difficult objects,
 `difficult` decides: "ignore" (-1, the target the partial-label losses and mAP then skip; the VOC
 evaluation protocol ignores difficult objects too), "positive" (1) or "negative" (0).
 
 The XML is untrusted input: it is parsed with the standard library's expat-based ElementTree,
-which never fetches external entities, after an expat pass that refuses any file declaring a
-DOCTYPE or an entity (VOC's never do), in whatever encoding, so entity expansion cannot be used
-against the loader.
+which never fetches external entities, after an expat pass that refuses any file declaring a DOCTYPE
+or an entity (VOC's never do), in whatever encoding, so entity expansion cannot be used against the
+loader.
 """
 
 from __future__ import annotations
@@ -31,8 +31,26 @@ from q2l.data.paths import confine_all
 from q2l.messages import and_more
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 DIFFICULT_POLICIES = {"ignore": -1, "positive": 1, "negative": 0}
 # VOC annotation files are a few kB; anything this large is not one.
@@ -60,20 +78,24 @@ class VocMultiLabel(MultiLabelImageDataset):
         **options: Any,
     ) -> None:
         if difficult not in DIFFICULT_POLICIES:
-            raise ValueError(f"difficult must be one of {sorted(DIFFICULT_POLICIES)}, got {difficult!r}")
+            raise ValueError(
+                f"difficult must be one of {sorted(DIFFICULT_POLICIES)}, got {difficult!r}"
+            )
         root = Path(root)
         list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
         if not list_file.is_file():
             raise FileNotFoundError(f"VOC image set list not found: {list_file}")
         image_ids = read_image_set(list_file)
-        annotation_files = confine_all(root / "Annotations", [f"{i}.xml" for i in image_ids], list_file)
+        annotation_files = confine_all(
+            root / "Annotations", [f"{i}.xml" for i in image_ids], list_file
+        )
         paths = confine_all(root / "JPEGImages", [f"{i}.jpg" for i in image_ids], list_file)
         labels = read_voc_labels(annotation_files, DIFFICULT_POLICIES[difficult])
         super().__init__(paths, labels, VOC_CLASSES, transform, image_ids=image_ids, **options)
 
 
 def read_image_set(list_file: Path) -> list[str]:
-    """Image ids of an ImageSets/Main list; its lines may carry a second column (per-class lists)."""
+    """Image ids of an ImageSets/Main list; lines may carry a second column (per-class lists)."""
     lines = list_file.read_text(encoding="utf-8").splitlines()
     image_ids = [line.split()[0] for line in lines if line.strip()]
     if not image_ids:
@@ -95,7 +117,9 @@ def read_voc_labels(annotation_files: list[Path], difficult_target: int) -> np.n
         difficult_only = set()
         for name, difficult in objects:
             if name not in column:
-                problems.append(f"{annotation_file}: unknown class {name!r} (VOC has {', '.join(VOC_CLASSES)})")
+                problems.append(
+                    f"{annotation_file}: unknown class {name!r} (VOC has {', '.join(VOC_CLASSES)})"
+                )
             elif difficult:
                 difficult_only.add(column[name])
             else:
@@ -104,7 +128,10 @@ def read_voc_labels(annotation_files: list[Path], difficult_target: int) -> np.n
             if labels[row, index] != 1:
                 labels[row, index] = difficult_target
     if problems:
-        raise ValueError(f"{len(problems)} problem(s) in VOC annotations:\n  " + and_more(problems, separator="\n  "))
+        raise ValueError(
+            f"{len(problems)} problem(s) in VOC annotations:\n  "
+            + and_more(problems, separator="\n  ")
+        )
     return labels
 
 
@@ -121,7 +148,9 @@ def parse_objects(annotation_file: Path) -> list[tuple[str, bool]]:
     except (ElementTree.ParseError, ExpatError) as error:
         raise ValueError(f"{annotation_file}: not valid XML ({error})") from error
     except _DoctypeFound:
-        raise ValueError(f"{annotation_file}: DTD or entity declarations are not accepted in annotations") from None
+        raise ValueError(
+            f"{annotation_file}: DTD or entity declarations are not accepted in annotations"
+        ) from None
     objects = []
     for element in root.iter("object"):
         name = (element.findtext("name") or "").strip()

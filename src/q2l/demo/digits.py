@@ -97,8 +97,14 @@ def build_digits_coco(
 
     root = build_owned_folder(root, KIND, arguments, build, hint=data_dir_hint("dataset.root"))
     if built:
-        logger.info("wrote digits COCO data set (%d train + %d val canvases of %d px) to %s in %.1f s",
-                    num_train, num_val, canvas_size, root, time.perf_counter() - start)
+        logger.info(
+            "wrote digits COCO data set (%d train + %d val canvases of %d px) to %s in %.1f s",
+            num_train,
+            num_val,
+            canvas_size,
+            root,
+            time.perf_counter() - start,
+        )
     return root
 
 
@@ -175,7 +181,6 @@ def _write_data_set(folder: Path, arguments: dict) -> None:
         first_annotation_id += len(coco["annotations"])
 
 
-
 def _render_split(
     folder: Path,
     split: str,
@@ -190,7 +195,7 @@ def _render_split(
     max_digits: int,
     empty_fraction: float,
 ) -> dict:
-    """Draw `count` canvases from `scans` (N, 8, 8) with digit `labels` (N,) into folder/{split}2014.
+    """Draw `count` canvases from `scans` (N, 8, 8) of digits `labels` (N,) into folder/{split}2014.
 
     Returns the split's COCO instances dict.
     """

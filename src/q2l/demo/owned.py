@@ -41,8 +41,10 @@ _SHOWN = 5
 def data_dir_hint(key: str) -> str:
     """How a user redirects a demo build: the environment variable and the config key."""
     where = os.environ.get("Q2L_DATA_DIR") or "unset, so ./data"
-    return (f"The demo writes under Q2L_DATA_DIR (now {where}): set Q2L_DATA_DIR to a writable folder "
-            f"of its own, or pass {key}=<an empty or new folder>.")
+    return (
+        f"The demo writes under Q2L_DATA_DIR (now {where}): set Q2L_DATA_DIR to a writable folder "
+        f"of its own, or pass {key}=<an empty or new folder>."
+    )
 
 
 class FolderNotOursError(FileExistsError):
@@ -50,7 +52,11 @@ class FolderNotOursError(FileExistsError):
 
 
 def build_owned_folder(
-    root: str | Path, kind: str, arguments: dict[str, Any], build: Callable[[Path], None], hint: str = ""
+    root: str | Path,
+    kind: str,
+    arguments: dict[str, Any],
+    build: Callable[[Path], None],
+    hint: str = "",
 ) -> Path:
     """Make `root` hold what `build(folder)` writes for `arguments`, unless it already does.
 
@@ -78,7 +84,9 @@ def build_owned_folder(
     try:
         build(temporary)
         (temporary / _STAMP_NAME).unlink()
-        files = sorted(str(path.relative_to(temporary)) for path in temporary.rglob("*") if path.is_file())
+        files = sorted(
+            str(path.relative_to(temporary)) for path in temporary.rglob("*") if path.is_file()
+        )
         marker = {"kind": kind, "arguments": arguments, "files": files}
         (temporary / MARKER_NAME).write_text(json.dumps(marker) + "\n")
         _move_into_place(temporary, root, kind, arguments, hint)
@@ -90,27 +98,38 @@ def build_owned_folder(
 def marker_matches(root: Path, kind: str, arguments: dict[str, Any]) -> bool:
     """True when `root` holds a finished build of `kind` with these `arguments`."""
     marker = _read_marker(root)
-    return marker is not None and marker.get("kind") == kind and marker.get("arguments") == arguments
+    return (
+        marker is not None and marker.get("kind") == kind and marker.get("arguments") == arguments
+    )
 
 
 def check_replaceable(root: Path, kind: str, hint: str = "") -> None:
-    """Raise FolderNotOursError unless `root` is absent, empty, or a build of `kind` with nothing added."""
+    """Raise FolderNotOursError unless `root` is absent, empty, or a build of `kind`, unchanged."""
     if not (root.exists() or root.is_symlink()):
         return
     if root.is_symlink() or not root.is_dir():
-        raise FolderNotOursError(f"{root} exists and is not a folder q2l created; nothing was changed. {hint}".rstrip())
+        raise FolderNotOursError(
+            f"{root} exists and is not a folder q2l created; nothing was changed. {hint}".rstrip()
+        )
     foreign = _foreign_entries(root, kind)
     if foreign:
         raise FolderNotOursError(
-            f"refusing to write {kind} into {root}: it holds files q2l did not write ({and_more(foreign, _SHOWN)}). q2l never "
-            f"moves, deletes or rewrites a folder it did not create; nothing was changed. {hint}".rstrip()
+            f"refusing to write {kind} into {root}: it holds files q2l did not write "
+            f"({and_more(foreign, _SHOWN)}). q2l never "
+            ""
+            "moves, deletes or rewrites a folder it did not create; nothing was changed. "
+            f"{hint}".rstrip()
         )
 
 
 def _foreign_entries(root: Path, kind: str) -> list[str]:
-    """Relative paths under `root` that no marker of `kind` there accounts for (all of them without one)."""
+    """Files under `root` that its marker of `kind` does not list (all of them without a marker)."""
     marker = _read_marker(root)
-    listed = set(marker.get("files", [])) | {MARKER_NAME} if marker and marker.get("kind") == kind else set()
+    listed = (
+        set(marker.get("files", [])) | {MARKER_NAME}
+        if marker and marker.get("kind") == kind
+        else set()
+    )
     foreign = []
     for path in sorted(root.rglob("*")):
         relative = str(path.relative_to(root))
@@ -121,7 +140,9 @@ def _foreign_entries(root: Path, kind: str) -> list[str]:
     return foreign
 
 
-def _move_into_place(temporary: Path, root: Path, kind: str, arguments: dict[str, Any], hint: str) -> None:
+def _move_into_place(
+    temporary: Path, root: Path, kind: str, arguments: dict[str, Any], hint: str
+) -> None:
     """Rename the finished `temporary` to `root`, setting aside a previous build of ours first.
 
     Another process may finish first; a copy of its with our arguments is kept and ours dropped.
@@ -138,7 +159,9 @@ def _move_into_place(temporary: Path, root: Path, kind: str, arguments: dict[str
                 continue
             shutil.rmtree(aside, ignore_errors=True)
         try:
-            os.rename(temporary, root)  # atomic; fails if a concurrent build put a non-empty root there
+            os.rename(
+                temporary, root
+            )  # atomic; fails if a concurrent build put a non-empty root there
             return
         except OSError:
             if not root.exists():

@@ -45,27 +45,51 @@ def pretrain_digits_backbone(
     lr: float = 1e-3,
     seed: int = 0,
 ) -> Path:
-    """Train timm `name` to classify single digits; save its weights (no classifier) in `output_dir`.
+    """Train timm `name` to classify single digits; save the backbone in `output_dir`.
 
     Images are rendered in memory from the training scan pool only (never the demo's val scans):
-    one digit of about `digit_size` px, random bright colour on a random dark background with
-    noise, jittered inside an `image_size` canvas, which is the look of the demo canvases.
-    Returns the weights file, `output_dir/weights.safetensors`; skips all work when `output_dir`
-    already holds them for these arguments.
+    one digit of about `digit_size` px, random bright colour on a random dark background with noise,
+    jittered inside an `image_size` canvas, which is the look of the demo canvases. Returns the
+    weights file, `output_dir/weights.safetensors`; skips all work when `output_dir` already holds
+    them for these arguments.
     """
-    arguments = {"name": name, "num_images": num_images, "image_size": image_size, "digit_size": digit_size,
-                 "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "version": 2}
+    arguments = {
+        "name": name,
+        "num_images": num_images,
+        "image_size": image_size,
+        "digit_size": digit_size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "version": 2,
+    }
 
     def build(folder: Path) -> None:
         _pretrain(folder / WEIGHTS_FILE, **arguments)
 
-    folder = build_owned_folder(output_dir, "the digits-pretrained demo backbone", arguments, build,
-                                hint=data_dir_hint("prepare.backbone.output_dir"))
+    folder = build_owned_folder(
+        output_dir,
+        "the digits-pretrained demo backbone",
+        arguments,
+        build,
+        hint=data_dir_hint("prepare.backbone.output_dir"),
+    )
     return folder / WEIGHTS_FILE
 
 
-def _pretrain(output: Path, name: str, num_images: int, image_size: int, digit_size: int, epochs: int,
-              batch_size: int, lr: float, seed: int, version: int) -> None:
+def _pretrain(
+    output: Path,
+    name: str,
+    num_images: int,
+    image_size: int,
+    digit_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    version: int,
+) -> None:
     """The training itself: writes the backbone's state dict (classifier removed) to `output`."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -78,7 +102,9 @@ def _pretrain(output: Path, name: str, num_images: int, image_size: int, digit_s
     model = timm.create_model(name, pretrained=False, num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     steps_per_epoch = num_images // batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
+    )
     model.train()
     correct = 0
     for epoch in range(epochs):
@@ -96,8 +122,13 @@ def _pretrain(output: Path, name: str, num_images: int, image_size: int, digit_s
     torch.random.set_rng_state(rng_state)  # leave the caller's random stream as it was
     model.reset_classifier(0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output))
-    log.info("pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s -> %s",
-             name, 100 * correct / (steps_per_epoch * batch_size), time.perf_counter() - start, output)
+    log.info(
+        "pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s -> %s",
+        name,
+        100 * correct / (steps_per_epoch * batch_size),
+        time.perf_counter() - start,
+        output,
+    )
 
 
 def _render_single_digits(
@@ -108,9 +139,13 @@ def _render_single_digits(
 
     train_pool, _ = split_digit_scans(seed)
     scans = load_digits()
-    pick = torch.from_numpy(train_pool)[torch.randint(len(train_pool), (num_images,), generator=generator)]
+    pick = torch.from_numpy(train_pool)[
+        torch.randint(len(train_pool), (num_images,), generator=generator)
+    ]
     ink = torch.from_numpy(scans.images[pick.numpy()]).float().unsqueeze(1) / 16  # (N, 1, 8, 8)
-    ink = F.interpolate(ink, size=(digit_size, digit_size), mode="bicubic", align_corners=False).clamp(0, 1)
+    ink = F.interpolate(
+        ink, size=(digit_size, digit_size), mode="bicubic", align_corners=False
+    ).clamp(0, 1)
     alpha = torch.zeros(num_images, 1, image_size, image_size)
     offsets = torch.randint(image_size - digit_size + 1, (num_images, 2), generator=generator)
     for index, (top, left) in enumerate(offsets.tolist()):

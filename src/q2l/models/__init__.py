@@ -17,6 +17,9 @@ HEADS: dict[str, type[nn.Module]] = {
     "q2l.models.query2label.Query2Label": Query2Label,
     "q2l.models.Query2Label": Query2Label,
 }
-MODEL_TARGETS: dict[str, type[nn.Module]] = {**HEADS, "q2l.models.backbone.TimmBackbone": TimmBackbone}
+MODEL_TARGETS: dict[str, type[nn.Module]] = {
+    **HEADS,
+    "q2l.models.backbone.TimmBackbone": TimmBackbone,
+}
 
 __all__ = ["HEADS", "MODEL_TARGETS", "Query2Label", "TimmBackbone"]

@@ -48,11 +48,15 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices")
+            raise ValueError(
+                f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
+            )
         kwargs = dict(timm_kwargs or {})
         if image_size is not None and _needs_image_size(name):
             kwargs.setdefault("img_size", image_size)
-        self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        self.body = timm.create_model(
+            name, pretrained=False, num_classes=0, global_pool="", **kwargs
+        )
         self.num_channels: int = self.body.num_features
         # Token models keep some leading tokens (class/register) that are not part of the grid.
         self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)
@@ -69,6 +73,7 @@ class TimmBackbone(nn.Module):
         elif self.output_fmt == "NHWC":  # Swin and friends keep channels last
             features = features.permute(0, 3, 1, 2)
         return features
+
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the pretrained weights of timm model `name` expect (TResNet: 0 and 1).
@@ -109,16 +114,24 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
             raise FileNotFoundError(
-                f"backbone.weights={weights!r}: no such file. Supply the pretrained weights of {name!r} as a "
-                f"local .pth/.safetensors state dict ({_where_to_get(name)}), or train from scratch with "
+                f"backbone.weights={weights!r}: no such file. Supply the pretrained weights of "
+                f"{name!r} as a "
+                ""
+                f"local .pth/.safetensors state dict ({_where_to_get(name)}), or train from "
+                "scratch with "
+                ""
                 "backbone.pretrained=false"
             )
     else:
         path = _cached_weights(name)
         if path is None:
             raise FileNotFoundError(
-                f"backbone.pretrained=true but no weights for {name!r} are on this machine, and q2l never "
-                f"downloads. Pass backbone.weights=/path/to/file.pth|.safetensors ({_where_to_get(name)}), "
+                f"backbone.pretrained=true but no weights for {name!r} are on this machine, and "
+                "q2l never "
+                ""
+                "downloads. Pass backbone.weights=/path/to/file.pth|.safetensors "
+                f"({_where_to_get(name)}), "
+                ""
                 "or train from scratch with backbone.pretrained=false"
             )
     state = read_state_dict(path)
@@ -141,8 +154,12 @@ def _where_to_get(name: str) -> str:
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     source = getattr(pretrained_cfg, "hf_hub_id", None) or getattr(pretrained_cfg, "url", None)
     where = f"timm takes them from {source}" if source else "e.g. from timm"
-    return (f"{where}; on a machine with internet, `timm.create_model({name!r}, pretrained=True)` fills timm's "
-            "cache, which q2l then finds offline")
+    return (
+        f"{where}; on a machine with internet, `timm.create_model({name!r}, pretrained=True)` "
+        "fills timm's "
+        ""
+        "cache, which q2l then finds offline"
+    )
 
 
 def _cached_weights(name: str) -> Path | None:
@@ -160,7 +177,9 @@ def _cached_weights(name: str) -> Path | None:
             if isinstance(found, str):
                 return Path(found)
     if pretrained_cfg.url:
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pretrained_cfg.url).path).name
+        candidate = (
+            Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pretrained_cfg.url).path).name
+        )
         if candidate.is_file():
             return candidate
     return None

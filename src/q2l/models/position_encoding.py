@@ -25,7 +25,9 @@ class SinePositionEncoding(nn.Module):
         scale: positions are normalised to [0, scale].
     """
 
-    def __init__(self, num_pos_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi):
+    def __init__(
+        self, num_pos_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
@@ -42,7 +44,9 @@ class SinePositionEncoding(nn.Module):
         x_embed = x_embed / (width + eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, device=device, dtype=torch.float32)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
 
         pos_y = _interleave_sin_cos(y_embed[:, None] / dim_t)  # (H, F)
         pos_x = _interleave_sin_cos(x_embed[:, None] / dim_t)  # (W, F)

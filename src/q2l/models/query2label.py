@@ -47,10 +47,13 @@ class Query2Label(nn.Module):
         channels = backbone.num_channels
         if not input_proj and channels != hidden_dim:
             raise ValueError(
-                f"input_proj=false needs hidden_dim == backbone channels ({channels}), got {hidden_dim}"
+                f"input_proj=false needs hidden_dim == backbone channels ({channels}), got "
+                f"{hidden_dim}"
             )
         self.backbone = backbone
-        self.input_proj = nn.Conv2d(channels, hidden_dim, kernel_size=1) if input_proj else nn.Identity()
+        self.input_proj = (
+            nn.Conv2d(channels, hidden_dim, kernel_size=1) if input_proj else nn.Identity()
+        )
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
         self.transformer = Transformer(
             hidden_dim=hidden_dim,

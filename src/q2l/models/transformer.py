@@ -59,7 +59,9 @@ class Transformer(nn.Module):
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
 
-    def forward(self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor
+    ) -> torch.Tensor:
         for layer in self.encoder_layers:
             memory = layer(memory, pos)
         memory_keys = memory + pos  # keys carry positions, values do not; the same for every layer
@@ -132,7 +134,7 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm [self-attention +] cross-attention + FFN for label queries: (B, K, D) -> (B, K, D)."""
+    """Post-norm [self-attention +] cross-attention + FFN for label queries: (B, K, D) -> same."""
 
     def __init__(
         self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, self_attention: bool
@@ -157,7 +159,9 @@ class DecoderLayer(nn.Module):
         query_pos (1, K, D) -> (B, K, D)."""
         if self.self_attn is not None:
             query_key = queries + query_pos
-            queries = self.norm1(queries + self.dropout(self.self_attn(query_key, query_key, queries)))
+            queries = self.norm1(
+                queries + self.dropout(self.self_attn(query_key, query_key, queries))
+            )
         attended = self.cross_attn(queries + query_pos, memory_keys, memory)  # (B, K, D)
         queries = self.norm2(queries + self.dropout(attended))
         return self.norm3(queries + self.dropout(self.ffn(queries)))

@@ -35,18 +35,23 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         culprit = f" (it pickles {found.group(1)})" if found else ""
         raise WeightsFileError(
-            f"{what} {path} holds Python objects beyond tensors and plain data{culprit}. q2l loads only "
-            "tensors, numbers, strings and containers from such files and never runs code stored in one; "
+            f"{what} {path} holds Python objects beyond tensors and plain data{culprit}. q2l loads "
+            "only "
+            ""
+            "tensors, numbers, strings and containers from such files and never runs code stored "
+            "in one; "
+            ""
             "save a plain state dict (or .safetensors) instead"
         ) from None
     except Exception as error:  # torch raises RuntimeError/EOFError/... depending on the damage
         raise WeightsFileError(
-            f"{what} {path} cannot be read; it is truncated, corrupt or not a PyTorch file ({error})"
+            f"{what} {path} cannot be read; it is truncated, corrupt or not a PyTorch file "
+            f"({error})"
         ) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file; common wrappers and `module.` prefixes removed."""
+    """A state dict from .safetensors or a torch file; wrappers and `module.` prefixes removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -55,12 +60,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as error:
-            raise WeightsFileError(f"backbone weights file {path} cannot be read ({error})") from None
+            raise WeightsFileError(
+                f"backbone weights file {path} cannot be read ({error})"
+            ) from None
     state = load_torch_file(path, "backbone weights file")
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise WeightsFileError(f"backbone weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise WeightsFileError(
+            f"backbone weights file {path} holds a {type(state).__name__}, not a state dict"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
