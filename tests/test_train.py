@@ -28,7 +28,9 @@ def trained_run(tmp_path_factory, digits_root):
     base = tmp_path_factory.mktemp("run")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", tiny_overrides(digits_root, base / "cache"))
+        cfg = compose(
+            "train", [*tiny_overrides(digits_root, base / "cache"), "trainer.log_every_n_steps=1"]
+        )
     GlobalHydra.instance().clear()
     run_dir = base / "run"
     summary = train(cfg, run_dir)
@@ -45,7 +47,14 @@ def test_run_directory_holds_everything(trained_run):
         "checkpoints/best.pt",
     ]:
         assert (run_dir / relative).is_file(), relative
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/step/loss")] == list(
+        range(1, 9)
+    )  # 2 epochs x 4 steps
+    assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val/mAP")) == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     for key in [

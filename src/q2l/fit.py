@@ -184,6 +184,9 @@ def _train_epoch_part(
                 ""
                 "lower the learning rate, clip gradients (trainer.grad_clip_norm) or use bf16"
             )
+        if state.step % trainer.log_every_n_steps == 0:
+            lr = state.optimizer.param_groups[0]["lr"]
+            loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
         if stop or (every and state.step % every == 0):
             sync_totals()
         if every and state.step % every == 0 and not stop:

@@ -38,6 +38,11 @@ class RunLog:
                 self.writer.add_scalar(_tag(key), value, global_step=step)
         self.writer.flush()
 
+    def log_step(self, step: int, **scalars: float) -> None:
+        """Per-step scalars (train loss, lr) to TensorBoard only, under train/step/*."""
+        for key, value in scalars.items():
+            self.writer.add_scalar(f"train/step/{key}", value, global_step=step)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """metrics.json: final and best results, written atomically."""
         write_json(self.run_dir / "metrics.json", summary)
