@@ -39,24 +39,19 @@ def trained_run(tmp_path_factory, digits_root):
 
 def test_run_directory_holds_everything(trained_run):
     run_dir, summary = trained_run
-    for relative in [
-        "config.yaml",
-        "metrics.jsonl",
-        "metrics.json",
-        "checkpoints/last.pt",
-        "checkpoints/best.pt",
-    ]:
+    for relative in ["config.yaml", "metrics.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
         assert (run_dir / relative).is_file(), relative
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/step/loss")] == list(
-        range(1, 9)
-    )  # 2 epochs x 4 steps
+    step_losses = [e.value for e in events.Scalars("train/step/loss")]
+    assert [e.step for e in events.Scalars("train/step/loss")] == list(range(1, 9))  # 2 x 4 steps
     assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val/mAP")) == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
+    # An epoch's train loss is the mean over its steps.
+    assert lines[0]["train_loss"] == pytest.approx(sum(step_losses[:4]) / 4, rel=1e-5)
     for key in [
         "train_loss",
         "train_lr",

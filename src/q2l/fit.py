@@ -87,8 +87,7 @@ def fit(
             _train_epoch_part(state, train_loader, trainer, progress, loop, stop)
             if stop:
                 return _preempted(stop, state, progress, loop)
-            progress.epoch += 1
-            progress.batches_done = 0
+            progress.epoch += 1  # batches_done keeps the epoch's count until its record is written
 
 
 def _finish_epoch(
@@ -111,7 +110,7 @@ def _finish_epoch(
         **record,
     }
     progress.validated_epoch = progress.epoch
-    progress.batches_done = progress.epoch_images = 0
+    progress.batches_done = progress.epoch_images = 0  # the next epoch starts from its first batch
     progress.epoch_loss_sum = progress.epoch_seconds = 0.0
     improved = record["mAP_best"] > progress.best_metric  # NaN is never an improvement
     if improved:
