@@ -14,6 +14,8 @@ import signal
 import subprocess
 from types import FrameType
 
+from q2l import dist
+
 log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
@@ -61,6 +63,22 @@ def slurm_job_id() -> str | None:
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue() -> None:
+    """After a stop request was saved: have the scheduler run this job again, which resumes it.
+
+    Under hydra-submitit-launcher, submitit's own SIGUSR1 handler (back in place once StopRequest
+    exits) pickles the job and requeues it; it exits rank 0. A plain SLURM job is requeued with
+    `scontrol requeue` by rank 0. Elsewhere nothing happens.
+    """
+    if "SUBMITIT_FOLDER" in os.environ:
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler):
+            handler(signal.SIGUSR1, None)
+        return
+    if dist.is_main_process():
+        requeue_slurm_job()
 
 
 def requeue_slurm_job() -> bool:

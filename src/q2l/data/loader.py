@@ -53,7 +53,8 @@ class EpochSampler(Sampler[int | SampleKey]):
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch and skip its first `start` indices of this rank (mid-epoch resume)."""
+        """Select the epoch and skip the first `start` samples of its order, counted over all ranks
+        (mid-epoch resume; it also holds when the run resumes with another number of ranks)."""
         self.epoch = epoch
         self.start = start
 
@@ -63,18 +64,19 @@ class EpochSampler(Sampler[int | SampleKey]):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        order = order[self.start :]
         if self.drop_last:
-            order = order[: self.num_samples - self.num_samples % self.world_size]
+            order = order[: len(order) - len(order) % self.world_size]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int | SampleKey]:
-        indices = self._indices()[self.start :]
+        indices = self._indices()
         if self.sample_keys:
             return iter([SampleKey(index, self.seed, self.epoch) for index in indices])
         return iter(indices)
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
+        return len(self._indices())
 
 
 def build_loader(
