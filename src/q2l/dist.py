@@ -82,8 +82,12 @@ def init() -> None:
     torch_dist.init_process_group(
         backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes())
     )
+
+
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 log warnings and errors only: one rank tells the story."""
     if rank() != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def timeout_minutes() -> float:

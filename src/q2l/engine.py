@@ -120,8 +120,9 @@ def _train_step(
         with contextlib.nullcontext() if last or skip_sync is None else skip_sync():
             loss = _forward_loss(state, images, targets, options)
             if options.check_finite and not options.is_finite(loss):
+                where = f"({loss.item()})" if not torch.isfinite(loss) else "on another process"
                 raise NonFiniteError(
-                    f"loss is {loss.item()} at step {step}; stopped before the optimizer step"
+                    f"loss is not finite at step {step} {where}; stopped before the optimizer step"
                 )
             scaler.scale(loss / len(group)).backward()
         total += loss.detach()

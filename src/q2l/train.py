@@ -54,6 +54,7 @@ log = logging.getLogger("q2l.train")
 def _hydra_main(cfg: DictConfig) -> float:
     """Run one training job; returns its best mAP (what sweepers optimise)."""
     dist.init()  # the tasks of a SLURM job join here; torchrun's processes already did in main()
+    dist.quiet_other_ranks()  # after Hydra set up logging
     hydra_config = HydraConfig.get()
     summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
     if summary["status"] == "preempted":
