@@ -97,7 +97,13 @@ def schema_for(
         else:
             spec = field(default=default)
         specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
-    return dataclasses.make_dataclass(name or f"{target.__qualname__}Conf", specs)
+    name = name or f"{target.__name__[0].upper()}{target.__name__[1:]}Conf"
+    schema = dataclasses.make_dataclass(name, specs)
+    # Importable as q2l.config.<name>, so a pickled config (submitit ships jobs pickled) refers
+    # to this very class in the job's process instead of rebuilding a look-alike.
+    schema.__module__ = __name__
+    globals()[name] = schema
+    return schema
 
 
 def _config_type(annotation: Any) -> Any:

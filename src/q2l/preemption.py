@@ -1,7 +1,7 @@
 """Stop requests from the outside world: signals become a flag the training loop polls.
 
-SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's `--signal=USR1@90`) only set
-a flag; the loop finishes the step it is in, saves a checkpoint at that boundary and exits with
+SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C), SIGUSR1 (SLURM's `--signal=USR1@90`) and SIGUSR2
+(submitit's preemption signal) only set a flag; the loop finishes the step it is in, saves a checkpoint at that boundary and exits with
 `EXIT_PREEMPTED`, so the same command run again resumes (`resume=auto`). Nothing is done inside
 the handler itself, so a second signal during the save can do no harm.
 """
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -73,9 +73,12 @@ def requeue() -> None:
     `scontrol requeue` by rank 0. Elsewhere nothing happens.
     """
     if "SUBMITIT_FOLDER" in os.environ:
-        handler = signal.getsignal(signal.SIGUSR1)
+        from submitit import JobEnvironment
+
+        number = JobEnvironment._usr_sig()  # submitit's preemption signal (SIGUSR2 by default)
+        handler = signal.getsignal(number)
         if callable(handler):
-            handler(signal.SIGUSR1, None)
+            handler(number, None)
         return
     if dist.is_main_process():
         requeue_slurm_job()

@@ -125,9 +125,9 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
     if cfg.init_from:
         load_checkpoint(cfg.init_from)  # readable, and a q2l checkpoint
     resume = _find_resume(cfg, run.path)
-    if resume is None and run.existing and list((run.path / "checkpoints").glob("*.pt")):
+    if not cfg.resume and run.existing and list((run.path / "checkpoints").glob("*.pt")):
         raise RunDirError(
-            f"{run.path} holds a run with checkpoints, and resume={cfg.resume}: q2l "
+            f"{run.path} holds a run with checkpoints, and resume=null: q2l "
             "does not train over it. Pass resume=auto to continue it, or choose another "
             "hydra.run.dir. Nothing was changed"
         )

@@ -119,12 +119,12 @@ def build_loader(
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1 to the main process.
+    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2 to the main process.
 
     A scheduler signals the whole process group. PyTorch's workers die on SIGTERM (and SIGUSR1 by
     default), which would end the main process with "DataLoader worker killed" before it could
     save; ignoring them here lets the main process finish its step, checkpoint and shut the
     workers down itself.
     """
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(number, signal.SIG_IGN)
