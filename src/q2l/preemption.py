@@ -1,9 +1,10 @@
 """Stop requests from the outside world: signals become a flag the training loop polls.
 
 SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C), SIGUSR1 (SLURM's `--signal=USR1@90`) and SIGUSR2
-(submitit's preemption signal) only set a flag; the loop finishes the step it is in, saves a checkpoint at that boundary and exits with
-`EXIT_PREEMPTED`, so the same command run again resumes (`resume=auto`). Nothing is done inside
-the handler itself, so a second signal during the save can do no harm.
+(submitit's preemption signal) only set a flag; the loop finishes the step it is in, saves a
+checkpoint at that boundary and exits with `EXIT_PREEMPTED`, so the same command run again resumes
+(`resume=auto`). Nothing is done inside the handler itself, so a second signal during the save can
+do no harm.
 """
 
 from __future__ import annotations
