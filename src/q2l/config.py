@@ -30,7 +30,7 @@ from torch import nn
 from q2l import losses, optim
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
-from q2l.models import HEADS, MODEL_TARGETS, TimmBackbone
+from q2l.models import HEAD_CLASSES, MODEL_TARGETS, TimmBackbone
 
 # conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
 CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -378,19 +378,22 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigValueError("invalid config value(s):\n  " + "\n  ".join(problems))
 
 
+# What every head receives when it is built (q2l.config.build_model), so no config field.
+HEAD_RUNTIME = ("backbone", "num_classes")
+
+
 def register_configs() -> None:
     """Put every schema where the YAML files' defaults lists expect it, and the backbone options."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConf)
     store.store(name="eval_schema", node=EvalConf)
+    # Every head's schema, named for its file: /schema/model/<module name> (docs/heads.md).
+    heads = [
+        ("model", head.__module__.rsplit(".", 1)[-1], schema_for(head, runtime=HEAD_RUNTIME))
+        for head in HEAD_CLASSES
+    ]
     for group, name, node in [
-        (
-            "model",
-            "query2label",
-            schema_for(
-                HEADS["q2l.models.query2label.Query2Label"], runtime=("backbone", "num_classes")
-            ),
-        ),
+        *heads,
         ("dataset", "coco", CocoDatasetConf),
         ("dataset", "voc", VocDatasetConf),
         ("dataset", "nus_wide", NusWideDatasetConf),

@@ -26,12 +26,13 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters.
 
-    With `no_decay_norm_and_bias`, 1-D parameters (norm scales, biases) and the label embedding
-    are put in a group without weight decay.
+    With `no_decay_norm_and_bias`, 1-D parameters (norm scales, biases) and the parameters the
+    model's modules declare (`no_weight_decay_names`: a head's label embedding, a ViT's position
+    embedding) are put in a group without weight decay.
     """
     if no_decay_norm_and_bias:
         params = param_groups_weight_decay(
-            model, weight_decay, no_weight_decay_list=("label_embed.weight",)
+            model, weight_decay, no_weight_decay_list=no_weight_decay_names(model)
         )
     else:
         params = [
@@ -41,6 +42,21 @@ def build_adamw(
             }
         ]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters `model`'s modules exclude from weight decay.
+
+    Any module may declare them with a `no_weight_decay()` method returning names relative to
+    itself, as timm models do (a ViT: "pos_embed", "cls_token") and q2l heads do (Query2Label:
+    "label_embed.weight"); they are returned with the module's prefix in `model`.
+    """
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names |= {f"{prefix}.{name}" if prefix else name for name in declared()}
+    return names
 
 
 def build_onecycle(

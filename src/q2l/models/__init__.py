@@ -1,4 +1,8 @@
-"""Model zoo: timm backbones under Query2Label heads.
+"""Model zoo: timm backbones under classification heads.
+
+A head is a module `Head(backbone, num_classes, **options)` mapping images to logits (B, K), in
+one file of this folder; `HEAD_CLASSES` lists them (docs/heads.md: add a head in 3 steps). Its
+config schema (conf/model/*.yaml) is read from its signature by `q2l.config`.
 
 Training builds models with `hydra.utils.instantiate` from the composed config. A checkpoint's
 config is file input: `MODEL_TARGETS` lists what may be rebuilt from one
@@ -10,11 +14,16 @@ from __future__ import annotations
 from torch import nn
 
 from q2l.models.backbone import TimmBackbone
+from q2l.models.baseline import GlobalPoolLinear
+from q2l.models.ml_decoder import MLDecoder
 from q2l.models.query2label import Query2Label
 
-# Heads a config may name, under their qualified names (and the short alias of q2l 0.1).
+# Every head a config may name; its schema is registered as /schema/model/<file name>.
+HEAD_CLASSES: tuple[type[nn.Module], ...] = (Query2Label, GlobalPoolLinear, MLDecoder)
+
+# Heads under their qualified names (and the short alias of q2l 0.1).
 HEADS: dict[str, type[nn.Module]] = {
-    "q2l.models.query2label.Query2Label": Query2Label,
+    **{f"{head.__module__}.{head.__qualname__}": head for head in HEAD_CLASSES},
     "q2l.models.Query2Label": Query2Label,
 }
 MODEL_TARGETS: dict[str, type[nn.Module]] = {
@@ -22,4 +31,12 @@ MODEL_TARGETS: dict[str, type[nn.Module]] = {
     "q2l.models.backbone.TimmBackbone": TimmBackbone,
 }
 
-__all__ = ["HEADS", "MODEL_TARGETS", "Query2Label", "TimmBackbone"]
+__all__ = [
+    "HEADS",
+    "HEAD_CLASSES",
+    "MODEL_TARGETS",
+    "GlobalPoolLinear",
+    "MLDecoder",
+    "Query2Label",
+    "TimmBackbone",
+]

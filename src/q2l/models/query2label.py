@@ -4,7 +4,10 @@ backbone -> 1x1 input projection -> + sine positions -> transformer encoder -> d
 queries are one learnable embedding per label -> one linear classifier per label -> logits.
 
 Defaults are the paper's: 1 encoder / 2 decoder layers, 4 heads, hidden 2048, FFN 8192,
-dropout 0.1, decoder self-attention removed.
+dropout 0.1, decoder self-attention removed. The forward is the official code's (SlongLiu/
+query2labels): positions added to the encoder's queries and keys and to the decoder's memory keys,
+decoder queries starting at zero with the label embedding as their position, a final decoder
+norm; `q2l-import` turns its checkpoints into q2l ones (q2l.models.official).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ class Query2Label(nn.Module):
         num_classes: K, one label query per class.
         hidden_dim: transformer width D.
         num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: transformer sizes.
-        decoder_self_attention: keep self-attention among label queries (the paper removes it).
+        decoder_self_attention: decoder layers that keep self-attention among label queries:
+            "none" (the paper), "first", "rest" or "all" (the official code's
+            --keep_first_self_attn_dec / --keep_other_self_attn_dec).
         input_proj: 1x1 conv from C to D; with False, C must equal D (the official code's default).
     """
 
@@ -40,7 +45,7 @@ class Query2Label(nn.Module):
         num_heads: int = 4,
         ffn_dim: int = 8192,
         dropout: float = 0.1,
-        decoder_self_attention: bool = False,
+        decoder_self_attention: str = "none",
         input_proj: bool = True,
     ) -> None:
         super().__init__()
@@ -75,6 +80,10 @@ class Query2Label(nn.Module):
         pos = pos.flatten(2).transpose(1, 2)  # (1, N, D)
         label_features = self.transformer(memory, pos, self.label_embed.weight)  # (B, K, D)
         return self.classifier(label_features)  # (B, K)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names AdamW leaves undecayed beyond 1-D ones (q2l.optim)."""
+        return {"label_embed.weight"}
 
 
 class GroupWiseLinear(nn.Module):

@@ -2,7 +2,9 @@
 
 Batch-first throughout and built on `F.scaled_dot_product_attention`, so PyTorch picks the fused
 attention kernel for the device. The decoder's self-attention can be removed, as the Query2Label
-paper does by default: label queries then attend only to the image.
+paper does by default: label queries then attend only to the image. Which layers keep it follows
+the official code's two flags (`--keep_first_self_attn_dec`, `--keep_other_self_attn_dec`):
+"none", "first", "rest" or "all".
 
 Shape legend: B batch, N = H·W image tokens, K label queries, D hidden.
 """
@@ -26,7 +28,9 @@ class Transformer(nn.Module):
         num_decoder_layers: at least 1.
         ffn_dim: width of the feed-forward layers.
         dropout: dropout on attention weights, residual branches and FFN.
-        decoder_self_attention: keep self-attention among label queries.
+        decoder_self_attention: which decoder layers keep self-attention among label queries:
+            "none" (the paper), "first", "rest" (all but the first) or "all"; True/False mean
+            "all"/"none".
     """
 
     def __init__(
@@ -37,9 +41,12 @@ class Transformer(nn.Module):
         num_decoder_layers: int = 2,
         ffn_dim: int = 8192,
         dropout: float = 0.1,
-        decoder_self_attention: bool = False,
+        decoder_self_attention: str | bool = "none",
     ) -> None:
         super().__init__()
+        keep_self_attention = decoder_self_attention_layers(
+            decoder_self_attention, num_decoder_layers
+        )
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
         if hidden_dim % num_heads:
@@ -48,8 +55,8 @@ class Transformer(nn.Module):
             EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
         )
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, decoder_self_attention)
-            for _ in range(num_decoder_layers)
+            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, keep)
+            for keep in keep_self_attention
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self._reset_parameters()
@@ -73,6 +80,24 @@ class Transformer(nn.Module):
         for layer in self.decoder_layers:
             queries = layer(queries, memory_keys, memory, query_pos)
         return self.decoder_norm(queries)
+
+
+SELF_ATTENTION_CHOICES = ("none", "first", "rest", "all")
+
+
+def decoder_self_attention_layers(choice: str | bool, num_layers: int) -> list[bool]:
+    """Which of `num_layers` decoder layers keep self-attention, for a `decoder_self_attention`
+    choice (one of SELF_ATTENTION_CHOICES; True/False and "true"/"false" mean "all"/"none")."""
+    text = str(choice).lower()
+    text = {"true": "all", "false": "none"}.get(text, text)
+    if text not in SELF_ATTENTION_CHOICES:
+        raise ValueError(
+            f"decoder_self_attention={choice!r}: choose one of {', '.join(SELF_ATTENTION_CHOICES)}"
+        )
+    return [
+        text == "all" or (text == "first" and index == 0) or (text == "rest" and index > 0)
+        for index in range(num_layers)
+    ]
 
 
 class Attention(nn.Module):
