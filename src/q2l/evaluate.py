@@ -120,7 +120,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     options = StepOptions(device, resolve_precision(precision, device), channels_last=channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
-    transform = build_eval_transform(image_size, *normalization(run_config["backbone"]["name"]))
+    backbone = run_config["backbone"]
+    mean_std = normalization(backbone["name"], backbone.get("normalization", "pretrained"))
+    transform = build_eval_transform(image_size, *mean_std)
     dataset = _build_val_split(cfg, dataset_config, transform)
     _check_classes(dataset.class_names, class_names, cfg.ckpt)
     loader = build_loader(

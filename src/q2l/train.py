@@ -169,7 +169,9 @@ def _train(
     if resume and config["trainer"]["precision"] == "auto":
         # A resumed run keeps the precision it started with, whatever auto would pick here now.
         precision = resume.get("precision", precision)
-    train_set, val_set = _build_datasets(cfg, *normalization(cfg.backbone.name))
+    train_set, val_set = _build_datasets(
+        cfg, *normalization(cfg.backbone.name, cfg.backbone.normalization)
+    )
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     if cfg.init_from:

@@ -3,25 +3,37 @@
 timm is the backbone registry: `name` is any `timm.list_models()` entry. CNNs give (B, C, H, W)
 directly; token models (ViT, DeiT, Swin, ...) are reshaped to a map so the Query2Label head sees
 the same thing whatever the backbone. Weights never come from a hub at run time: `pretrained=True`
-loads a local file (`weights=...`) or what timm already has in its offline cache.
+loads a local file (`weights=...`) or what timm already has in its offline cache. A file in its
+original layout (torchvision ResNet, Alibaba-MIIL TResNet, Microsoft Swin, ...) goes through the
+conversion timm applies to its own hub weights (`checkpoint_filter_fn` of the model's timm module).
+
+For ResNet-like models (stages named layer1 ... layer4) the official Query2Label backbone's
+training setup is available: `freeze="stem_layer1"` keeps the stem and the first stage fixed, and
+`frozen_bn=True` turns every BatchNorm into a fixed affine map (statistics and scale never change).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from q2l.models.weights import read_state_dict
 
 log = logging.getLogger(__name__)
+
+FREEZE_CHOICES = ("none", "stem", "stem_layer1")
+NORMALIZATION_CHOICES = ("pretrained", "imagenet", "none")
 
 
 class TimmBackbone(nn.Module):
@@ -35,6 +47,14 @@ class TimmBackbone(nn.Module):
             download). Query2Label is trained from a pretrained backbone, hence the default.
         weights: path to a local .pth/.pt/.safetensors state dict for this model.
         image_size: input size for models that need it fixed at build time (ViT, Swin).
+        freeze: "none"; "stem" or "stem_layer1" keep the parameters before layer1 (or before
+            layer2) out of training, as the official Query2Label backbone does with
+            "stem_layer1". ResNet-like models only (stages named layer1 ... layer4).
+        frozen_bn: replace every BatchNorm by a frozen one (fixed statistics and affine, no
+            parameters), as the official Query2Label ResNet does. Models with BatchNorm only.
+        normalization: input mean/std the data pipeline uses (`normalization()`): "pretrained"
+            (what the weights were trained with, from timm's config), "imagenet", or "none"
+            (mean 0, std 1).
         timm_kwargs: more `timm.create_model` arguments (drop_path_rate, output_stride, ...).
     """
 
@@ -44,12 +64,21 @@ class TimmBackbone(nn.Module):
         pretrained: bool = True,
         weights: str | None = None,
         image_size: int | None = None,
+        freeze: str = "none",
+        frozen_bn: bool = False,
+        normalization: str = "pretrained",
         timm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
             raise ValueError(
                 f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
+            )
+        if freeze not in FREEZE_CHOICES:
+            raise ValueError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_CHOICES}")
+        if normalization not in NORMALIZATION_CHOICES:
+            raise ValueError(
+                f"backbone.normalization={normalization!r}: choose one of {NORMALIZATION_CHOICES}"
             )
         kwargs = dict(timm_kwargs or {})
         if image_size is not None and _needs_image_size(name):
@@ -61,8 +90,13 @@ class TimmBackbone(nn.Module):
         # Token models keep some leading tokens (class/register) that are not part of the grid.
         self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)
         self.output_fmt: str = getattr(self.body, "output_fmt", "NCHW")
+        self.normalization = normalization
         if pretrained:
             load_pretrained(self.body, name, weights)
+        if frozen_bn:
+            self.body = _freeze_batch_norm(self.body, name)
+        if freeze != "none":
+            _freeze_stem(self.body, name, through_layer1=freeze == "stem_layer1")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.body.forward_features(images)
@@ -75,11 +109,19 @@ class TimmBackbone(nn.Module):
         return features
 
 
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the pretrained weights of timm model `name` expect (TResNet: 0 and 1).
+def normalization(
+    name: str, mode: str = "pretrained"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for the inputs of timm model `name` (a backbone's `normalization` option).
 
-    Read from timm's pretrained config, so it is known before the model is built.
+    "pretrained": what its pretrained weights expect (TResNet: 0 and 1), read from timm's
+    pretrained config, so it is known before the model is built; "imagenet": ImageNet's;
+    "none": 0 and 1.
     """
+    if mode == "imagenet":
+        return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    if mode == "none":
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is None:
         return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
@@ -134,19 +176,65 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
                 ""
                 "or train from scratch with backbone.pretrained=false"
             )
-    state = read_state_dict(path)
+    state = convert_state_dict(read_state_dict(path), body, name)
     classifier = body.default_cfg.get("classifier")
     state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         raise RuntimeError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
+    # Files saved before PyTorch 0.4.1 (torchvision's ResNets) or by inplace_abn (TResNet) have no
+    # BatchNorm step counters; they only matter for momentum=None, which no timm model uses.
+    missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if missing:
         raise RuntimeError(
             f"backbone weights {str(path)!r} do not fit {name}: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
     log.info("backbone %s: loaded %s (%d unused keys)", name, path, len(unexpected))
+
+
+def convert_state_dict(
+    state: dict[str, torch.Tensor], body: nn.Module, name: str
+) -> dict[str, torch.Tensor]:
+    """`state` in timm's layout for `body` (timm model `name`): original-layout checkpoints
+    (Microsoft Swin, Alibaba-MIIL TResNet with inplace_abn, ...) go through the conversion timm
+    applies to its own hub weights, the `checkpoint_filter_fn` of the model's timm module; models
+    without one (ResNet: torchvision's keys are timm's) are returned unchanged."""
+    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    return dict(convert(state, body)) if convert is not None else state
+
+
+def _freeze_batch_norm(body: nn.Module, name: str) -> nn.Module:
+    """`body` with every BatchNorm2d (and timm BatchNormAct2d) frozen: fixed statistics and affine
+    as buffers, so neither training nor `train()` mode changes them."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules()):
+        raise ValueError(
+            f"backbone.frozen_bn=true: {name} has no BatchNorm layers to freeze (it normalises "
+            "with LayerNorm or GroupNorm); use frozen_bn=false"
+        )
+    return freeze_batch_norm_2d(body)
+
+
+def _freeze_stem(body: nn.Module, name: str, through_layer1: bool) -> None:
+    """Exclude from training the parameters registered before the stage after the stem (layer1),
+    or after the first stage (layer2) with `through_layer1` (the official Query2Label setup)."""
+    first_trained = "layer2" if through_layer1 else "layer1"
+    parameters = list(body.named_parameters())
+    starts = [
+        index
+        for index, (key, _) in enumerate(parameters)
+        if re.search(rf"(^|\.){first_trained}\.", key)
+    ]
+    if not starts:
+        raise ValueError(
+            f"backbone.freeze={'stem_layer1' if through_layer1 else 'stem'}: {name} has no "
+            "ResNet-style stages (layer1 ... layer4); freezing by stage is defined for "
+            "ResNet-like timm models (resnet*, resnext*, tresnet*, ...). Use backbone.freeze=none"
+        )
+    for _, parameter in parameters[: starts[0]]:
+        parameter.requires_grad_(False)
 
 
 def _where_to_get(name: str) -> str:

@@ -1,0 +1,160 @@
+"""Backbone weights in their original layouts load equal; the official ResNet training setup
+(stem and layer1 frozen, frozen BatchNorm) and its refusals for other architectures."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from q2l.models import TimmBackbone
+from q2l.models.backbone import normalization
+
+TINY_TRESNET = {"layers": [1, 1, 1, 1], "width_factor": 0.5}
+TINY_SWIN = {"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 1, 1)}
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> None:
+    """Random weights and BatchNorm statistics (positive scales), so equality means something."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            values = torch.rand(tensor.shape, generator=generator)
+            if key.endswith(("running_var", "weight")) and tensor.ndim == 1:
+                tensor.copy_(0.5 + values)  # norm scales and variances: positive
+            else:
+                tensor.copy_((values - 0.5) * 0.2)
+
+
+def _assert_same_state(loaded: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    for key, value in loaded.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_torchvision_resnet_file_loads_equal(tmp_path):
+    # torchvision's own keys, without BatchNorm step counters (files older than PyTorch 0.4.1).
+    reference = torchvision.models.resnet18(weights=None)
+    _randomize(reference)
+    state = {k: v for k, v in reference.state_dict().items() if "num_batches_tracked" not in k}
+    torch.save(state, tmp_path / "resnet18-f37072fd.pth")
+    backbone = TimmBackbone("resnet18", weights=str(tmp_path / "resnet18-f37072fd.pth")).eval()
+    trunk = nn.Sequential(*list(reference.children())[:-2]).eval()  # up to layer4
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), trunk(images), rtol=1e-4, atol=1e-5)
+
+
+def _miil_tresnet_layout(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm TResNet's weights as Alibaba-MIIL's inplace_abn TResNet names them: ConvNormAct
+    `conv`/`bn` are Sequential indices 0/1, nested one deeper where an anti-alias blur follows the
+    convolution; InPlaceABN stores |scale| - eps and no step counter."""
+    original = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        match = re.match(r"(.*)\.(conv|bn)\.(\w+)$", key)
+        if match is None:  # squeeze-excitation fc1/fc2: same names
+            original[key] = value
+            continue
+        owner, part, leaf = match.groups()
+        index = {"conv": "0", "bn": "1"}[part]
+        blur = getattr(model.get_submodule(owner), "aa", None)
+        if blur is not None and not isinstance(blur, nn.Identity):
+            index = f"0.{index}"
+        if part == "bn" and leaf == "weight":
+            value = value - 1e-5  # inplace_abn computes with |weight| + eps
+        original[f"{owner}.{index}.{leaf}"] = value
+    return original
+
+
+def test_miil_tresnet_file_loads_equal(tmp_path):
+    source = TimmBackbone("tresnet_m", pretrained=False, timm_kwargs=TINY_TRESNET)
+    _randomize(source.body)
+    original = _miil_tresnet_layout(source.body)
+    assert "body.layer2.0.conv1.0.0.weight" in original and "body.conv1.1.weight" in original
+    original["head.fc.weight"] = torch.zeros(1000, source.num_channels)  # ImageNet classifier
+    torch.save({"model": original, "epoch": 300}, tmp_path / "tresnet_m_448.pth")
+    loaded = TimmBackbone(
+        "tresnet_m", weights=str(tmp_path / "tresnet_m_448.pth"), timm_kwargs=TINY_TRESNET
+    )
+    _assert_same_state(loaded.body, source.body.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), source.eval()(images))
+
+
+def test_microsoft_swin_file_loads_equal(tmp_path):
+    source = TimmBackbone(
+        "swin_tiny_patch4_window7_224", pretrained=False, image_size=224, timm_kwargs=TINY_SWIN
+    )
+    _randomize(source.body)
+    # Microsoft's layout: patch merging at the end of a stage (timm: start of the next), a plain
+    # `head`, and persistent relative-position indices and attention masks.
+    original = {}
+    for key, value in source.body.state_dict().items():
+        key = re.sub(
+            r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", key
+        )
+        original[key] = value
+    for name, buffer in source.body.named_buffers():
+        original[name] = buffer
+    original["head.weight"] = torch.zeros(21841, source.num_channels)
+    original["head.bias"] = torch.zeros(21841)
+    assert "layers.0.downsample.reduction.weight" in original
+    torch.save({"model": original}, tmp_path / "swin_tiny_patch4_window7_224.pth")
+    loaded = TimmBackbone(
+        "swin_tiny_patch4_window7_224",
+        weights=str(tmp_path / "swin_tiny_patch4_window7_224.pth"),
+        image_size=224,
+        timm_kwargs=TINY_SWIN,
+    )
+    _assert_same_state(loaded.body, source.body.state_dict())
+
+
+def test_official_resnet_setup_freezes_stem_layer1_and_batchnorm():
+    plain = TimmBackbone("resnet18", pretrained=False).eval()
+    _randomize(plain.body)
+    frozen = TimmBackbone("resnet18", pretrained=False, freeze="stem_layer1", frozen_bn=True)
+    frozen.load_state_dict(plain.state_dict(), strict=False)  # frozen BN has no step counters
+    trainable = [k for k, p in frozen.named_parameters() if p.requires_grad]
+    assert trainable and all(re.match(r"body\.layer[234]\.", k) for k in trainable)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        train_out = frozen.train()(images)  # training mode neither uses nor updates batch stats
+        expected = plain(images)
+    # Frozen BN folds mean and variance into one scale and shift: rounding differs slightly.
+    torch.testing.assert_close(train_out, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    for key, value in frozen.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
+    stem_only = TimmBackbone("tresnet_m", pretrained=False, freeze="stem", timm_kwargs=TINY_TRESNET)
+    frozen_keys = [k for k, p in stem_only.named_parameters() if not p.requires_grad]
+    assert frozen_keys and all(k.startswith("body.body.conv1.") for k in frozen_keys)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"freeze": "stem_layer1"}, "no ResNet-style stages"),
+        ({"frozen_bn": True}, "no BatchNorm layers"),
+        ({"freeze": "layer3"}, "choose one of"),
+        ({"normalization": "coco"}, "choose one of"),
+    ],
+)
+def test_options_that_do_not_fit_the_architecture_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TimmBackbone("vit_small_patch16_224", pretrained=False, image_size=32, **options)
+
+
+def test_normalization_choices():
+    assert normalization("tresnet_l") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert normalization("tresnet_l", "imagenet")[0] == pytest.approx((0.485, 0.456, 0.406))
+    assert normalization("resnet101", "none") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
