@@ -46,6 +46,11 @@ BACKBONES = {
     "tresnet_xl": "tresnet_xl",
     "convnext_tiny": "convnext_tiny",
     "swin_large_384": "swin_large_patch4_window12_384",
+    # The exact weights of the paper presets (conf/experiment/coco_*.yaml):
+    "resnet101_tv": "resnet101.tv_in1k",  # torchvision's ImageNet-1k ResNet-101
+    "tresnet_l_448": "tresnet_l.miil_in1k_448",  # Alibaba-MIIL's tresnet_l_448.pth
+    "tresnet_l_22k": "tresnet_v2_l.miil_in21k",  # Alibaba-MIIL's tresnet_l_v2_miil_21k.pth
+    "swin_large_384_22k": "swin_large_patch4_window12_384.ms_in22k",  # Microsoft's 22k Swin-L
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
@@ -125,6 +130,18 @@ def _config_type(annotation: Any) -> Any:
     ):
         return annotation
     return Any
+
+
+class Monitor(str, Enum):
+    mAP = "mAP"  # non-interpolated AP (sklearn, ASL, ML-Decoder)
+    mAP_voc = "mAP_voc"  # VOC all-point interpolated AP (the official Query2Label's and paper's)
+
+
+class EarlyStopRule(str, Enum):
+    best = "best"  # stop when the monitored best is early_stop_patience epochs old
+    # main_mlc.py's: more than early_stop_patience epochs since the later of the best epoch and
+    # the regular (non-EMA) model's best epoch, and the last EMA score below the best EMA score
+    official = "official"
 
 
 class ValidateLevel(str, Enum):
@@ -247,7 +264,11 @@ class TrainerConf:
     grad_clip_norm: float | None = None
     ema_decay: float = 0.9997  # 0 disables the weight EMA
     ema_warmup: bool = False  # timm's warm-up: effective decay ramps up over the first steps
-    early_stop_patience: int | None = None  # epochs without a better mAP before stopping
+    # The metric that picks best.pt, the weights (raw or EMA) eval.py uses, and early stopping;
+    # both are recorded every epoch, and metrics.json names the monitored one.
+    monitor: Monitor = Monitor.mAP
+    early_stop_patience: int | None = None  # epochs without a better monitored score: stop
+    early_stop_rule: EarlyStopRule = EarlyStopRule.best
     threshold: float = 0.5  # for CP/CR/CF1/OP/OR/OF1
     log_every_n_steps: int = 50
     limit_train_batches: int | None = None  # for smoke tests

@@ -48,8 +48,12 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
     epoch_seconds: float = 0.0
-    best_metric: float = float("-inf")
+    best_metric: float = float("-inf")  # the monitored score, the better of raw and EMA
     best_epoch: int = -1
+    # The regular (raw) and EMA models' own bests, for trainer.early_stop_rule=official.
+    best_raw_metric: float = float("-inf")
+    best_raw_epoch: int = -1
+    best_ema_metric: float = float("-inf")
     consecutive_skips: int = 0  # fp16 loss-scaler skips in a row
     status: str = "running"  # then completed / early_stopped: a finished run is not trained again
 
@@ -128,27 +132,69 @@ def _finish_epoch(
     progress.validated_epoch = progress.epoch
     progress.batches_done = progress.samples_done = progress.epoch_images = 0  # next epoch: from 0
     progress.epoch_loss_sum = progress.epoch_seconds = 0.0
-    improved = record["mAP_best"] > progress.best_metric  # NaN is never an improvement
-    if improved:
-        progress.best_metric, progress.best_epoch = record["mAP_best"], progress.epoch
+    improved = _track_bests(record, progress, monitor=record["monitor"])
     loop.run_log.log_epoch(record, state.step)
     log.info(
-        "epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | %.0f img/s",
+        "epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | mAP_voc %.2f | %.0f img/s",
         progress.epoch,
         trainer.epochs,
         record["train_loss"],
         record["mAP"],
         f"{record['mAP_ema']:.2f}" if "mAP_ema" in record else "-",
+        record["mAP_voc_best"],
         record["train_images_per_sec"],
     )
-    patience = trainer.early_stop_patience
-    if patience is not None and progress.epoch - progress.best_epoch >= patience:
-        log.info("early stop: no better mAP for %d epochs", patience)
+    if _early_stop(record, progress, trainer):
+        log.info(
+            "early stop (%s rule): no better %s for %d epochs",
+            _text(trainer.early_stop_rule),
+            record["monitor"],
+            trainer.early_stop_patience,
+        )
         progress.status = "early_stopped"
     elif progress.epoch >= trainer.epochs:
         progress.status = "completed"
     _save(state, progress, loop, record=record, improved=improved)
     return None if progress.status == "running" else progress.status
+
+
+def _track_bests(record: dict[str, Any], progress: Progress, monitor: str) -> bool:
+    """Fold the epoch's monitored scores into `progress`; True when the best improved."""
+    improved = record[f"{monitor}_best"] > progress.best_metric  # NaN is never an improvement
+    if improved:
+        progress.best_metric, progress.best_epoch = record[f"{monitor}_best"], progress.epoch
+    if record[monitor] > progress.best_raw_metric:
+        progress.best_raw_metric, progress.best_raw_epoch = record[monitor], progress.epoch
+    ema = record.get(f"{monitor}_ema")
+    if ema is not None and ema > progress.best_ema_metric:
+        progress.best_ema_metric = ema
+    return improved
+
+
+def _early_stop(record: dict[str, Any], progress: Progress, trainer: DictConfig) -> bool:
+    """Whether trainer.early_stop_patience and trainer.early_stop_rule end training here.
+
+    "best": the best monitored score is `patience` epochs old. "official" (main_mlc.py): more than
+    `patience` epochs have passed since the later of the best epoch and the regular model's best
+    epoch, at least two epochs were validated, and the last EMA score (the raw one without EMA)
+    is below the best EMA score.
+    """
+    patience = trainer.early_stop_patience
+    if patience is None:
+        return False
+    if _text(trainer.early_stop_rule) == "best":
+        return progress.epoch - progress.best_epoch >= patience
+    monitor = record["monitor"]
+    has_ema = f"{monitor}_ema" in record
+    last = record[f"{monitor}_ema"] if has_ema else record[monitor]
+    best = progress.best_ema_metric if has_ema else progress.best_raw_metric
+    since = progress.epoch - max(progress.best_epoch, progress.best_raw_epoch)
+    return progress.best_epoch >= 1 and since > patience and progress.epoch > 1 and last < best
+
+
+def _text(value: Any) -> str:
+    """A config choice as a string: typed configs hold Enum members, plain ones strings."""
+    return str(getattr(value, "value", value))
 
 
 def _preempted(stop: StopRequest, state: TrainState, progress: Progress, loop: Loop) -> str:
@@ -234,6 +280,9 @@ def _validate(
 ) -> dict[str, Any] | None:
     """Metrics of the raw weights and, with EMA on, of the EMA weights; names the better.
 
+    For mAP and mAP_voc the record holds `<metric>_best`, the better of raw and EMA; the
+    monitored one (trainer.monitor, named in `monitor`) picks `eval_weights`.
+
     Each rank scores its own unpadded shard of the val split; rank 0 computes the metrics over
     all of them (every image exactly once) and hands the record to every rank. None when
     `should_stop()` turned true before the end (a stop request during validation).
@@ -256,9 +305,13 @@ def _validate(
             metrics = compute_metrics(scores, targets, threshold=trainer.threshold)
             record.update({f"{key}{suffix}": value for key, value in metrics.items()})
     if dist.is_main_process():
-        ema_better = record.get("mAP_ema", -math.inf) > record["mAP"]
-        record["eval_weights"] = "ema" if ema_better else "model"
-        record["mAP_best"] = record["mAP_ema"] if ema_better else record["mAP"]
+        monitor = _text(trainer.monitor)
+        for metric in ("mAP", "mAP_voc"):
+            ema_better = record.get(f"{metric}_ema", -math.inf) > record[metric]
+            record[f"{metric}_best"] = record[f"{metric}_ema"] if ema_better else record[metric]
+            if metric == monitor:
+                record["eval_weights"] = "ema" if ema_better else "model"
+        record["monitor"] = monitor
     return dist.broadcast(record)
 
 

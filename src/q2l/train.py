@@ -61,7 +61,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if cfg.trainer.slurm_requeue:
             requeue()
         sys.exit(EXIT_PREEMPTED)
-    return summary["best"]["mAP"]
+    return summary["best"]["value"]
 
 
 def main() -> None:
@@ -144,7 +144,12 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
                 progress.epoch,
             )
             plan["finished"] = _summary(
-                checkpoint.get("history", []), progress, checkpoint["step"], progress.status, 0.0
+                checkpoint.get("history", []),
+                progress,
+                checkpoint["step"],
+                progress.status,
+                0.0,
+                checkpoint["config"]["trainer"].get("monitor", "mAP"),
             )
             return plan
         plan["resume"] = str(source)
@@ -238,13 +243,17 @@ def _train(
         status = fit(state, train_loader, val_loader, cfg.trainer, progress, loop)
     finally:
         run_log.close()
-    summary = _summary(run_log.history, progress, state.step, status, time.perf_counter() - start)
+    monitor = _text(cfg.trainer.monitor)
+    summary = _summary(
+        run_log.history, progress, state.step, status, time.perf_counter() - start, monitor
+    )
     run_log.write_summary(summary)
     best = summary["best"]
     log.info(
-        "done (%s): best mAP %.2f at epoch %d (%s weights) in %.0f s; %s",
+        "done (%s): best %s %.2f at epoch %d (%s weights) in %.0f s; %s",
         status,
-        best["mAP"],
+        summary["monitor"],
+        best["value"],
         best["epoch"],
         best["weights"],
         summary["wall_time_s"],
@@ -427,24 +436,36 @@ def _build_state(
 
 
 def _summary(
-    history: list[dict], progress: Progress, step: int, status: str, wall_time: float
+    history: list[dict],
+    progress: Progress,
+    step: int,
+    status: str,
+    wall_time: float,
+    monitor: str = "mAP",
 ) -> dict[str, Any]:
-    """metrics.json: status, the best epoch and the last epoch."""
+    """metrics.json: status, the monitored metric, the best epoch (by it) and the last epoch.
+
+    Each epoch's view has `value` (the monitored score), `mAP` and `mAP_voc` (each the better of
+    raw and EMA) and `weights` (raw "model" or "ema": the better by the monitored metric).
+    """
     best = next((r for r in history if r["epoch"] == progress.best_epoch), None)
     final = history[-1] if history else None
 
     def view(record):
         if record is None:
-            return {"epoch": -1, "mAP": float("nan"), "weights": None}
+            return {"epoch": -1, "value": float("nan"), "mAP": float("nan"), "weights": None}
         return {
             "epoch": record["epoch"],
+            "value": record.get(f"{monitor}_best", record["mAP_best"]),
             "mAP": record["mAP_best"],
+            "mAP_voc": record.get("mAP_voc_best"),
             "weights": record["eval_weights"],
             "metrics": record,
         }
 
     return {
         "status": status,
+        "monitor": monitor,
         "epochs_run": progress.epoch,
         "steps": step,
         "wall_time_s": round(wall_time, 1),
