@@ -1,0 +1,69 @@
+"""The paper presets: each composes, names its weights and paper mAP, and builds its model.
+
+Models are built on PyTorch's meta device (shapes without memory or arithmetic), so a 2048-wide
+Query2Label on ResNet-101 or Swin-L builds and runs its forward in about a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from q2l.config import CONFIG_DIR, build_model
+
+PRESETS = sorted(
+    p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if p.stem != "demo"
+)
+NUM_CLASSES = {"coco2014": 80, "voc2007": 20, "nus_wide": 81}
+
+
+def test_the_paper_presets_are_all_there():
+    assert {
+        "coco_r101_448",
+        "coco_r101_576",
+        "coco_tresnetl_448",
+        "coco_tresnetl22k_448",
+        "coco_swinl_384",
+        "voc2007_tresnetl_448",
+        "nus_wide_r101_448",
+        "nus_wide_tresnetl_448",
+    } <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_builds_its_model(compose_config, preset):
+    text = (Path(CONFIG_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    cfg = compose_config("train", [f"experiment={preset}", "dataset.root=/data"])
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    # Documented: the weights it expects (by timm name) and the paper's (VOC-interpolated) mAP.
+    assert f"`{config['backbone']['name']}`" in text and "Weights:" in text
+    assert "mAP" in text and "VOC-interpolated" in text
+    assert config["trainer"]["monitor"] == "mAP_voc"
+    assert config["trainer"]["early_stop_rule"] == "official"
+    assert config["backbone"]["pretrained"] and config["model"]["input_proj"] is False
+    num_classes = NUM_CLASSES[config["dataset"]["name"]]
+    size = config["dataset"]["image_size"]
+    with torch.device("meta"):
+        model = build_model(config, num_classes, pretrained=False, trusted=False)
+        logits = model(torch.empty(2, 3, size, size))
+    assert logits.shape == (2, num_classes)
+    assert model.backbone.num_channels == config["model"]["hidden_dim"]
+    frozen = [name for name, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert bool(frozen) == (config["backbone"]["freeze"] == "stem_layer1")
+
+
+def test_r101_preset_is_the_official_command(compose_config):
+    cfg = compose_config("train", ["experiment=coco_r101_448", "dataset.root=/data"])
+    assert cfg.backbone.name == "resnet101.tv_in1k" and cfg.backbone.frozen_bn
+    assert cfg.backbone.freeze == "stem_layer1"
+    assert (cfg.model.hidden_dim, cfg.model.ffn_dim, cfg.model.num_heads) == (2048, 8192, 4)
+    assert (cfg.model.num_encoder_layers, cfg.model.num_decoder_layers) == (1, 2)
+    assert cfg.model.decoder_self_attention == "none"
+    assert (cfg.loss.gamma_neg, cfg.loss.gamma_pos, cfg.loss.clip, cfg.loss.eps) == (2, 0, 0, 1e-5)
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-2
+    assert not cfg.optimizer.no_decay_norm_and_bias  # the official AdamW decays everything
+    assert cfg.trainer.epochs == 80 and cfg.trainer.early_stop_patience == 8
+    assert cfg.trainer.ema_decay == 0.9997 and cfg.augment.cutout_factor == 0.5
