@@ -13,22 +13,10 @@ from torch import nn
 from q2l.models import TimmBackbone
 from q2l.models.backbone import normalization
 
+from .helpers.layouts import miil_tresnet_layout, randomize
+
 TINY_TRESNET = {"layers": [1, 1, 1, 1], "width_factor": 0.5}
 TINY_SWIN = {"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 1, 1)}
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> None:
-    """Random weights and BatchNorm statistics (positive scales), so equality means something."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            values = torch.rand(tensor.shape, generator=generator)
-            if key.endswith(("running_var", "weight")) and tensor.ndim == 1:
-                tensor.copy_(0.5 + values)  # norm scales and variances: positive
-            else:
-                tensor.copy_((values - 0.5) * 0.2)
 
 
 def _assert_same_state(loaded: nn.Module, expected: dict[str, torch.Tensor]) -> None:
@@ -41,7 +29,7 @@ def _assert_same_state(loaded: nn.Module, expected: dict[str, torch.Tensor]) -> 
 def test_torchvision_resnet_file_loads_equal(tmp_path):
     # torchvision's own keys, without BatchNorm step counters (files older than PyTorch 0.4.1).
     reference = torchvision.models.resnet18(weights=None)
-    _randomize(reference)
+    randomize(reference)
     state = {k: v for k, v in reference.state_dict().items() if "num_batches_tracked" not in k}
     torch.save(state, tmp_path / "resnet18-f37072fd.pth")
     backbone = TimmBackbone("resnet18", weights=str(tmp_path / "resnet18-f37072fd.pth")).eval()
@@ -51,33 +39,10 @@ def test_torchvision_resnet_file_loads_equal(tmp_path):
         torch.testing.assert_close(backbone(images), trunk(images), rtol=1e-4, atol=1e-5)
 
 
-def _miil_tresnet_layout(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A timm TResNet's weights as Alibaba-MIIL's inplace_abn TResNet names them: ConvNormAct
-    `conv`/`bn` are Sequential indices 0/1, nested one deeper where an anti-alias blur follows the
-    convolution; InPlaceABN stores |scale| - eps and no step counter."""
-    original = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        match = re.match(r"(.*)\.(conv|bn)\.(\w+)$", key)
-        if match is None:  # squeeze-excitation fc1/fc2: same names
-            original[key] = value
-            continue
-        owner, part, leaf = match.groups()
-        index = {"conv": "0", "bn": "1"}[part]
-        blur = getattr(model.get_submodule(owner), "aa", None)
-        if blur is not None and not isinstance(blur, nn.Identity):
-            index = f"0.{index}"
-        if part == "bn" and leaf == "weight":
-            value = value - 1e-5  # inplace_abn computes with |weight| + eps
-        original[f"{owner}.{index}.{leaf}"] = value
-    return original
-
-
 def test_miil_tresnet_file_loads_equal(tmp_path):
     source = TimmBackbone("tresnet_m", pretrained=False, timm_kwargs=TINY_TRESNET)
-    _randomize(source.body)
-    original = _miil_tresnet_layout(source.body)
+    randomize(source.body)
+    original = miil_tresnet_layout(source.body)
     assert "body.layer2.0.conv1.0.0.weight" in original and "body.conv1.1.weight" in original
     original["head.fc.weight"] = torch.zeros(1000, source.num_channels)  # ImageNet classifier
     torch.save({"model": original, "epoch": 300}, tmp_path / "tresnet_m_448.pth")
@@ -94,7 +59,7 @@ def test_microsoft_swin_file_loads_equal(tmp_path):
     source = TimmBackbone(
         "swin_tiny_patch4_window7_224", pretrained=False, image_size=224, timm_kwargs=TINY_SWIN
     )
-    _randomize(source.body)
+    randomize(source.body)
     # Microsoft's layout: patch merging at the end of a stage (timm: start of the next), a plain
     # `head`, and persistent relative-position indices and attention masks.
     original = {}
@@ -120,7 +85,7 @@ def test_microsoft_swin_file_loads_equal(tmp_path):
 
 def test_official_resnet_setup_freezes_stem_layer1_and_batchnorm():
     plain = TimmBackbone("resnet18", pretrained=False).eval()
-    _randomize(plain.body)
+    randomize(plain.body)
     frozen = TimmBackbone("resnet18", pretrained=False, freeze="stem_layer1", frozen_bn=True)
     frozen.load_state_dict(plain.state_dict(), strict=False)  # frozen BN has no step counters
     trainable = [k for k, p in frozen.named_parameters() if p.requires_grad]

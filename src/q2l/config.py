@@ -446,7 +446,10 @@ def register_configs() -> None:
     ]:
         store.store(group=f"schema/{group}", name=name, node=node)
     for option, timm_name in BACKBONES.items():
-        store.store(group="backbone", name=option, node=BackboneConf(name=timm_name))
+        # An empty dict rather than None, so `backbone.timm_kwargs={...}` and
+        # `+backbone.timm_kwargs.key=value` merge into it from the command line.
+        node = BackboneConf(name=timm_name, timm_kwargs={})
+        store.store(group="backbone", name=option, node=node)
 
 
 def construct(node: Any, **runtime: Any) -> Any:

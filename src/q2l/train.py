@@ -134,6 +134,11 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
     plan = {"resume": None, "changes": [], "finished": None}
     if resume is not None:
         source, checkpoint = resume
+        if checkpoint.get("optimizer") is None:
+            raise ValueError(
+                f"resume={source}: it holds model weights only (an imported checkpoint), not a "
+                f"training state; start a run from it with init_from={source}"
+            )
         plan["changes"] = resume_changes(checkpoint, source, config, cfg.allow_config_change)
         if _finished(checkpoint["progress"], cfg.trainer.epochs):
             progress = Progress.from_checkpoint(checkpoint)

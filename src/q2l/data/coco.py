@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 2
 
+# The 80 instance categories in category-id order: the class order of CocoMultiLabel and of the
+# official Query2Label (for checkpoints brought in without the annotation files: q2l-import).
+COCO_CLASSES = (
+    *("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"),
+    *("traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat"),
+    *("dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack"),
+    *("umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball"),
+    *("kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket"),
+    *("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple"),
+    *("sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair"),
+    *("couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse"),
+    *("remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink"),
+    *("refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier"),
+    "toothbrush",
+)
+
 
 class CocoMultiLabel(MultiLabelImageDataset):
     """COCO `instances_*.json` + image folder as (image, multi-hot target) pairs.

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -80,12 +81,13 @@ class TimmBackbone(nn.Module):
             raise ValueError(
                 f"backbone.normalization={normalization!r}: choose one of {NORMALIZATION_CHOICES}"
             )
-        kwargs = dict(timm_kwargs or {})
+        kwargs = _plain(timm_kwargs or {})  # timm wants tuples/lists, not config containers
         if image_size is not None and _needs_image_size(name):
             kwargs.setdefault("img_size", image_size)
         self.body = timm.create_model(
             name, pretrained=False, num_classes=0, global_pool="", **kwargs
         )
+        self.name = name
         self.num_channels: int = self.body.num_features
         # Token models keep some leading tokens (class/register) that are not part of the grid.
         self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)
@@ -107,6 +109,15 @@ class TimmBackbone(nn.Module):
         elif self.output_fmt == "NHWC":  # Swin and friends keep channels last
             features = features.permute(0, 3, 1, 2)
         return features
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (a config's DictConfig/ListConfig too) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(item) for item in value]
+    return value
 
 
 def normalization(

@@ -19,18 +19,25 @@ class WeightsFileError(ValueError):
     """A weights or checkpoint file that is missing, unreadable or holds more than plain data."""
 
 
-def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) -> Any:
+def load_torch_file(
+    path: str | Path, what: str = "file", mmap: bool = False, numpy_scalars: bool = False
+) -> Any:
     """`torch.load(path, map_location="cpu", weights_only=True)` with errors that name `path`.
 
     Args:
         what: how errors name the file ("checkpoint", "backbone weights file", ...).
         mmap: map tensors from the file instead of reading them (cheap look at small entries).
+        numpy_scalars: also accept NumPy scalars (numbers rebuilt from their bytes and dtype; no
+            code runs), which other projects' checkpoints hold (the official Query2Label's best
+            mAP is a numpy.float64).
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(f"{what} not found: {path}")
+    allowed = _numpy_scalar_globals() if numpy_scalars else []
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         culprit = f" (it pickles {found.group(1)})" if found else ""
@@ -48,6 +55,23 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
             f"{what} {path} cannot be read; it is truncated, corrupt or not a PyTorch file "
             f"({error})"
         ) from None
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """What a pickled NumPy scalar names: the scalar constructor (under NumPy 1's and 2's module
+    paths) and the plain numeric dtypes."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtypes = {type(np.dtype(code)) for code in ("f8", "f4", "f2", "i8", "i4", "u1", "b1")}
+    return [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtypes,
+    ]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
