@@ -22,8 +22,11 @@ from timm.data.auto_augment import (
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
+from q2l.data.randaugment import OfficialRandAugment
+
 # RandomResizedCrop's default aspect-ratio range; its lower end bounds the narrowest crop side.
 _MIN_CROP_ASPECT = 3.0 / 4.0
+RANDAUGMENT_POLICIES = ("torchvision", "official")
 
 
 class ImageTransform(T.Compose):
@@ -45,6 +48,7 @@ def build_train_transform(
     hflip: float = 0.0,
     scale: Sequence[float] | None = None,
     randaugment: bool = False,
+    randaugment_policy: str = "torchvision",
     randaugment_num_ops: int = 2,
     randaugment_magnitude: int = 9,
     cutout_factor: float = 0.0,
@@ -55,12 +59,16 @@ def build_train_transform(
 ) -> ImageTransform:
     """PIL image -> (3, image_size, image_size) float tensor, randomly augmented.
 
-    Order: square resize (or random resized crop), flip, Cutout, RandAugment (torchvision), timm
-    policy (`auto_augment`), tensor conversion, normalisation, RandomErasing. The first steps are
-    ASL's; the timm steps follow timm's own order.
+    Order: square resize (or random resized crop), flip, Cutout, RandAugment, timm policy
+    (`auto_augment`), tensor conversion, normalisation, RandomErasing. The first steps are ASL's;
+    the timm steps follow timm's own order.
 
     Args:
         scale: RandomResizedCrop area range; None resizes the whole image to a square.
+        randaugment_policy: "torchvision" (T.RandAugment with `randaugment_num_ops` operations at
+            `randaugment_magnitude`) or "official": the PyPI `randaugment` 1.0.2 policy the
+            official Query2Label and ASL code use (q2l.data.randaugment; two operations at random
+            levels, each with probability 0.5; the num_ops/magnitude options do not apply).
         auto_augment: a timm policy string: "rand-m9-mstd0.5-inc1" (RandAugment), "original",
             "originalr", "v0", "v0r" (AutoAugment), "augmix-m5-w3" (AugMix); None for none.
         random_erasing: probability of timm's RandomErasing; random_erasing_mode is const, rand
@@ -79,7 +87,16 @@ def build_train_transform(
     if cutout_factor > 0:
         steps.append(Cutout(cutout_factor))
     if randaugment:
-        steps.append(T.RandAugment(num_ops=randaugment_num_ops, magnitude=randaugment_magnitude))
+        policy = str(getattr(randaugment_policy, "value", randaugment_policy))
+        if policy not in RANDAUGMENT_POLICIES:
+            raise ValueError(
+                f"augment.randaugment_policy={policy!r}: choose one of {RANDAUGMENT_POLICIES}"
+            )
+        steps.append(
+            OfficialRandAugment()
+            if policy == "official"
+            else T.RandAugment(num_ops=randaugment_num_ops, magnitude=randaugment_magnitude)
+        )
     if auto_augment:
         steps.append(build_timm_policy(auto_augment, image_size, mean))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
