@@ -10,9 +10,16 @@ outside autocast (fp16 underflows ASL's eps into NaN), and `reduction` makes the
 of the batch size. docs/losses.md has the formulas and how they differ from the reference code.
 """
 
+import csv
+import json
+import logging
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 _REDUCTIONS = ("sum", "batchmean", "mean")
 _PARTIAL_MODES = ("negative", "ignore", "selective")
@@ -109,14 +116,16 @@ class PartialAsymmetricLoss(nn.Module):
       As in PartialLabelingCSL, the top-k is taken over all unannotated entries, so it may overlap
       the high-prior classes.
 
-    Class priors are `class_priors` when that is given. Otherwise they are estimated online: in
-    training mode, each forward updates the `class_priors` buffer (K,) with an exponential moving
-    average of the batch-mean sigmoid. The first batch seeds the average so that it starts unbiased.
-    The buffer is in `state_dict()`, so a resumed run keeps it. Early in training the predicted
-    probabilities are high (about 0.5 at a neutral initialisation), so the online priors make
-    "selective" ignore most unannotated entries until the model settles. Pass priors from an earlier
-    run to use the paper's setting. In eval mode the buffer is frozen, and if it was never filled
-    only the top-k rule applies. Each DDP rank estimates its own priors.
+    Class priors are `class_priors`, or read from `class_priors_file`, when given (the paper's
+    setting: priors from an earlier run, e.g. PartialLabelingCSL's train_avg_preds.csv).
+    Otherwise they are estimated online: in training mode, each forward updates the
+    `class_priors` buffer (K,) with an exponential moving average of the batch-mean sigmoid. The
+    first batch seeds the average so that it starts unbiased. The buffer is in `state_dict()`, so
+    a resumed run keeps it. Early in training the predicted probabilities are high (about 0.5 at a
+    neutral initialisation), so the online priors make "selective" ignore most unannotated
+    entries until the model settles; a warning says so once (checked on the 1st, 2nd, 4th, 8th,
+    ... training batch, one host sync each). In eval mode the buffer is frozen, and if it was
+    never filled only the top-k rule applies. Each DDP rank estimates its own priors.
 
     Entries whose target is none of 1, 0, -1 contribute nothing. They are not checked, because the
     check would cost a device sync per step.
@@ -133,6 +142,9 @@ class PartialAsymmetricLoss(nn.Module):
             "selective" mode; None turns the prior rule off.
         prior_momentum: EMA momentum of the online prior estimate, in [0, 1].
         class_priors: fixed per-class priors (K floats in [0, 1]); None estimates them online.
+        class_priors_file: fixed priors from a file (`read_class_priors`: .csv or .json, with or
+            without class names); exclusive with `class_priors`. Named classes are put in the
+            data set's order by `align_priors`.
         disable_focal_grad: treat the focusing weights as constants in backward.
         reduction: "sum", "batchmean" or "mean". "mean" divides by B*K, ignored entries included.
 
@@ -157,10 +169,16 @@ class PartialAsymmetricLoss(nn.Module):
         prior_threshold: float | None = 0.05,
         prior_momentum: float = 0.99,
         class_priors: list[float] | None = None,
+        class_priors_file: str | None = None,
         disable_focal_grad: bool = True,
         reduction: str = "batchmean",
     ) -> None:
         super().__init__()
+        self.prior_class_names: list[str] | None = None
+        if class_priors_file is not None:
+            if class_priors is not None:
+                raise ValueError("give class_priors or class_priors_file, not both")
+            self.prior_class_names, class_priors = read_class_priors(class_priors_file)
         _check_non_negative(
             gamma_neg=gamma_neg,
             gamma_pos=gamma_pos,
@@ -201,6 +219,25 @@ class PartialAsymmetricLoss(nn.Module):
                     f"class_priors must be a non-empty list of floats in [0, 1], got {class_priors}"
                 )
         self.register_buffer("class_priors", priors)
+        self._training_forwards = 0  # counts training batches, for the online-prior warning
+        self._warned_online_priors = False
+
+    def align_priors(self, class_names: list[str]) -> None:
+        """Put priors read with class names into `class_names`' order (the data set's); raise
+        ValueError naming the classes that differ. Priors without names are left as they are."""
+        if self.prior_class_names is None:
+            return
+        names = list(self.prior_class_names)
+        if sorted(names) != sorted(class_names):
+            missing = sorted(set(class_names) - set(names))
+            extra = sorted(set(names) - set(class_names))
+            raise ValueError(
+                f"loss.class_priors_file names other classes than the data set: missing {missing}"
+                f", not in the data set {extra}"
+            )
+        order = torch.tensor([names.index(name) for name in class_names])
+        self.class_priors = self.class_priors[order.to(self.class_priors.device)]
+        self.prior_class_names = list(class_names)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
@@ -208,8 +245,10 @@ class PartialAsymmetricLoss(nn.Module):
             probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(
                 logits, clip=self.clip, eps=self.eps
             )
-            if self.training and not self.fixed_priors:
-                self._update_priors(probs)
+            if self.training:
+                self._training_forwards += 1
+                if not self.fixed_priors:
+                    self._update_priors(probs)
             positive, negative, unannotated = (
                 targets == 1,
                 targets == 0,
@@ -253,6 +292,7 @@ class PartialAsymmetricLoss(nn.Module):
                 _check_num_classes(self.class_priors, num_classes=num_classes)
                 high_prior = self.class_priors > self.prior_threshold  # (K,)
                 weights = weights.masked_fill(unannotated & high_prior, 0.0)
+                self._warn_if_priors_ignore_most(unannotated, high_prior)
             # Rank annotated entries below every unannotated one; taking the top-k and then keeping
             # only the
             # unannotated hits avoids counting the unannotated entries, which would need a device
@@ -263,6 +303,30 @@ class PartialAsymmetricLoss(nn.Module):
             ignore = torch.zeros_like(unannotated).flatten()
             ignore[top_indices] = unannotated.flatten()[top_indices]
             return weights.masked_fill(ignore.view_as(unannotated), 0.0)
+
+    def _warn_if_priors_ignore_most(self, unannotated: Tensor, high_prior: Tensor) -> None:
+        """Once per loss: say so when online priors ignore most unannotated entries of a batch.
+
+        Checked on training batches 1, 2, 4, 8, ... only: each check is a host sync.
+        """
+        count = self._training_forwards
+        if self.fixed_priors or self._warned_online_priors or not self.training:
+            return
+        if count < 1 or count & (count - 1):
+            return
+        total = float(unannotated.sum())
+        ignored = float((unannotated & high_prior).sum())
+        if total and ignored / total > 0.5:
+            self._warned_online_priors = True
+            log.warning(
+                "loss.mode=selective with class priors estimated online: %.0f%% of this batch's "
+                "unannotated labels belong to classes whose prior exceeds prior_threshold=%s and "
+                "are ignored, so selective acts like mode=ignore until the predictions settle. "
+                "The paper uses priors from an earlier run: loss.class_priors_file=<.csv|.json> "
+                "(e.g. the average predictions of a model trained with mode=negative)",
+                100 * ignored / total,
+                self.prior_threshold,
+            )
 
     @torch.no_grad()
     def _update_priors(self, probs: Tensor) -> None:
@@ -306,6 +370,50 @@ class PartialAsymmetricLoss(nn.Module):
             f"prior_threshold={self.prior_threshold}, fixed_priors={self.fixed_priors}, "
             f"reduction={self.reduction!r}"
         )
+
+
+def read_class_priors(path: str | Path) -> tuple[list[str] | None, list[float]]:
+    """(class names or None, priors) from a .json or .csv file.
+
+    JSON: a list of K numbers, or an object {class name: prior}. CSV: one row per class, either a
+    number or `name,number`, optionally under a header; with a header, the priors are the column
+    named avg_pred (PartialLabelingCSL's train_avg_preds.csv: Classes,avg_pred) or prior, and the
+    names the column named Classes, class or name, when there is one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"loss.class_priors_file not found: {path}")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                return [str(name) for name in data], [float(value) for value in data.values()]
+            return None, [float(value) for value in data]
+        rows = [row for row in csv.reader(path.read_text(encoding="utf-8").splitlines()) if row]
+        header = [cell.strip().lower() for cell in rows[0]]
+        if not _is_number(rows[0][-1]):
+            value_column = next(i for i, cell in enumerate(header) if cell in ("avg_pred", "prior"))
+            name_column = next(
+                (i for i, cell in enumerate(header) if cell in ("classes", "class", "name")), None
+            )
+            rows = rows[1:]
+        else:
+            value_column, name_column = -1, (0 if len(rows[0]) > 1 else None)
+        names = None if name_column is None else [row[name_column].strip() for row in rows]
+        return names, [float(row[value_column]) for row in rows]
+    except (ValueError, StopIteration, IndexError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"loss.class_priors_file={path}: not a list of class priors ({error!r}); see "
+            "q2l.losses.read_class_priors for the accepted layouts"
+        ) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class BCEWithLogitsLoss(nn.Module):

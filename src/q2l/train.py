@@ -186,9 +186,10 @@ def _train(
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     if cfg.init_from:
         load_matching_weights(model, load_checkpoint(cfg.init_from), Path(cfg.init_from))
-    state = _build_state(
-        cfg, model.to(device), construct(cfg.loss).to(device), len(train_set), precision
-    )
+    loss = construct(cfg.loss)
+    if hasattr(loss, "align_priors"):  # class priors read with names: the data set's order
+        loss.align_priors(train_set.class_names)
+    state = _build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
     train_loader, val_loader = (
         build_loader(
             split,
