@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "train.py": "train",
     "q2l-train": "train",
     "q2l-validate-data": "train",
+    "q2l-import": "train",
     "eval.py": "eval",
     "q2l-eval": "eval",
 }
