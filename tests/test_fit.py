@@ -107,3 +107,27 @@ def test_monitor_is_validated(compose_config):
         compose_config("train", ["dataset=digits", "trainer.monitor=CF1"])
     with pytest.raises(ConfigCompositionException):
         compose_config("train", ["dataset=digits", "trainer.early_stop_rule=never"])
+
+
+def test_runs_started_before_the_new_options_resume_unchanged():
+    from q2l.checkpoint import config_diff
+
+    saved = {
+        "backbone": {"name": "resnet18", "timm_kwargs": None},
+        "model": {"decoder_self_attention": False},
+        "trainer": {"epochs": 3},
+        "augment": {"randaugment": True},
+    }
+    current = {
+        "backbone": {"name": "resnet18", "timm_kwargs": {}, "freeze": "none", "frozen_bn": False},
+        "model": {"decoder_self_attention": "none"},
+        "trainer": {"epochs": 3, "monitor": "mAP", "early_stop_rule": "best"},
+        "augment": {"randaugment": True, "randaugment_policy": "torchvision"},
+    }
+    assert config_diff(saved, current) == []
+    current["augment"]["randaugment_policy"] = "official"  # a real change is still reported
+    current["trainer"]["monitor"] = "mAP_voc"
+    assert config_diff(saved, current) == [
+        "augment.randaugment_policy: '<absent>' -> 'official'",
+        "trainer.monitor: '<absent>' -> 'mAP_voc'",
+    ]

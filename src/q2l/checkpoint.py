@@ -54,6 +54,20 @@ RESUME_IGNORED_KEYS = (
     "backbone.weights",
     "backbone.pretrained",
 )
+# Config keys added or retyped after runs were started: (saved, current) value pairs that compute
+# the same, so a run started before them resumes without allow_config_change. "<absent>": the
+# saved config has no such key.
+COMPATIBLE_CHANGES: dict[str, set[tuple]] = {
+    "backbone.freeze": {("<absent>", "none")},
+    "backbone.frozen_bn": {("<absent>", False)},
+    "backbone.normalization": {("<absent>", "pretrained")},
+    "backbone.timm_kwargs": {(None, "<absent>")},  # None became {} (an empty dict has no leaves)
+    "model.decoder_self_attention": {(False, "none"), (True, "all")},
+    "trainer.monitor": {("<absent>", "mAP")},
+    "trainer.early_stop_rule": {("<absent>", "best")},
+    "loss.class_priors_file": {("<absent>", None)},
+    "augment.randaugment_policy": {("<absent>", "torchvision")},
+}
 # Changes to these make the saved LR schedule stale.
 SCHEDULE_KEYS = (
     "trainer.epochs",
@@ -377,7 +391,7 @@ def config_diff(
         if any(key == prefix or key.startswith(prefix + ".") for prefix in ignore):
             continue
         before, after = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
-        if before != after:
+        if before != after and (before, after) not in COMPATIBLE_CHANGES.get(key, ()):
             lines.append(f"{key}: {before!r} -> {after!r}")
     return lines
 
