@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from q2l import dist
 from q2l.checkpoint import link_checkpoint, purge_periodic, save_checkpoint, training_payload
 from q2l.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.metrics import compute_metrics
 from q2l.preemption import StopRequest
+from q2l.progress import track
 from q2l.run_log import RunLog
 
 log = logging.getLogger("q2l.train")
@@ -186,6 +186,7 @@ def _train_epoch_part(
         if state.step % trainer.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
             loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
+            batches.set_postfix(loss=float(loss), lr=lr)
         if stop or (every and state.step % every == 0):
             sync_totals()
         if every and state.step % every == 0 and not stop:
@@ -235,8 +236,7 @@ def _validate(
 
 
 def _progress_bar(batches, total: int, description: str, trainer: DictConfig):
-    show = trainer.progress_bar and dist.is_main_process()
-    return tqdm(batches, total=total, disable=not show, leave=False, desc=description)
+    return track(batches, total, description, enabled=trainer.progress_bar and dist.is_main_process())
 
 
 def _save(
