@@ -1,4 +1,4 @@
-"""`python predict.py ckpt=PATH input=DIR|GLOB|LIST.txt output=preds.jsonl|.csv`: see src/q2l/predict.py."""
+"""`python predict.py ckpt=PATH input=DIR|GLOB|LIST.txt output=FILE`: see src/q2l/predict.py."""
 
 from q2l.predict import main
 

@@ -97,3 +97,25 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
     GlobalHydra.instance().clear()
     train(cfg, base / "run")
     return base / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
+    from q2l.export import export
+
+    folder = tmp_path_factory.mktemp("exports")
+    names = {
+        "onnx": "model.onnx",
+        "torchscript": "model.torchscript.pt",
+        "safetensors": "model.safetensors",
+    }
+    made = {}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for fmt, name in names.items():
+            overrides = [f"ckpt={tiny_checkpoint}", f"format={fmt}", f"output={folder / name}"]
+            cfg = compose("export", overrides)
+            made[fmt] = (folder / name, export(cfg))
+    GlobalHydra.instance().clear()
+    return made

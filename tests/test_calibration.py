@@ -21,8 +21,8 @@ def _brute_force(scores: torch.Tensor, targets: torch.Tensor, fallback: float):
             continue
         best = (-1.0, None)
         for threshold in sorted(set(column), reverse=True):
-            tp = sum(1 for s, t in zip(column, truth) if s >= threshold and t == 1)
-            fp = sum(1 for s, t in zip(column, truth) if s >= threshold and t == 0)
+            tp = sum(1 for s, t in zip(column, truth, strict=True) if s >= threshold and t == 1)
+            fp = sum(1 for s, t in zip(column, truth, strict=True) if s >= threshold and t == 0)
             f1 = 2 * tp / (tp + fp + positives)
             if f1 > best[0]:  # strictly better: an equal F1 at a lower threshold loses
                 best = (f1, threshold)
@@ -58,7 +58,9 @@ def test_the_chosen_thresholds_reproduce_the_best_f1():
     assert torch.allclose(counts["f1"], result.f1)
     # No single threshold beats the per-class ones on any class.
     for threshold in torch.linspace(0, 1, 21):
-        assert (per_class_counts(scores, targets, float(threshold))["f1"] <= result.f1 + 1e-12).all()
+        assert (
+            per_class_counts(scores, targets, float(threshold))["f1"] <= result.f1 + 1e-12
+        ).all()
     # threshold_metrics accepts per-class thresholds (broadcast over images).
     overall = threshold_metrics(scores, targets, result.thresholds)
     predicted = counts["predicted"].sum().item()

@@ -64,7 +64,9 @@ def f1_thresholds(scores: Tensor, targets: Tensor, fallback: float = 0.5) -> Cal
     return Calibration(thresholds, best_f1, calibrated)
 
 
-def per_class_counts(scores: Tensor, targets: Tensor, thresholds: Tensor | float) -> dict[str, Tensor]:
+def per_class_counts(
+    scores: Tensor, targets: Tensor, thresholds: Tensor | float
+) -> dict[str, Tensor]:
     """Per-class counts and rates with `scores >= thresholds` predicted.
 
     Args:

@@ -53,9 +53,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         output,
     )
     writer = {
-        "onnx": lambda: exporters.export_onnx(model.float(), info, output, cfg.tolerance, cfg.opset),
-        "torchscript": lambda: exporters.export_torchscript(model.float(), info, output, cfg.tolerance),
-        "safetensors": lambda: exporters.export_safetensors(model.float(), info, output, cfg.tolerance),
+        "onnx": lambda: exporters.export_onnx(
+            model.float(), info, output, cfg.tolerance, cfg.opset
+        ),
+        "torchscript": lambda: exporters.export_torchscript(
+            model.float(), info, output, cfg.tolerance
+        ),
+        "safetensors": lambda: exporters.export_safetensors(
+            model.float(), info, output, cfg.tolerance
+        ),
     }[fmt]
     differences = writer()
     size, checkpoint_size = exporters.exported_size(output), checkpoint_path.stat().st_size
@@ -70,7 +76,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         differences["max_abs_logit_difference"],
         "per-class (calibrated)" if info.thresholds else f"the run's {info.threshold}",
     )
-    return {"output": str(output), "bytes": size, "checkpoint_bytes": checkpoint_size, **differences}
+    return {
+        "output": str(output),
+        "bytes": size,
+        "checkpoint_bytes": checkpoint_size,
+        **differences,
+    }
 
 
 def _output_path(cfg: DictConfig, fmt: str) -> Path:

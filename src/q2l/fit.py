@@ -236,7 +236,9 @@ def _validate(
 
 
 def _progress_bar(batches, total: int, description: str, trainer: DictConfig):
-    return track(batches, total, description, enabled=trainer.progress_bar and dist.is_main_process())
+    return track(
+        batches, total, description, enabled=trainer.progress_bar and dist.is_main_process()
+    )
 
 
 def _save(

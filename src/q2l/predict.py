@@ -72,7 +72,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         scores = scorer(images[readable])  # (B', K)
         predicted = scores.double() >= thresholds  # (B', K)
         for row, image_scores, image_predicted in zip(readable, scores, predicted, strict=True):
-            labels = [n for n, p in zip(info.class_names, image_predicted.tolist(), strict=True) if p]
+            labels = [
+                n for n, p in zip(info.class_names, image_predicted.tolist(), strict=True) if p
+            ]
             writer.write(str(paths[indices[row]]), image_scores.tolist(), labels)
     written = writer.close()
     _log_summary(len(paths), writer.rows, skipped, written)

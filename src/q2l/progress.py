@@ -28,7 +28,7 @@ _FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
 def progress_mode(enabled: bool, stream: IO | None = None) -> str:
-    """"bar", "lines" or "off" for a progress display on `stream` (default stderr)."""
+    """ "bar", "lines" or "off" for a progress display on `stream` (default stderr)."""
     if not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() not in _FALSE_WORDS:
         return "off"
     stream = sys.stderr if stream is None else stream
@@ -95,7 +95,9 @@ class PeriodicLines:
             if self.count == 1 or now - last >= self.interval_s:
                 log.info("%s", self.line(now - start))
                 last = now
-        log.info("%s done: %d in %s", self.description, self.count, _clock(time.monotonic() - start))
+        log.info(
+            "%s done: %d in %s", self.description, self.count, _clock(time.monotonic() - start)
+        )
 
     def line(self, elapsed: float) -> str:
         """'<description> n/total (p%) r it/s, eta t[, postfix]' for `elapsed` seconds so far."""

@@ -45,8 +45,10 @@ def export_onnx(
     import_onnxruntime()  # fail before the slow export when the check cannot run
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if size > _ONNX_SINGLE_FILE_LIMIT:
-        raise ValueError(f"the model's weights take {size / 2**30:.1f} GiB, more than one ONNX "
-                         "file holds; export format=safetensors instead")
+        raise ValueError(
+            f"the model's weights take {size / 2**30:.1f} GiB, more than one ONNX "
+            "file holds; export format=safetensors instead"
+        )
     example = _images(info, 2)
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -179,10 +181,14 @@ def _link_new(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} appeared during the export; it was left as it was")
-    except OSError:
+        raise FileExistsError(
+            f"{target} appeared during the export; it was left as it was"
+        ) from None
+    except OSError:  # a file system without hard links: check, then rename
         if target.exists():
-            raise FileExistsError(f"{target} appeared during the export; it was left as it was")
+            raise FileExistsError(
+                f"{target} appeared during the export; it was left as it was"
+            ) from None
         os.rename(source, target)
         return
     source.unlink()
@@ -226,4 +232,3 @@ def exported_size(path: Path) -> int:
     sidecar = path.with_suffix(".json")
     extra = sidecar.stat().st_size if path.suffix == ".safetensors" and sidecar.exists() else 0
     return path.stat().st_size + extra
-

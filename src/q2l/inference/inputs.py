@@ -84,7 +84,9 @@ class ImageFiles(Dataset):
         return image, index, ""
 
 
-def collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, list[int], list[str]]:
+def collate(
+    items: list[tuple[torch.Tensor, int, str]],
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """(images (B, 3, H, W), indices, errors) from ImageFiles items."""
     images, indices, errors = zip(*items, strict=True)
     return torch.stack(images), list(indices), list(errors)

@@ -117,8 +117,10 @@ class ModelInfo:
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ValueError(f"{source} carries no q2l model record (format {FORMAT!r})")
         if record.get("version", 0) > VERSION:
-            raise ValueError(f"{source}: model record version {record['version']} is newer than "
-                             f"this q2l understands ({VERSION}); upgrade q2l")
+            raise ValueError(
+                f"{source}: model record version {record['version']} is newer than "
+                f"this q2l understands ({VERSION}); upgrade q2l"
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in record.items() if k in known})
 

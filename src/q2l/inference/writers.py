@@ -49,7 +49,11 @@ class PredictionWriter:
         if self.csv:
             self.table.writerow([path, "|".join(labels), *(repr(s) for s in scores)])
         else:
-            row = {"path": path, "labels": labels, "scores": dict(zip(self.class_names, scores))}
+            row = {
+                "path": path,
+                "labels": labels,
+                "scores": dict(zip(self.class_names, scores, strict=True)),
+            }
             self.handle.write(json.dumps(row) + "\n")
         self.rows += 1
 
