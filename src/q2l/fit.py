@@ -222,16 +222,22 @@ def _validate(
         else min(trainer.limit_val_batches, len(val_loader))
     )
     record: dict[str, Any] = {}
+    results = {}
     for suffix, module in candidates.items():
         batches = _progress_bar(itertools.islice(val_loader, total), total, "eval", trainer)
         result = evaluate(module, batches, loop.eval_options, should_stop=should_stop)
         if result is None:
             return None
+        results[suffix] = result
         metrics = compute_metrics(*result, threshold=trainer.threshold)
         record.update({f"{key}{suffix}": value for key, value in metrics.items()})
     ema_better = record.get("mAP_ema", -math.inf) > record["mAP"]
     record["eval_weights"] = "ema" if ema_better else "model"
     record["mAP_best"] = record["mAP_ema"] if ema_better else record["mAP"]
+    scores, targets = results["_ema" if ema_better else ""]
+    loop.run_log.log_validation(
+        state.step, scores, targets, loop.class_names, trainer.threshold, val_loader.dataset
+    )
     return record
 
 

@@ -56,8 +56,12 @@ class OnnxScorer:
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        # ORT's threads otherwise spin for a while after each run, taking the cores the
+        # DataLoader workers decode the next batch on (and other jobs on a shared machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for a bad file
             raise ValueError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
