@@ -126,7 +126,8 @@ def measure_attention_hook(case: InferenceCase, model: torch.nn.Module, rounds: 
             rates["plain"].best,
             "img/s",
             "forward without hook",
-            note=f"median/spread: hooked {_spread(rates['hooked'])}, plain {_spread(rates['plain'])}",
+            note=f"median/spread: hooked {_spread(rates['hooked'])}, "
+            f"plain {_spread(rates['plain'])}",
         )
     ]
 

@@ -81,11 +81,15 @@ def test_thresholds_are_never_overwritten_and_a_new_eval_reports_on_them(
     with pytest.raises(FileExistsError, match="best.thresholds.json exists"):
         run(compose_config("eval", [f"ckpt={checkpoint}", "calibrate=f1"]))
     assert thresholds.read_text() == before and len(_evaluations(checkpoint.parent)) == 1
+    (first,) = _evaluations(checkpoint.parent)
     run(compose_config("eval", [f"ckpt={checkpoint}"]))  # reports at the saved thresholds too
-    newest = _evaluations(checkpoint.parent)
-    assert len(newest) == 2  # a new folder: the first evaluation is kept
-    result = json.loads((newest[-1] / "eval.json").read_text())
+    (second,) = set(_evaluations(checkpoint.parent)) - {first}  # a new folder; the first is kept
+    result = json.loads((second / "eval.json").read_text())
     assert result["calibrated"]["source"] == str(thresholds)
+    missing = checkpoint.parent / "other.thresholds.json"
+    with pytest.raises(FileNotFoundError, match="other.thresholds.json"):
+        run(compose_config("eval", [f"ckpt={checkpoint}", f"thresholds_file={missing}"]))
+    assert len(_evaluations(checkpoint.parent)) == 2
 
 
 def test_predict_and_export_use_the_calibrated_thresholds(

@@ -304,7 +304,8 @@ class EvalConf:
         None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
     )
     # f1: choose per-class thresholds of maximum F1 on this split; saved beside the checkpoint as
-    # <ckpt stem>.thresholds.json (or thresholds_file), which must not exist yet.
+    # <ckpt stem>.thresholds.json (or thresholds_file), which must not exist yet. Without it, the
+    # metrics at the thresholds of that file (or of thresholds_file) are reported too.
     calibrate: Calibrate | None = None
     thresholds_file: str | None = None
     save_scores: bool = False  # scores.npz: image ids, class names, scores, targets

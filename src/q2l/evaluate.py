@@ -193,6 +193,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
 def run_evaluation(cfg: DictConfig) -> Evaluation:
     """Evaluate `cfg.ckpt` (and calibrate, if asked); nothing is written here."""
+    saved_thresholds = _thresholds_to_report(cfg)
     checkpoint = load_checkpoint(cfg.ckpt)
     run_config = checkpoint["config"]
     class_names = checkpoint["class_names"]
@@ -244,8 +245,8 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     if cfg.calibrate is not None:
         split = {"dataset": dataset_config["name"], "num_images": len(targets)}
         _calibrate(evaluation, cfg.ckpt, checkpoint, weights, threshold, split)
-    elif thresholds_path(cfg.ckpt).is_file():
-        _use_thresholds_file(evaluation, thresholds_path(cfg.ckpt))
+    elif saved_thresholds is not None:
+        _use_thresholds_file(evaluation, saved_thresholds)
     _add_per_class(evaluation)
     return evaluation
 
@@ -293,6 +294,20 @@ def _calibrate(
         "calibrate=f1 on this split (optimistic on it: report on held-out data)",
         F1_RULE,
     )
+
+
+def _thresholds_to_report(cfg: DictConfig) -> Path | None:
+    """Without calibrate: `thresholds_file` (which must exist), else the file beside the
+    checkpoint if there is one; their metrics are reported too."""
+    if cfg.calibrate is not None:
+        return None
+    if cfg.thresholds_file:
+        path = Path(cfg.thresholds_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"thresholds_file={cfg.thresholds_file}: no such file")
+        return path
+    beside = thresholds_path(cfg.ckpt)
+    return beside if beside.is_file() else None
 
 
 def _use_thresholds_file(evaluation: Evaluation, path: Path) -> None:
