@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class ModelInfo:
     preprocessing: str = PREPROCESSING
     format: str = FORMAT
     version: int = VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(
