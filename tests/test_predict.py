@@ -132,7 +132,8 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
         "num_workers=0",
         "batch_size=4",
     ]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True)
+    environment = {**cli_env, "Q2L_PROGRESS_INTERVAL": "0"}  # a line per batch
+    done = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "predict 1/2 (50%)" in done.stdout and "predict done: 2 in" in done.stdout
     assert "\r" not in done.stderr  # no tqdm bar in a log file

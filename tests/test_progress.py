@@ -40,6 +40,14 @@ def test_non_terminal_gets_periodic_lines_with_the_postfix(monkeypatch, caplog):
     assert stream.getvalue() == ""  # no carriage-return bar in the log file
 
 
+def test_a_loop_shorter_than_the_interval_adds_no_line(monkeypatch, caplog):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("Q2L_PROGRESS_INTERVAL", "3600")
+    with caplog.at_level(logging.INFO, logger="q2l.progress"):
+        assert list(track(range(4), 4, "eval", stream=io.StringIO())) == [0, 1, 2, 3]
+    assert not caplog.records
+
+
 def test_terminal_gets_a_bar_and_disabled_gets_silence(monkeypatch, caplog):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     terminal = _Terminal()

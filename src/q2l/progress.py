@@ -2,7 +2,9 @@
 
 - a tqdm bar when the stream (stderr) is a terminal;
 - plain periodic log lines ("eval 120/500 (24%) 3.1 it/s, eta 2m02s") when it is not, as in
-  SLURM logs or `> file 2>&1`, where a bar's carriage returns pile up into one unreadable line;
+  SLURM logs or `> file 2>&1`, where a bar's carriage returns pile up into one unreadable line:
+  one every Q2L_PROGRESS_INTERVAL seconds (default 30), and a closing line after them, so a loop
+  shorter than that adds nothing to the log;
 - nothing when the caller turns it off (`trainer.progress_bar=false`, `progress_bar=false`) or
   the environment sets TQDM_DISABLE (tqdm's own switch, honoured for both forms).
 
@@ -24,6 +26,7 @@ log = logging.getLogger("q2l.progress")
 
 # Seconds between two periodic lines: often enough to see a job move, rare enough for a log file.
 LINE_INTERVAL_S = 30.0
+INTERVAL_VARIABLE = "Q2L_PROGRESS_INTERVAL"
 _FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
@@ -42,7 +45,7 @@ def track(
     description: str,
     enabled: bool = True,
     stream: IO | None = None,
-    interval_s: float = LINE_INTERVAL_S,
+    interval_s: float | None = None,
 ) -> Iterable:
     """`iterable`, reporting progress as `progress_mode` decides; has `set_postfix(**values)`.
 
@@ -50,10 +53,12 @@ def track(
         total: number of items expected (None: unknown, no percentage or ETA).
         description: what is counted, first word of every line ("train", "eval", "predict").
         enabled: the caller's switch; False shows nothing.
-        interval_s: seconds between periodic lines (the first item and the end always log).
+        interval_s: seconds between periodic lines; default Q2L_PROGRESS_INTERVAL or 30.
     """
     mode = progress_mode(enabled, stream)
     if mode == "lines":
+        if interval_s is None:
+            interval_s = float(os.environ.get(INTERVAL_VARIABLE) or LINE_INTERVAL_S)
         return PeriodicLines(iterable, total, description, interval_s)
     return tqdm(
         iterable,
@@ -67,8 +72,8 @@ def track(
 
 
 class PeriodicLines:
-    """Iterate `iterable`, logging a progress line after the first item, then every
-    `interval_s` seconds, and a closing line with the item count and elapsed time."""
+    """Iterate `iterable`, logging a progress line every `interval_s` seconds and, if any was
+    logged, a closing line with the item count and elapsed time."""
 
     def __init__(
         self, iterable: Iterable, total: int | None, description: str, interval_s: float
@@ -88,16 +93,17 @@ class PeriodicLines:
 
     def __iter__(self) -> Iterator:
         start = last = time.monotonic()
+        logged = False
         for item in self.iterable:
             yield item
             self.count += 1
             now = time.monotonic()
-            if self.count == 1 or now - last >= self.interval_s:
+            if now - last >= self.interval_s:
                 log.info("%s", self.line(now - start))
-                last = now
-        log.info(
-            "%s done: %d in %s", self.description, self.count, _clock(time.monotonic() - start)
-        )
+                last, logged = now, True
+        if logged:
+            elapsed = _clock(time.monotonic() - start)
+            log.info("%s done: %d in %s", self.description, self.count, elapsed)
 
     def line(self, elapsed: float) -> str:
         """'<description> n/total (p%) r it/s, eta t[, postfix]' for `elapsed` seconds so far."""
