@@ -34,7 +34,7 @@ test: ## run the whole test suite (CPU, a few minutes)
 test-fast: ## the suite without the tests that train for real
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: ## speed and memory benchmarks; prints a table and writes bench-results/*.json
+bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds the official Q2L rows
 	$(PY) -m benchmarks $(ARGS)
 
 lint: ## ruff

@@ -1,4 +1,4 @@
-"""`make bench` = `python -m benchmarks`: q2l's benchmarks (benchmarks/cli.py; --help lists the options)."""
+"""`make bench` = `python -m benchmarks` (benchmarks/cli.py; --help lists the options)."""
 
 import sys
 

@@ -1,11 +1,16 @@
-"""`make bench` / `python scripts/bench.py`: run the sections, print the table, write the JSON.
+"""`make bench` / `python -m benchmarks`: run the sections, print the table, write the JSON.
 
-    python scripts/bench.py                      # everything (10-15 min on 2 cores)
-    python scripts/bench.py --quick              # fewer rounds, smaller runs, no demo run (3-4 min)
-    python scripts/bench.py --sections b,c       # exact mAP and data pipeline only
-    python scripts/bench.py --markdown           # the table as Markdown, for docs/performance.md
-    python scripts/bench.py --render bench-results/bench-<time>.json --markdown   # a saved run
+    python -m benchmarks --official ~/src/query2labels   # everything, with the official code
+    python -m benchmarks                       # everything but the official-code rows
+    python -m benchmarks --quick               # fewer rounds, smaller runs, no demo run
+    python -m benchmarks --sections b,c        # exact mAP and data pipeline only
+    python -m benchmarks --markdown            # the table as Markdown, for docs/performance.md
+    python -m benchmarks --render bench-results/bench-<time>.json --markdown   # a saved run
     make bench ARGS="--quick --sections a --cases demo"
+
+The official Query2Label code is never part of this repository: --official (or the
+Q2L_OFFICIAL_CODE environment variable) names a checkout of SlongLiu/query2labels, which
+benchmarks/official.py imports with its CPU shims. Without it those rows are skipped.
 """
 
 from __future__ import annotations
@@ -22,43 +27,78 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import exact_map, memory, pipeline, throughput, timing
+from benchmarks import exact_map, flops, levers, memory, official, pipeline, throughput, timing
 from benchmarks.timing import Row, machine, matmul_peak
 
 log = logging.getLogger("q2l.bench")
 
 SECTIONS = {
-    "a": "throughput: train step and inference, q2l best CPU settings vs plain fp32 eager",
+    "a": "throughput: train step and inference, q2l at its defaults vs plain fp32 eager and "
+    "(paper case, with --official) vs the official Query2Label code",
     "b": "exact mAP on a COCO-val-sized matrix vs sklearn and torchmetrics",
     "c": "data pipeline images/s vs plain PIL + torchvision",
     "d": "peak resident memory of a short training run, and its growth across epochs",
     "e": "FLOPs per image and share of the measured matmul peak",
-    "levers": "each optimisation alone against the plain baseline",
-    "f": "`make train` (the demo) end to end: wall time and mAP",
+    "levers": "each default speed setting alone against the plain baseline",
+    "f": "`make train` (the demo) end to end, from nothing: wall time and mAP",
 }
 QUICK_SKIPS = {"f"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--sections", default="all",
-                        help="comma-separated: " + ", ".join(f"{k} ({v})" for k, v in SECTIONS.items()))
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller runs; skips f")
-    parser.add_argument("--cases", default="paper,demo", help="model cases for a/e/levers: paper, demo")
-    parser.add_argument("--lever-cases", default=None,
-                        help="model cases for the levers (default: paper,demo; demo with --quick)")
+    parser.add_argument(
+        "--sections",
+        default="all",
+        help="comma-separated: " + ", ".join(f"{k} ({v})" for k, v in SECTIONS.items()),
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds and smaller runs; skips f"
+    )
+    parser.add_argument(
+        "--cases", default="paper,demo", help="model cases for a/e/levers: paper, demo"
+    )
+    parser.add_argument(
+        "--lever-cases",
+        default=None,
+        help="model cases for the levers (default: paper,demo; demo with --quick)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile to the levers (slow)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before starting")
-    parser.add_argument("--quiet-wait", type=float, default=timing.QUIET_WAIT_S,
-                        help="seconds to wait before each round for other processes to go quiet (0: never)")
-    parser.add_argument("--output-dir", default="bench-results", help="where bench-<time>.json goes")
+    parser.add_argument(
+        "--official",
+        metavar="PATH",
+        default=None,
+        help=f"checkout of SlongLiu/query2labels (default: ${official.ENV_VAR})",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="add torch.compile to the levers (slow)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every measurement, subprocesses included "
+        "(default: PyTorch's own choice on this machine)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=timing.QUIET_WAIT_S,
+        help="seconds to wait before each round for other processes to go quiet (0: never)",
+    )
+    parser.add_argument(
+        "--output-dir", default="bench-results", help="where bench-<time>.json goes"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--render", metavar="JSON", help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
-    chosen = set(SECTIONS) if args.sections == "all" else {s.strip() for s in args.sections.split(",")}
+    chosen = (
+        set(SECTIONS) if args.sections == "all" else {s.strip() for s in args.sections.split(",")}
+    )
     unknown = chosen - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {sorted(SECTIONS)}")
@@ -82,7 +122,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
     """Every selected section; a failing section is reported and the others still run."""
     rows: list[Row] = []
     errors: list[str] = []
-    extra: dict = {}
+    extra: dict = {"skipped": []}
 
     def section(name: str, fn, *fn_args, **fn_kwargs):
         log.info("section %s ...", name)
@@ -98,39 +138,58 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
 
     quick = args.quick
     if args.sections & {"a", "e", "levers"}:
-        extra["best_cpu_overrides"] = list(throughput.best_cpu_overrides())
+        official_code = None
+        if "a" in args.sections and "paper" in args.cases:
+            official_code = section("official code", _load_official, args.official, extra)
         # Peaks: the best of a standalone measurement and of every round of section a.
         peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
         flops_inputs = []
         for key in dict.fromkeys(args.cases + args.lever_cases):
-            case = throughput.CASES[key]
             paper = key == "paper"
-            steps = 1 if paper else 4
-            rounds = args.rounds or ((1 if quick else 3) if paper else (2 if quick else 5))
-            with throughput.build_sides(case, steps) as sides:
+            rounds = args.rounds or (2 if quick else 5)
+            with throughput.build_sides(throughput.CASES[key], 1 if paper else 4) as sides:
                 if key in args.cases and args.sections & {"a", "e"}:
-                    measured = section(f"a {key}", throughput.measure_throughput, sides, rounds)
+                    measured = section(
+                        f"a {key}",
+                        throughput.measure_throughput,
+                        sides,
+                        rounds,
+                        official_code if paper else None,
+                    )
                     if measured is not None:
                         throughput_rows, rates = measured
-                        peaks = {name: max(peak, rates[f"peak_{name}"]) for name, peak in peaks.items()}
+                        for name in peaks:
+                            peaks[name] = max(peaks[name], rates[f"peak_{name}"].best)
                         if "a" in args.sections:
                             rows += throughput_rows
                         if "e" in args.sections:
-                            flops = section(f"e {key}", throughput.case_flops, sides)
-                            if flops is not None:
-                                precision = sides.q2l_cfg.trainer.precision.value
-                                flops_inputs.append((key, precision, flops, rates))
+                            counted = section(f"e {key}", flops.case_flops, sides)
+                            if counted is not None:
+                                medians = {name: rate.median for name, rate in rates.items()}
+                                flops_inputs.append(
+                                    (key, sides.options.precision, counted, medians)
+                                )
                 if key in args.lever_cases and "levers" in args.sections:
-                    lever_rounds = max(rounds - 1, 1) if paper else rounds
-                    rows += section(f"levers {key}", throughput.measure_levers, sides, lever_rounds,
-                                    with_compile=args.compile) or []
-        for key, precision, flops, rates in flops_inputs:
-            rows += throughput.flops_rows(key, precision, flops, rates, peaks)
+                    lever_rounds = max(rounds - 2, 1) if paper else rounds
+                    rows += (
+                        section(
+                            f"levers {key}",
+                            levers.measure_levers,
+                            sides,
+                            lever_rounds,
+                            with_compile=args.compile,
+                        )
+                        or []
+                    )
+        for key, precision, counted, medians in flops_inputs:
+            rows += flops.flops_rows(key, precision, counted, medians, peaks)
         extra["matmul_peak_gflops"] = {name: value / 1e9 for name, value in peaks.items()}
     if "b" in args.sections:
-        rows += section("b", exact_map.measure_exact_map, args.rounds or (3 if quick else 7)) or []
+        rounds = args.rounds or (3 if quick else 7)
+        rows += section("b", exact_map.measure_exact_map, rounds) or []
     if "c" in args.sections:
-        rows += section("c", pipeline.measure_pipeline, 24 if quick else 64, args.rounds or (2 if quick else 4)) or []
+        rounds = args.rounds or (2 if quick else 4)
+        rows += section("c", pipeline.measure_pipeline, 24 if quick else 64, rounds) or []
     if "d" in args.sections:
         epochs, num_train = (3, 256) if quick else (6, 512)
         rows += section("d", memory.measure_memory, epochs, num_train, num_train // 4) or []
@@ -139,42 +198,61 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
     return rows, errors, extra
 
 
+def _load_official(path: str | None, extra: dict) -> official.OfficialCode | None:
+    """The official code from --official or Q2L_OFFICIAL_CODE; None (rows skipped) when unset."""
+    root = official.locate(path)
+    if root is None:
+        extra["skipped"].append(f"official-code rows: {official.HOW_TO_SUPPLY}")
+        log.warning("skipping the official-code rows: %s", official.HOW_TO_SUPPLY)
+        return None
+    extra["official_code"] = str(root)
+    return official.load(root)
+
+
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     """The report: one line per row, then the notes (baseline names, settings, caveats)."""
-    header = ["section", "measurement", "q2l", "baseline", "ratio", "target", "ok"]
+    header = ["section", "measurement", "q2l", "baseline", "ratio", "spread", "target", "ok"]
     notes: dict[str, str] = {}  # note text -> its label, so repeated notes are printed once
     lines = []
     for row in rows:
-        note = "; ".join(part for part in (row.baseline_name and f"baseline: {row.baseline_name}", row.note)
-                         if part)
+        parts = (row.baseline_name and f"baseline: {row.baseline_name}", row.note)
+        note = "; ".join(part for part in parts if part)
         label = notes.setdefault(note, f"[{len(notes) + 1}]") if note else ""
-        lines.append([
-            row.section,
-            f"{row.name} {label}".rstrip(),
-            _number(row.value, row.unit),
-            _number(row.baseline, row.unit) if row.baseline is not None else "—",
-            f"{row.ratio:.2f}×" if row.ratio is not None else "—",
-            f"≥ {row.target:g}×" if row.target is not None else "—",
-            {True: "yes", False: "NO", None: ""}[row.passed],
-        ])
+        spread = f"{row.ratio_low:.2f}–{row.ratio_high:.2f}" if row.ratio_low is not None else "—"
+        lines.append(
+            [
+                row.section,
+                f"{row.name} {label}".rstrip(),
+                _number(row.value, row.unit),
+                _number(row.baseline, row.unit) if row.baseline is not None else "—",
+                f"{row.ratio:.2f}×" if row.ratio is not None else "—",
+                spread,
+                f"≥ {row.target:g}×" if row.target is not None else "—",
+                {True: "yes", False: "NO", None: ""}[row.passed],
+            ]
+        )
     footnotes = [f"{label} {note}" for note, label in notes.items()]
     if markdown:
         table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         table += ["| " + " | ".join(cells) + " |" for cells in lines]
         return "\n".join(table + [""] + [f"- {note}" for note in footnotes])
     widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-            for cells in [header, ["-" * w for w in widths], *lines]]
+    text = [
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, ["-" * w for w in widths], *lines]
+    ]
     return "\n".join(text + [""] + footnotes)
+
+
+DERIVED = ("ratio", "ratio_low", "ratio_high", "passed")  # recomputed from the other fields
 
 
 def load_rows(path: Path) -> list[Row]:
     """The rows of a report written by `main`."""
-    rows = []
-    for record in json.loads(path.read_text())["rows"]:
-        record = {key: value for key, value in record.items() if key not in ("ratio", "passed")}
-        rows.append(Row(**record))
-    return rows
+    return [
+        Row(**{key: value for key, value in record.items() if key not in DERIVED})
+        for record in json.loads(path.read_text())["rows"]
+    ]
 
 
 def _number(value: float | None, unit: str) -> str:
@@ -198,28 +276,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     timing.QUIET_WAIT_S = args.quiet_wait
-    if args.quiet_wait <= 0:
-        timing.QUIET_BUDGET_S = 0.0
     started = dt.datetime.now()
     info = machine()
-    log.info("benchmarking on %s, %d intra-op threads; sections %s", info["cpu"], info["torch_threads"],
-             ",".join(sorted(args.sections)))
+    log.info(
+        "benchmarking on %s, %d intra-op threads (subprocesses: OMP_NUM_THREADS=%d); sections %s",
+        info["cpu"],
+        info["torch_threads"],
+        info["torch_threads"],
+        ",".join(sorted(args.sections)),
+    )
     start = time.perf_counter()
     rows, errors, extra = run(args)
     duration = time.perf_counter() - start
     print(format_table(rows, markdown=args.markdown))
+    for skipped in extra["skipped"]:
+        print(f"SKIPPED {skipped}")
     for error in errors:
         print(f"FAILED {error}")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"bench-{started:%Y%m%d-%H%M%S}.json"
     report = {
-        "format_version": 1,
+        "format_version": 2,
         "started_at": started.isoformat(timespec="seconds"),
         "duration_s": round(duration, 1),
         "argv": sys.argv[1:] if argv is None else argv,
         "quick": args.quick,
         "machine": info,
+        "load_average_1min_at_end": machine()["load_average_1min"],
         "quiet_rounds": timing.quiet_stats,
         **extra,
         "rows": [row.as_dict() for row in rows],

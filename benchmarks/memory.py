@@ -1,8 +1,10 @@
 """Real training runs in a subprocess: resident memory per epoch, and the demo's time to its mAP.
 
-Both run `python -m q2l.train` as a user would, with every output (run directory, generated data,
-label cache) in a temporary folder. Memory is read from /proc (Linux) while the run goes on; an
-epoch's figure is the resident set size when its line appears in the run's metrics.jsonl.
+Both run `python train.py experiment=demo` from the repository root, as `make train` does, with
+every output (run directory, generated data, pretrained demo backbone, label cache) in a temporary
+folder, so the demo builds its data and pretrains its backbone from scratch. Memory is read from
+/proc (Linux) while the run goes on; an epoch's figure is the resident set size when its line
+appears in the run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from benchmarks.timing import Row
 
-DEMO_TIME_TARGET_S = 180.0  # issue #4: `make train` reaches its mAP target in at most 3 minutes
-DEMO_MAP_TARGET = 90.0  # conf/experiment/demo.yaml: "val mAP above 90"
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEMO_TIME_TARGET_S = 120.0  # `make train` from nothing to its best checkpoint, on 2 quiet cores
+DEMO_MAP_TARGET = 95.0  # best val mAP of that run
 FLAT_TOLERANCE = 0.05  # resident memory may grow 5% from the second epoch to the last
 
 
@@ -37,18 +42,35 @@ class TrainingRun:
 
 
 def run_training(overrides: list[str], poll_s: float = 0.05) -> TrainingRun:
-    """`python -m q2l.train` with `overrides`; run directory, data and caches in a temporary folder."""
+    """`python train.py experiment=demo` with `overrides`; run directory, data and caches in a
+    temporary folder. OMP_NUM_THREADS is the benchmark's own intra-op thread count."""
     with tempfile.TemporaryDirectory(prefix="q2l-bench-train-") as folder:
         root = Path(folder)
         run_dir = root / "run"
-        command = [sys.executable, "-m", "q2l.train", "experiment=demo", f"hydra.run.dir={run_dir}",
-                   "trainer.progress_bar=false", *overrides]
+        command = [
+            sys.executable,
+            "train.py",
+            "experiment=demo",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+        ]
         # The configs put generated data and caches under these, so nothing lands in the checkout.
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "Q2L_DATA_DIR": str(root / "data"),
-                       "Q2L_CACHE_DIR": str(root / "cache")}
+        environment = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            "Q2L_DATA_DIR": str(root / "data"),
+            "Q2L_CACHE_DIR": str(root / "cache"),
+        }
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=environment, text=True)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPOSITORY,
+            env=environment,
+            text=True,
+        )
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
         reader.start()
@@ -76,37 +98,72 @@ def run_training(overrides: list[str], poll_s: float = 0.05) -> TrainingRun:
 
 def measure_memory(epochs: int, num_train: int, num_val: int) -> list[Row]:
     """Section d: peak resident memory of a shrunk demo run, and its growth across epochs."""
-    run = run_training([
-        f"trainer.epochs={epochs}",
-        f"prepare.data.num_train={num_train}",
-        f"prepare.data.num_val={num_val}",
-        # Random backbone weights: memory does not depend on them, and pretraining takes minutes.
-        "backbone.pretrained=false",
-        "~prepare.backbone",
-        "backbone.weights=null",
-    ])
+    run = run_training(
+        [
+            f"trainer.epochs={epochs}",
+            f"prepare.data.num_train={num_train}",
+            f"prepare.data.num_val={num_val}",
+            # Random backbone weights: memory does not depend on them, and pretraining takes time.
+            "backbone.pretrained=false",
+            "~prepare.backbone",
+            "backbone.weights=null",
+        ]
+    )
     rss = run.epoch_rss_mb
     per_epoch = " ".join(f"{value:.0f}" for value in rss)
-    rows = [Row("d. memory", f"demo, {epochs} epochs of {num_train} images: peak RSS", run.peak_rss_mb,
-                None, "MB", note=f"RSS after each epoch (MB): {per_epoch}")]
+    rows = [
+        Row(
+            "d. memory",
+            f"demo, {epochs} epochs of {num_train} images: peak RSS",
+            run.peak_rss_mb,
+            None,
+            "MB",
+            note=f"RSS after each epoch (MB): {per_epoch}",
+        )
+    ]
     if len(rss) >= 3:
         # The first epoch pays one-time allocations (allocator pools, first evaluation).
-        rows.append(Row("d. memory", f"RSS after epoch {len(rss)} vs after epoch 2", rss[-1], rss[1], "MB",
-                        "RSS after epoch 2", target=1.0 - FLAT_TOLERANCE, lower_is_better=True,
-                        note=f"growth {rss[-1] - rss[1]:+.0f} MB; target: within {FLAT_TOLERANCE:.0%}"))
+        rows.append(
+            Row(
+                "d. memory",
+                f"RSS after epoch {len(rss)} vs after epoch 2",
+                rss[-1],
+                rss[1],
+                "MB",
+                "RSS after epoch 2",
+                target=1.0 - FLAT_TOLERANCE,
+                lower_is_better=True,
+                note=f"growth {rss[-1] - rss[1]:+.0f} MB; target: within {FLAT_TOLERANCE:.0%}",
+            )
+        )
     return rows
 
 
 def measure_demo_run() -> list[Row]:
-    """`make train` as shipped (the demo config): wall time, start to finish, and the mAP it reaches."""
+    """`make train` as shipped (the demo config): wall time start to finish, and its best mAP."""
     run = run_training([])
     best_map = float(run.summary.get("best", {}).get("mAP", float("nan")))
     return [
-        Row("f. demo run", "make train: wall time, start to finish", run.wall_time_s,
-            DEMO_TIME_TARGET_S, "s", "3 min budget", target=1.0, lower_is_better=True,
-            note="includes generating the data and pretraining the demo backbone"),
-        Row("f. demo run", "make train: best val mAP", best_map, DEMO_MAP_TARGET, "mAP",
-            "demo target 90", target=1.0),
+        Row(
+            "f. demo run",
+            "make train: wall time, start to finish",
+            run.wall_time_s,
+            DEMO_TIME_TARGET_S,
+            "s",
+            f"{DEMO_TIME_TARGET_S:.0f} s budget",
+            target=1.0,
+            lower_is_better=True,
+            note="from nothing: generates the data and pretrains the demo backbone first",
+        ),
+        Row(
+            "f. demo run",
+            "make train: best val mAP",
+            best_map,
+            DEMO_MAP_TARGET,
+            "mAP",
+            f"mAP target {DEMO_MAP_TARGET:.0f}",
+            target=1.0,
+        ),
     ]
 
 

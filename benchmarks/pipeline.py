@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from benchmarks.timing import Row, Workload, interleaved
+from benchmarks.timing import Row, Workload, compare, interleaved
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.metrics import single_threaded
@@ -36,7 +36,9 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     paths = []
     for index in range(count):
         coarse = generator.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-        image = np.asarray(Image.fromarray(coarse).resize(SOURCE_SIZE, Image.BICUBIC), dtype=np.float32)
+        image = np.asarray(
+            Image.fromarray(coarse).resize(SOURCE_SIZE, Image.BICUBIC), dtype=np.float32
+        )
         image += generator.normal(0.0, 8.0, image.shape)
         path = folder / f"image_{index:04d}.jpg"
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(path, quality=90)
@@ -64,23 +66,53 @@ def measure_pipeline(num_images: int, rounds: int, backbone: str = "resnet50") -
             return Workload(lambda: sum(1 for index in range(len(data)) if data[index] is not None))
 
         def plain_workload(transform: T.Compose) -> Workload:
-            return Workload(lambda: sum(1 for path in paths if _plain_sample(path, transform) is not None))
+            return Workload(
+                lambda: sum(1 for path in paths if _plain_sample(path, transform) is not None)
+            )
 
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
         cases = []
         for size in (448, 224):
             plain = T.Compose([T.Resize((size, size), antialias=True), *normalize])
-            cases.append((f"eval transform {size} px", dataset(build_eval_transform(size, mean, std)),
-                          plain, 1.5 if size == 224 else None))
-        plain_light = T.Compose([T.RandomResizedCrop(224, scale=(0.7, 1.0), antialias=True),
-                                 T.RandomHorizontalFlip(0.5), *normalize])
-        cases.append(("train transform 224 px, augment=light",
-                      dataset(build_train_transform(224, mean, std, **LIGHT_AUGMENT)), plain_light, None))
+            cases.append(
+                (
+                    f"eval transform {size} px",
+                    dataset(build_eval_transform(size, mean, std)),
+                    plain,
+                    1.5 if size == 224 else None,
+                )
+            )
+        plain_light = T.Compose(
+            [
+                T.RandomResizedCrop(224, scale=(0.7, 1.0), antialias=True),
+                T.RandomHorizontalFlip(0.5),
+                *normalize,
+            ]
+        )
+        cases.append(
+            (
+                "train transform 224 px, augment=light",
+                dataset(build_train_transform(224, mean, std, **LIGHT_AUGMENT)),
+                plain_light,
+                None,
+            )
+        )
         for name, data, plain, target in cases:
             with single_threaded():
-                rates = interleaved({"q2l": q2l_workload(data), "plain": plain_workload(plain)}, rounds)
-            rows.append(Row("c. data", f"{name}, 640×480 JPEG", rates["q2l"].best, rates["plain"].best,
-                            "img/s", "PIL open+convert, torchvision", target=target))
+                rates = interleaved(
+                    {"q2l": q2l_workload(data), "plain": plain_workload(plain)}, rounds
+                )
+            rows.append(
+                compare(
+                    "c. data",
+                    f"{name}, 640×480 JPEG",
+                    rates["q2l"],
+                    rates["plain"],
+                    "img/s",
+                    "PIL open+convert, torchvision",
+                    target=target,
+                )
+            )
         rows += _measure_workers(dataset(build_eval_transform(224, mean, std)), rounds)
     return rows
 
@@ -88,8 +120,13 @@ def measure_pipeline(num_images: int, rounds: int, backbone: str = "resnet50") -
 def _measure_workers(data: MultiLabelImageDataset, rounds: int) -> list[Row]:
     """DataLoader images/s with 1 and 2 worker processes against loading in the main process."""
     loaders = {
-        workers: DataLoader(data, batch_size=16, num_workers=workers, persistent_workers=workers > 0,
-                            prefetch_factor=2 if workers else None)
+        workers: DataLoader(
+            data,
+            batch_size=16,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers else None,
+        )
         for workers in (0, 1, 2)
     }
 
@@ -99,7 +136,13 @@ def _measure_workers(data: MultiLabelImageDataset, rounds: int) -> list[Row]:
     rates = interleaved({workers: epoch(loader) for workers, loader in loaders.items()}, rounds)
     del loaders
     return [
-        Row("levers", f"data 224 px: DataLoader num_workers={workers}", rates[workers].best,
-            rates[0].best, "img/s", "num_workers=0")
+        compare(
+            "levers",
+            f"data 224 px: DataLoader num_workers={workers}",
+            rates[workers],
+            rates[0],
+            "img/s",
+            "num_workers=0",
+        )
         for workers in (1, 2)
     ]

@@ -1,19 +1,20 @@
-"""Model throughput: q2l's training step and evaluation against plain fp32 eager PyTorch.
+"""Model throughput: q2l at its defaults against plain fp32 eager PyTorch and the official code.
 
-Both sides build the same model from the same composed config with the same seed. The plain side
-is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for inference,
-`torch.optim.AdamW(model.parameters())` with its default implementation. The q2l side runs the
-real `q2l.engine.train_one_epoch` / `q2l.engine.evaluate` with q2l's optimizer, under the best
-CPU settings (`best_cpu_overrides`), so an improvement to the engine shows up here unchanged.
+Both q2l-model sides build the same model from the same composed config with the same seed. The
+q2l side is q2l as `python train.py` runs it, with nothing overridden but the model case: the
+config's defaults (trainer.precision=auto, trainer.channels_last=true, optimizer.fused=true, the
+weight EMA, the finiteness check) through the real `q2l.engine.train_one_epoch` and
+`q2l.engine.evaluate`, so a change to the engine or to a default shows up here unchanged. The
+plain side is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for
+inference, `torch.optim.AdamW(model.parameters())` with its default implementation, no EMA.
 
-Also here: each lever on its own against the same plain baseline, and FLOPs per image with the
-share of the machine's matmul peak that each side reaches.
+With a checkout of the official Query2Label code (benchmarks/official.py), the paper case also
+runs the official model, loss and training loop on the same batches, in the same rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,23 +24,25 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.timing import Row, Workload, interleaved, native_bf16
-from q2l.amp import resolve_precision
+from benchmarks import official
+from benchmarks.timing import Rates, Row, Workload, compare, interleaved
+from q2l.amp import autocast, resolve_precision
 from q2l.config import CONFIG_DIR, build_model
 from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
+OFFICIAL_TARGET = 2.0  # q2l at its defaults, training and inference, against the official code
 
 
 @dataclass(frozen=True)
 class ModelCase:
     """A model and batch shape to measure, as Hydra overrides of the training config.
 
-    Random initial weights (`backbone.pretrained=false`): speed does not depend on them.
+    Random initial weights (`backbone.pretrained=false`): speed does not depend on them. The data
+    set option only lets the config compose: the batches are synthetic.
     """
 
     key: str
@@ -51,29 +54,27 @@ class ModelCase:
 CASES = {
     "paper": ModelCase(
         "paper",
-        "Q2L resnet50, 224 px, batch 8, paper head (D 2048, FFN 8192, 1 enc/2 dec, 4 heads)",
-        ("backbone=resnet50", "backbone.pretrained=false", "model=q2l", "dataset.image_size=224",
-         "dataset.batch_size=8"),
+        "Q2L resnet50, 224 px, batch 8, paper head (D 2048, FFN 8192, 1 enc/2 dec, 4 heads, "
+        "no decoder self-attention, no input projection): the official code's architecture",
+        (
+            "dataset=coco2014",
+            "dataset.root=unused",
+            "dataset.image_size=224",
+            "dataset.batch_size=8",
+            "backbone=resnet50",
+            "backbone.pretrained=false",
+            "model=q2l",
+            "model.input_proj=false",
+        ),
         num_classes=80,  # COCO
     ),
     "demo": ModelCase(
         "demo",
         "demo: resnet18, 64 px, batch 32, q2l_small head (D 256, FFN 1024)",
-        ("backbone.pretrained=false",),
+        ("experiment=demo", "backbone.pretrained=false"),
         num_classes=10,  # the digits data set
     ),
 }
-
-
-def best_cpu_overrides() -> tuple[str, ...]:
-    """q2l's fastest CPU settings, as training-config overrides (docs/performance.md says why).
-
-    bf16 autocast only where the CPU has bf16 matmul units; elsewhere it is emulated and slower.
-    """
-    overrides = ["trainer.channels_last=true", "optimizer.fused=true"]
-    if native_bf16():
-        overrides.append("trainer.precision=bf16")
-    return tuple(overrides)
 
 
 def compose_config(overrides: tuple[str, ...] | list[str]) -> DictConfig:
@@ -93,7 +94,7 @@ def build_case_model(case: ModelCase, cfg: DictConfig, seed: int = 0) -> nn.Modu
 
 
 def synthetic_batches(cfg: DictConfig, num_classes: int, steps: int, seed: int = 0) -> list:
-    """`steps` (images, targets) batches of the config's shape; ~2.9 positives of 80 (COCO's rate)."""
+    """`steps` (images, targets) batches of the config's shape, 2.9 positives in 80 like COCO."""
     generator = torch.Generator().manual_seed(seed)
     size, batch = cfg.dataset.image_size, cfg.dataset.batch_size
     positive_rate = min(2.9 / num_classes, 0.5)
@@ -106,43 +107,51 @@ def synthetic_batches(cfg: DictConfig, num_classes: int, steps: int, seed: int =
     ]
 
 
-def _count(batches: list) -> int:
+def count_images(batches: list) -> int:
     return sum(images.shape[0] for images, _ in batches)
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
+    """The training state and step options `python train.py` builds around `model` from `cfg`.
+
+    Mirrors q2l.train's private `_build_state`, except for the schedule's length: far more steps
+    than will run, so OneCycle never runs out.
+    """
+    trainer = cfg.trainer
+    precision = resolve_precision(trainer.precision.value, CPU)
+    if trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = instantiate(cfg.optimizer)(model)
+    scheduler = instantiate(cfg.schedule)(optimizer, total_steps=1_000_000, steps_per_epoch=1000)
+    ema = (
+        ModelEmaV3(model, decay=trainer.ema_decay, use_warmup=trainer.ema_warmup)
+        if trainer.ema_decay > 0
+        else None
+    )
+    state = TrainState(
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=precision == "fp16"),
+        ema=ema,
+        forward=torch.compile(model) if trainer.compile else model,
+    )
+    options = StepOptions(
+        CPU, precision, trainer.channels_last, trainer.grad_clip_norm, trainer.check_finite
+    )
+    return state, options
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-def _keep_freed_memory(enabled: bool) -> None:
-    """glibc malloc: serve every allocation from the heap and never return freed memory to the
-    OS (enabled), or glibc's defaults. By default blocks above 32 MB are mmap-ed and unmapped on
-    free, so each training step page-faults its large activations and bf16 weight copies afresh."""
-    libc = _glibc()
-    if libc is None:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0 if enabled else 65536)
-    libc.mallopt(m_trim_threshold, 2**31 - 1 if enabled else 128 * 1024)
-    if not enabled:
-        libc.malloc_trim(0)
-
-
-def _set_adamw_implementation(optimizer: torch.optim.Optimizer, kind: str) -> None:
-    """Switch an AdamW between its for-loop, foreach and fused implementations (same state)."""
-    for group in optimizer.param_groups:
-        group["foreach"] = kind == "foreach"
-        group["fused"] = kind == "fused"
+def defaults_note(cfg: DictConfig, options: StepOptions) -> str:
+    """The settings the q2l side ran with, for the table's footnotes."""
+    trainer = cfg.trainer
+    ema = f"EMA {trainer.ema_decay}" if trainer.ema_decay > 0 else "no EMA"
+    return (
+        f"q2l at its defaults: precision={trainer.precision.value} (-> {options.precision}), "
+        f"channels_last={trainer.channels_last}, optimizer.fused={cfg.optimizer.fused}, {ema}, "
+        f"check_finite={trainer.check_finite}"
+    )
 
 
 # ---- workloads -----------------------------------------------------------------------------------
@@ -156,29 +165,22 @@ def plain_train(
     precision: str = "fp32",
     channels_last: bool = False,
     adamw: str = "loop",
-    sync_each_step: bool = False,
 ) -> Workload:
-    """A hand-written training step: forward, ASL loss, backward, AdamW step; one option changed."""
+    """A hand-written training step: forward, loss, backward, AdamW step; at most one lever on."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def run() -> int:
         model.train()
         for images, targets in batches:
-            with _autocast(precision):
+            with autocast(CPU, precision):
                 logits = model(images.contiguous(memory_format=memory_format))
             loss = loss_fn(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if sync_each_step:
-                loss.item()  # what a loop that logs every step does
-        return _count(batches)
+        return count_images(batches)
 
-    def prepare() -> None:
-        _set_adamw_implementation(optimizer, adamw)
-        _keep_freed_memory(False)
-
-    return Workload(run, prepare=prepare)
+    return Workload(run, prepare=lambda: set_adamw_implementation(optimizer, adamw))
 
 
 def plain_inference(
@@ -187,66 +189,77 @@ def plain_inference(
     precision: str = "fp32",
     channels_last: bool = False,
     grad_mode: str = "no_grad",
-    autocast_per_batch: bool = True,
 ) -> Workload:
-    """A hand-written evaluation loop. `autocast_per_batch=False` keeps one autocast region around
-    all batches, so that under `no_grad` the bf16 copies of the weights are cast once per pass
-    (under `inference_mode` autocast caches no casts at all)."""
+    """A hand-written evaluation loop: forward and sigmoid per batch; at most one lever on."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     guard = torch.inference_mode if grad_mode == "inference_mode" else torch.no_grad
 
     def run() -> int:
         model.eval()
-        outer = contextlib.nullcontext() if autocast_per_batch else _autocast(precision)
-        with guard(), outer:
+        with guard():
             for images, _ in batches:
-                with _autocast(precision) if autocast_per_batch else contextlib.nullcontext():
+                with autocast(CPU, precision):
                     logits = model(images.contiguous(memory_format=memory_format))
                 torch.sigmoid(logits.float())
-        return _count(batches)
+        return count_images(batches)
 
-    return Workload(run, prepare=lambda: _keep_freed_memory(False))
+    return Workload(run)
 
 
-def q2l_train(model: nn.Module, cfg: DictConfig, loss_fn: nn.Module, batches: list,
-              optimizer: torch.optim.Optimizer) -> Workload:
-    """q2l's own training loop (`q2l.engine.train_one_epoch`) under `cfg.trainer`'s settings."""
-    # Far more steps than will run, so the one-cycle schedule never runs out.
-    scheduler = instantiate(cfg.schedule)(optimizer, total_steps=1_000_000, steps_per_epoch=len(batches))
-    precision = resolve_precision(cfg.trainer.precision.value, CPU)
-    state = TrainState(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=precision == "fp16"))
-    options = StepOptions(CPU, precision, cfg.trainer.channels_last, check_finite=False)
+def set_adamw_implementation(optimizer: torch.optim.Optimizer, kind: str) -> None:
+    """Switch an AdamW between its for-loop and fused implementations (same state)."""
+    for group in optimizer.param_groups:
+        group["foreach"] = False
+        group["fused"] = kind == "fused"
+
+
+def q2l_train(
+    state: TrainState, options: StepOptions, batches: list, frozen: list[nn.Parameter] = ()
+) -> Workload:
+    """q2l's own training loop (`q2l.engine.train_one_epoch`). `frozen` parameters are set to
+    requires_grad=False before each run (and back to True otherwise)."""
+    trainable = [p for p in state.model.parameters() if p.requires_grad]
+
+    def prepare() -> None:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
     def run() -> int:
         train_one_epoch(state, batches, options)
-        return _count(batches)
+        return count_images(batches)
 
-    return Workload(run)
+    return Workload(run, prepare=prepare)
 
 
-def q2l_inference(model: nn.Module, cfg: DictConfig, batches: list) -> Workload:
-    """q2l's own evaluation loop (`q2l.engine.evaluate`) under `cfg.trainer`'s settings."""
-
-    options = StepOptions(CPU, resolve_precision(cfg.trainer.precision.value, CPU), cfg.trainer.channels_last)
+def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
+    """q2l's own evaluation loop (`q2l.engine.evaluate`)."""
+    options = StepOptions(options.device, options.precision, options.channels_last)
 
     def run() -> int:
         evaluate(model, batches, options)
-        return _count(batches)
+        return count_images(batches)
 
     return Workload(run)
+
+
+def stem_and_layer1(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the official code never trains: the ResNet stem and layer1."""
+    body = model.backbone.body
+    return [p for part in (body.conv1, body.bn1, body.layer1) for p in part.parameters()]
 
 
 @dataclass
 class Sides:
-    """What both sides of a case share: configs, models, optimizers, loss and data."""
+    """What the sides of a case share: config, models, optimizers, loss and data."""
 
     case: ModelCase
-    plain_cfg: DictConfig
-    q2l_cfg: DictConfig
-    plain_model: nn.Module  # contiguous
-    q2l_model: nn.Module  # in q2l's best memory format
+    cfg: DictConfig  # q2l's defaults for the case
+    plain_model: nn.Module  # contiguous fp32
     plain_optimizer: torch.optim.Optimizer
-    q2l_optimizer: torch.optim.Optimizer
+    state: TrainState  # q2l's: model in its default memory format, optimizer, schedule, EMA
+    options: StepOptions
     loss_fn: nn.Module
     batches: list
 
@@ -254,22 +267,19 @@ class Sides:
 @contextlib.contextmanager
 def build_sides(case: ModelCase, steps: int) -> Iterator[Sides]:
     """Both sides of `case`; freed on exit (the paper model and its AdamW state take ~3 GB each)."""
-    plain_cfg = compose_config(case.overrides)
-    q2l_cfg = compose_config(case.overrides + best_cpu_overrides())
-    plain_model = build_case_model(case, plain_cfg)
-    q2l_model = build_case_model(case, q2l_cfg)
-    if q2l_cfg.trainer.channels_last:
-        q2l_model = q2l_model.to(memory_format=torch.channels_last)
+    cfg = compose_config(case.overrides)
+    loss_fn = instantiate(cfg.loss)
+    plain_model = build_case_model(case, cfg)
+    state, options = q2l_state(cfg, build_case_model(case, cfg), loss_fn)
     sides = Sides(
         case=case,
-        plain_cfg=plain_cfg,
-        q2l_cfg=q2l_cfg,
+        cfg=cfg,
         plain_model=plain_model,
-        q2l_model=q2l_model,
-        plain_optimizer=torch.optim.AdamW(plain_model.parameters(), lr=1e-5),
-        q2l_optimizer=instantiate(q2l_cfg.optimizer)(q2l_model),
-        loss_fn=instantiate(plain_cfg.loss),
-        batches=synthetic_batches(plain_cfg, case.num_classes, steps),
+        plain_optimizer=torch.optim.AdamW(plain_model.parameters(), lr=1e-5, foreach=False),
+        state=state,
+        options=options,
+        loss_fn=loss_fn,
+        batches=synthetic_batches(cfg, case.num_classes, steps),
     )
     try:
         yield sides
@@ -278,48 +288,136 @@ def build_sides(case: ModelCase, steps: int) -> Iterator[Sides]:
         gc.collect()
 
 
-# ---- sections ------------------------------------------------------------------------------------
+# ---- section a -----------------------------------------------------------------------------------
 
 
-def measure_throughput(sides: Sides, rounds: int, warmup: int = 1) -> tuple[list[Row], dict[str, float]]:
-    """Section a: q2l's best settings against plain fp32 eager, training and inference.
+def measure_throughput(
+    sides: Sides, rounds: int, official_code: official.OfficialCode | None = None, warmup: int = 1
+) -> tuple[list[Row], dict[str, Rates]]:
+    """Section a: q2l at its defaults against plain fp32 eager and, for the paper case with a
+    checkout, the official code; training and inference in interleaved rounds.
 
     The matmul peaks of section e are measured in the same rounds, so they see the same load.
-    Returns the rows and the best rates: images/s, and FLOP/s for the "peak_*" matmuls.
+    Returns the rows and every workload's rates ("peak_*" in FLOP/s, the others in images/s).
     """
-    case, batches = sides.case, sides.batches
-    train = interleaved(
-        {
-            "plain": plain_train(sides.plain_model, sides.plain_optimizer, sides.loss_fn, batches),
-            "q2l": q2l_train(sides.q2l_model, sides.q2l_cfg, sides.loss_fn, batches, sides.q2l_optimizer),
-            "peak_fp32": matmul_workload(torch.float32),
-        },
-        rounds,
-        warmup,
-    )
-    infer = interleaved(
-        {
-            "plain": plain_inference(sides.plain_model, batches),
-            "q2l": q2l_inference(sides.q2l_model, sides.q2l_cfg, batches),
-            "peak_bf16": matmul_workload(torch.bfloat16),
-        },
-        rounds,
-        warmup,
-    )
-    settings = ", ".join(best_cpu_overrides())
+    case, batches, state = sides.case, sides.batches, sides.state
+    train = {
+        "plain": plain_train(sides.plain_model, sides.plain_optimizer, sides.loss_fn, batches),
+        "q2l": q2l_train(state, sides.options, batches),
+        "peak_fp32": matmul_workload(torch.float32),
+    }
+    infer = {
+        "plain": plain_inference(sides.plain_model, batches),
+        "q2l": q2l_inference(state.model, sides.options, batches),
+        "peak_bf16": matmul_workload(torch.bfloat16),
+    }
+    official_model = None
+    if official_code is not None:
+        official_model = official.build_model(official_code, case.num_classes)
+        frozen = stem_and_layer1(state.model)
+        train["q2l, stem+layer1 frozen"] = q2l_train(state, sides.options, batches, frozen)
+        train["official"] = official.train_workload(official_code, official_model, batches)
+        infer["official"] = official.inference_workload(official_code, official_model, batches)
+    try:
+        train_rates = interleaved(train, rounds, warmup)
+        infer_rates = interleaved(infer, rounds, warmup)
+    finally:
+        train["q2l"].prepare()  # every parameter trainable again
+        del official_model, train, infer
+        gc.collect()
+
+    note = defaults_note(sides.cfg, sides.options)
     rows = [
-        Row("a. throughput", f"{case.key}: train step", train["q2l"].best, train["plain"].best, "img/s",
-            "plain fp32 eager", note=f"q2l: {settings}"),
-        Row("a. throughput", f"{case.key}: inference", infer["q2l"].best, infer["plain"].best, "img/s",
-            "plain fp32 eager", note=f"q2l: {settings}"),
+        compare(
+            "a. throughput",
+            f"{case.key}: train step",
+            train_rates["q2l"],
+            train_rates["plain"],
+            "img/s",
+            "plain fp32 eager",
+            note=note,
+        ),
+        compare(
+            "a. throughput",
+            f"{case.key}: inference",
+            infer_rates["q2l"],
+            infer_rates["plain"],
+            "img/s",
+            "plain fp32 eager",
+            note=note,
+        ),
     ]
-    rates = {"train_plain": train["plain"], "train_q2l": train["q2l"], "peak_fp32": train["peak_fp32"],
-             "infer_plain": infer["plain"], "infer_q2l": infer["q2l"], "peak_bf16": infer["peak_bf16"]}
-    return rows, {name: rate.best for name, rate in rates.items()}
+    if official_code is not None:
+        rows += official_rows(case.key, train_rates, infer_rates, note)
+    rates = {f"train_{name}": rate for name, rate in train_rates.items()}
+    rates.update({f"infer_{name}": rate for name, rate in infer_rates.items()})
+    rates["peak_fp32"], rates["peak_bf16"] = train_rates["peak_fp32"], infer_rates["peak_bf16"]
+    return rows, rates
+
+
+def official_rows(
+    key: str, train: dict[str, Rates], infer: dict[str, Rates], note: str
+) -> list[Row]:
+    """q2l at its defaults, and plain fp32 eager q2l, against the official code."""
+    section, base = "a. vs official", "official Q2L code, fp32 (its AMP is CUDA-only)"
+    trains_less = (
+        "q2l trains every layer; the official code freezes the stem, layer1 and all BatchNorm"
+    )
+    return [
+        compare(
+            section,
+            f"{key}: train step, q2l defaults",
+            train["q2l"],
+            train["official"],
+            "img/s",
+            base,
+            target=OFFICIAL_TARGET,
+            note=f"{note}; {trains_less}",
+        ),
+        compare(
+            section,
+            f"{key}: train step, q2l defaults, stem+layer1 frozen",
+            train["q2l, stem+layer1 frozen"],
+            train["official"],
+            "img/s",
+            base,
+            target=OFFICIAL_TARGET,
+            note=f"{note}; stem+layer1 requires_grad_(False) as in the official code, "
+            "BatchNorm of layer2-4 still trained",
+        ),
+        compare(
+            section,
+            f"{key}: train step, plain fp32 eager q2l",
+            train["plain"],
+            train["official"],
+            "img/s",
+            base,
+            note="same architecture, no q2l settings",
+        ),
+        compare(
+            section,
+            f"{key}: inference, q2l defaults",
+            infer["q2l"],
+            infer["official"],
+            "img/s",
+            base,
+            target=OFFICIAL_TARGET,
+            note=note,
+        ),
+        compare(
+            section,
+            f"{key}: inference, plain fp32 eager q2l",
+            infer["plain"],
+            infer["official"],
+            "img/s",
+            base,
+            note="same architecture, no q2l settings",
+        ),
+    ]
 
 
 def matmul_workload(dtype: torch.dtype, size: int = 2048, repeats: int = 4) -> Workload:
-    """`repeats` (size × size) @ (size × size) matmuls; its "items" are FLOPs, so its rate is FLOP/s."""
+    """`repeats` (size × size) @ (size × size) matmuls; its "items" are FLOPs, its rate FLOP/s."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
 
@@ -329,96 +427,3 @@ def matmul_workload(dtype: torch.dtype, size: int = 2048, repeats: int = 4) -> W
         return 2 * size**3 * repeats
 
     return Workload(run)
-
-
-def measure_levers(sides: Sides, rounds: int, warmup: int = 1, with_compile: bool = False) -> list[Row]:
-    """Each lever alone against plain fp32 eager (same run, interleaved)."""
-    case, batches, loss_fn = sides.case, sides.batches, sides.loss_fn
-    model, optimizer = sides.plain_model, sides.plain_optimizer
-    cl_model, cl_optimizer = sides.q2l_model, sides.q2l_optimizer
-    channels_last = bool(sides.q2l_cfg.trainer.channels_last)
-    train = {
-        "plain": plain_train(model, optimizer, loss_fn, batches),
-        "bf16 autocast": plain_train(model, optimizer, loss_fn, batches, precision="bf16"),
-        "fused AdamW": plain_train(model, optimizer, loss_fn, batches, adamw="fused"),
-        "foreach AdamW": plain_train(model, optimizer, loss_fn, batches, adamw="foreach"),
-        "loss.item() every step": plain_train(model, optimizer, loss_fn, batches, sync_each_step=True),
-    }
-    if channels_last:
-        train["channels_last"] = plain_train(cl_model, cl_optimizer, loss_fn, batches, channels_last=True)
-    infer = {
-        "plain": plain_inference(model, batches),
-        "inference_mode": plain_inference(model, batches, grad_mode="inference_mode"),
-        "bf16 autocast": plain_inference(model, batches, precision="bf16"),
-        "bf16 autocast, one region": plain_inference(model, batches, precision="bf16",
-                                                     autocast_per_batch=False),
-    }
-    if channels_last:
-        infer["channels_last"] = plain_inference(cl_model, batches, channels_last=True)
-    if _glibc() is not None:
-        train["malloc keeps freed memory"] = _with_allocator(plain_train(model, optimizer, loss_fn, batches))
-        infer["malloc keeps freed memory"] = _with_allocator(plain_inference(model, batches))
-    if with_compile:
-        compiled = torch.compile(model)
-        train["torch.compile"] = plain_train(compiled, optimizer, loss_fn, batches)
-        infer["torch.compile"] = plain_inference(compiled, batches)
-    rows = []
-    for kind, workloads in (("train step", train), ("inference", infer)):
-        # Compilation happens in the first call: give compiled workloads an extra warm-up round.
-        rates = interleaved(workloads, rounds, warmup + int(with_compile))
-        rows += [
-            Row("levers", f"{case.key} {kind}: {name}", rate.best, rates["plain"].best, "img/s",
-                "plain fp32 eager")
-            for name, rate in rates.items()
-            if name != "plain"
-        ]
-    _set_adamw_implementation(optimizer, "loop")
-    _keep_freed_memory(False)
-    return rows
-
-
-def _with_allocator(workload: Workload) -> Workload:
-    """`workload` with glibc keeping freed memory; every other workload gets glibc's defaults."""
-    return Workload(workload.run, prepare=lambda: (workload.prepare(), _keep_freed_memory(True)))
-
-
-def count_flops(model: nn.Module, images: torch.Tensor, train: bool) -> float:
-    """FLOPs per image of a forward pass (train=False) or a forward + backward pass (train=True)."""
-    model.train(train)
-    # The math attention backend is made of matmuls FlopCounterMode counts; the fused CPU kernel
-    # is not counted at all.
-    # Both passes run with autograd on: FlopCounterMode's module tracker fails on the label
-    # embedding view a no_grad forward creates, and a forward costs the same FLOPs either way.
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        logits = model(images)
-        if train:
-            logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / images.shape[0]
-
-
-def case_flops(sides: Sides) -> dict[str, float]:
-    """FLOPs per image of the case's model: forward, and forward + backward."""
-    images = sides.batches[0][0][:2]
-    return {
-        "forward": count_flops(sides.plain_model, images, train=False),
-        "train": count_flops(sides.plain_model, images, train=True),
-    }
-
-
-def flops_rows(key: str, q2l_precision: str, flops: dict[str, float], rates: dict[str, float],
-               peaks: dict[str, float]) -> list[Row]:
-    """Section e: FLOPs per image and the share of the matmul peak (FLOP/s) each side reaches."""
-    q2l_peak = "bf16" if q2l_precision == "bf16" else "fp32"
-    rows = [
-        Row("e. flops", f"{key}: forward GFLOP/image", flops["forward"] / 1e9, None, "GFLOP"),
-        Row("e. flops", f"{key}: train step GFLOP/image", flops["train"] / 1e9, None, "GFLOP"),
-    ]
-    for kind, per_image in (("train", flops["train"]), ("infer", flops["forward"])):
-        for side, peak in (("plain", "fp32"), ("q2l", q2l_peak)):
-            rows.append(Row(
-                "e. flops", f"{key} {kind}: {side} achieved / {peak} matmul peak",
-                per_image * rates[f"{kind}_{side}"] / 1e9, peaks[peak] / 1e9, "GFLOP/s",
-                f"{peak} 2048² matmul peak", note="ratio = share of peak",
-            ))
-    return rows

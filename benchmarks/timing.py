@@ -1,22 +1,25 @@
-"""Timing that survives a shared machine: interleaved rounds, best rate per workload, one table row
-per comparison, and the machine's own matmul peak.
+"""Timing that survives a shared machine: interleaved rounds, paired per-round ratios, one table
+row per comparison, and the machine's own matmul peak.
 
 Every figure the benchmark reports is a ratio of two rates measured in the same process, in the
 same rounds: each round runs every workload once, in an order that rotates from round to round,
-so a burst of load from another process slows them alike instead of one of them. Ratios use the
-best rate over the rounds (the run least disturbed by other processes), as `timeit` does; the
-worst is kept too, for levers whose point is behaviour under load.
+so a burst of load from another process slows neighbours alike instead of one side. A row's
+ratio is the median of the per-round ratios (each round pairs the two sides run moments apart),
+and its spread is their minimum and maximum.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from q2l.amp import resolve_precision
 
 
 @dataclass
@@ -38,6 +41,10 @@ class Rates:
     samples: list[float]
 
     @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
     def best(self) -> float:
         return max(self.samples)
 
@@ -49,8 +56,8 @@ class Rates:
 # Before each round, wait up to QUIET_WAIT_S for other processes to go quiet, until the run has
 # spent QUIET_BUDGET_S waiting in all (a machine that stays busy then gets measured as it is).
 QUIET_WAIT_S = 10.0
-QUIET_BUDGET_S = 180.0
-_QUIET_CORES = 0.3  # other processes' CPU use, in cores, that still counts as quiet
+QUIET_BUDGET_S = 60.0
+_QUIET_CORES = 0.3  # other processes' use of the cores the benchmark needs that counts as quiet
 quiet_stats = {"rounds": 0, "rounds_started_busy": 0, "seconds_waited": 0.0}
 
 
@@ -79,9 +86,9 @@ def interleaved(workloads: dict[str, Workload], rounds: int, warmup: int = 1) ->
 
 def _quiet_round() -> None:
     """Wait for quiet within the budget; count the rounds that start busy anyway."""
-    budget = min(QUIET_WAIT_S, QUIET_BUDGET_S - quiet_stats["seconds_waited"])
-    if budget <= 0:
+    if QUIET_WAIT_S <= 0:
         return
+    budget = max(min(QUIET_WAIT_S, QUIET_BUDGET_S - quiet_stats["seconds_waited"]), 0.0)
     start = time.monotonic()
     quiet = wait_for_quiet(budget)
     quiet_stats["seconds_waited"] += time.monotonic() - start
@@ -90,19 +97,22 @@ def _quiet_round() -> None:
 
 
 def wait_for_quiet(max_wait_s: float, sample_s: float = 0.25) -> bool:
-    """Sleep until the CPUs are nearly idle (this process sleeps too, so any use is someone
-    else's), for at most `max_wait_s`. Returns whether it got quiet; True where /proc/stat is absent."""
+    """Sleep until other processes leave this process's cores (one per intra-op thread) nearly
+    idle, for at most `max_wait_s` (this process sleeps meanwhile, so any use is someone else's).
+    Returns whether it got quiet (True without /proc/stat); with no time left, samples once."""
     deadline = time.monotonic() + max_wait_s
     while True:
         busy = _busy_cores(sample_s)
-        if busy is None or busy <= _QUIET_CORES:
+        # Quiet: other processes leave as many cores free as PyTorch has intra-op threads.
+        spare = (os.cpu_count() or 1) - torch.get_num_threads()
+        if busy is None or busy <= spare + _QUIET_CORES:
             return True
         if time.monotonic() >= deadline:
             return False
 
 
 def _busy_cores(sample_s: float) -> float | None:
-    """CPU cores in use over the next `sample_s` seconds, from /proc/stat; None where unavailable."""
+    """CPU cores in use over the next `sample_s` seconds, from /proc/stat; None without it."""
 
     def read() -> tuple[int, int] | None:
         try:
@@ -126,8 +136,10 @@ def _busy_cores(sample_s: float) -> float | None:
 class Row:
     """One line of the report: q2l's figure against a baseline measured in the same run.
 
-    ratio = value / baseline for rates (higher is better); `lower_is_better` flips it, so a ratio
-    above 1 always means q2l is ahead. target: the ratio the issue asks for, or None.
+    A ratio above 1 always means q2l is ahead: value / baseline for rates, baseline / value with
+    `lower_is_better`. Rows from interleaved rounds (`compare`) carry the median of the per-round
+    ratios and their spread (`ratio_low`, `ratio_high`); other rows compute the ratio of the two
+    figures. target: the ratio asked for, or None; met when the median ratio reaches it.
     """
 
     section: str
@@ -139,13 +151,26 @@ class Row:
     target: float | None = None
     lower_is_better: bool = False
     note: str = ""
+    round_ratios: list[float] = field(default_factory=list)
     ratio: float | None = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.baseline is None or self.baseline == 0 or self.value == 0:
-            self.ratio = None
+        if self.round_ratios:
+            self.ratio = statistics.median(self.round_ratios)
+        elif self.baseline and self.value:
+            self.ratio = (
+                self.baseline / self.value if self.lower_is_better else self.value / self.baseline
+            )
         else:
-            self.ratio = self.baseline / self.value if self.lower_is_better else self.value / self.baseline
+            self.ratio = None
+
+    @property
+    def ratio_low(self) -> float | None:
+        return min(self.round_ratios, default=None)
+
+    @property
+    def ratio_high(self) -> float | None:
+        return max(self.round_ratios, default=None)
 
     @property
     def passed(self) -> bool | None:
@@ -154,11 +179,45 @@ class Row:
         return self.ratio >= self.target
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        derived = {
+            "ratio_low": self.ratio_low,
+            "ratio_high": self.ratio_high,
+            "passed": self.passed,
+        }
+        return {**asdict(self), **derived}
+
+
+def compare(
+    section: str,
+    name: str,
+    q2l: Rates,
+    baseline: Rates,
+    unit: str,
+    baseline_name: str = "",
+    seconds: bool = False,
+    **row: object,
+) -> Row:
+    """A row from two workloads' interleaved rates: their median rates, and the ratio of each
+    round (median and spread in the table). `seconds`: seconds per item (1 / rate), lower is
+    better."""
+    value, reference = q2l.median, baseline.median
+    if seconds:
+        value, reference = 1.0 / value, 1.0 / reference
+    return Row(
+        section,
+        name,
+        value,
+        reference,
+        unit,
+        baseline_name,
+        lower_is_better=seconds,
+        round_ratios=[a / b for a, b in zip(q2l.samples, baseline.samples, strict=True)],
+        **row,
+    )
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, rounds: int = 20) -> float:
-    """Best FLOP/s of a (size × size) @ (size × size) matmul in `dtype`: the machine's practical peak.
+    """Best FLOP/s of a (size × size) @ (size × size) matmul in `dtype`: the practical peak.
 
     Many short runs, so that one of them finds the CPUs free on a shared machine.
     """
@@ -173,12 +232,6 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, rounds: int = 20) -> float
     return 2 * size**3 / best
 
 
-def native_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX), where bf16 pays."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-
-
 def machine() -> dict:
     """What the numbers were measured on."""
     return {
@@ -187,10 +240,16 @@ def machine() -> dict:
         "cpu": _cpu_name(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "native_bf16": native_bf16(),
+        "avx512_bf16": _cpu_check("_is_avx512_bf16_supported"),
+        "amx": _cpu_check("_is_amx_tile_supported"),
+        "precision_auto": resolve_precision("auto", torch.device("cpu")),
         "cuda": torch.cuda.is_available(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def _cpu_check(name: str) -> bool:
+    return bool(getattr(torch.cpu, name, lambda: False)())
 
 
 def _cpu_name() -> str:

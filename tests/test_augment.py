@@ -168,7 +168,7 @@ def test_train_one_epoch_applies_the_batch_transform():
         state,
         loader,
         StepOptions(torch.device("cpu"), batch_transform=batch_transform),
-        on_step=lambda loss, skipped: losses.append(float(loss)) or False,
+        on_step=lambda loss, skipped, batches: losses.append(float(loss)) or False,
     )
     assert seen == [(4, 2)] * 3 and steps == 3 == state.step and np.isfinite(losses).all()
 

@@ -221,7 +221,8 @@ def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(
 
     monkeypatch.setattr(AsymmetricLoss, "forward", forward)
     with pytest.raises(
-        NonFiniteError, match=r"loss is nan at step 6[\s\S]*last good checkpoint: .*last.pt"
+        NonFiniteError,
+        match=r"loss is not finite at step 6 \(nan\)[\s\S]*last good checkpoint: .*last.pt",
     ):
         train(tiny_cfg(*EXACT), tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")

@@ -197,6 +197,13 @@ def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_
     assert _tree(finished_run) == before
 
 
+def test_4_resume_null_never_trains_over_a_run_with_checkpoints(finished_run, tiny_cfg):
+    before = _tree(finished_run)
+    with pytest.raises(RunDirError, match="holds a run with checkpoints, and resume=null"):
+        train(tiny_cfg("trainer.epochs=1", "resume=null"), finished_run)
+    assert _tree(finished_run) == before
+
+
 def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env):
     before = _tree(finished_run)
     result = subprocess.run(
@@ -288,7 +295,8 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
 def test_5_dataloader_workers_leave_stop_signals_to_the_main_process():
     from q2l.data.loader import ignore_stop_signals
 
-    previous = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {n: signal.getsignal(n) for n in stops}
     try:
         ignore_stop_signals(0)
         assert all(signal.getsignal(n) == signal.SIG_IGN for n in previous)

@@ -68,8 +68,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
 
 
-def training_payload(state: TrainState, **extra: Any) -> dict[str, Any]:
-    """The checkpoint dict for `state` (plain, unwrapped state dicts) plus `extra` entries."""
+def training_payload(state: TrainState, rng: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict for `state` (plain, unwrapped state dicts) plus `extra` entries.
+
+    `rng` holds every rank's random streams (capture_rng), in rank order.
+    """
     return {
         "model": state.model.state_dict(),
         "ema": state.ema.module.state_dict() if state.ema is not None else None,
@@ -78,18 +81,25 @@ def training_payload(state: TrainState, **extra: Any) -> dict[str, Any]:
         "scaler": state.scaler.state_dict(),
         "loss": state.loss.state_dict(),
         "step": state.step,
-        "rng": capture_rng(),
+        "rng": rng,
         **extra,
     }
 
 
 def restore_training(
-    state: TrainState, checkpoint: dict[str, Any], source: Path, changes: list[str]
+    state: TrainState,
+    checkpoint: dict[str, Any],
+    source: Path,
+    changes: list[str],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> None:
     """Put every part of `state` (and every RNG) back as `checkpoint` had it.
 
     `changes` are the accepted config changes (`resume_changes`); with a changed schedule the
-    new schedule is followed from the saved step instead of the saved schedule state.
+    new schedule is followed from the saved step instead of the saved schedule state. Each rank
+    gets back its own random streams; with another world size than the checkpoint's they are
+    reseeded from the step instead (training continues correctly, not bitwise as it would have).
     """
     load_strict(state.model, checkpoint["model"], source)
     if state.ema is not None and checkpoint.get("ema") is not None:
@@ -105,7 +115,20 @@ def restore_training(
                 state.scheduler.step()
     else:
         state.scheduler.load_state_dict(checkpoint["scheduler"])
-    restore_rng(checkpoint["rng"])
+    saved = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]
+    if len(saved) == world_size:
+        restore_rng(saved[rank])
+    else:
+        log.warning(
+            "resuming a %d-process run with %d processes: random streams (dropout, MixUp) are "
+            "reseeded; data order and augmentation follow the seed as before",
+            len(saved),
+            world_size,
+        )
+        seed = int(checkpoint["config"].get("seed", 0)) + 1_000_003 * state.step + rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
 
 def resume_changes(

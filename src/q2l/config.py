@@ -10,6 +10,7 @@ defaults, so each default lives in one place, the code. YAML files only state wh
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import os
 import types
@@ -96,7 +97,13 @@ def schema_for(
         else:
             spec = field(default=default)
         specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
-    return dataclasses.make_dataclass(name or f"{target.__qualname__}Conf", specs)
+    name = name or f"{target.__name__[0].upper()}{target.__name__[1:]}Conf"
+    schema = dataclasses.make_dataclass(name, specs)
+    # Importable as q2l.config.<name>, so a pickled config (submitit ships jobs pickled) refers
+    # to this very class in the job's process instead of rebuilding a look-alike.
+    schema.__module__ = __name__
+    globals()[name] = schema
+    return schema
 
 
 def _config_type(annotation: Any) -> Any:
@@ -259,7 +266,10 @@ class TrainerConf:
     # per step); under fp16, stop after this many loss-scaler skips in a row.
     check_finite: bool = True
     max_consecutive_skipped_steps: int = 25
-    slurm_requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM, save and `scontrol requeue`
+    slurm_requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM, save and requeue the job
+    # Optimizer step every k batches (the DDP all-reduce too): k x batch_size per process per step.
+    accumulate_grad_batches: int = 1
+    sync_bn: bool = False  # under DDP, BatchNorm statistics over all processes (SyncBatchNorm)
 
 
 @dataclass
@@ -277,8 +287,10 @@ class TrainConf:
     # pretrains its backbone here); a changed entry never blocks a resume.
     prepare: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    # "auto": the newest valid checkpoint in this run directory (fresh start if none); or a path.
-    resume: str | None = None
+    # "auto": continue from this run directory's newest valid checkpoint, or start fresh when it
+    # has none (so a requeued job resumes by itself); a checkpoint path; null: never (a run
+    # directory that already holds checkpoints is then refused, never trained over).
+    resume: str | None = "auto"
     allow_config_change: bool = False  # resume even though the config differs from the checkpoint's
     init_from: str | None = None  # fine-tune: load only model weights from this checkpoint
 
@@ -378,6 +390,7 @@ VALUE_RULES = {
     "trainer.log_every_n_steps": _AT_LEAST_1,
     "trainer.checkpoint_every_steps": _OPTIONAL_AT_LEAST_1,
     "trainer.keep_last": _AT_LEAST_1,
+    "trainer.accumulate_grad_batches": _AT_LEAST_1,
     "trainer.early_stop_patience": _OPTIONAL_AT_LEAST_1,
     "trainer.max_consecutive_skipped_steps": _NON_NEGATIVE,
     "trainer.ema_decay": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 turns the EMA off)"),
@@ -540,6 +553,21 @@ def _targets(node: Any) -> list[str]:
     return []
 
 
+def run_time() -> datetime.datetime:
+    """This run's start time, for run directory names: Q2L_RUN_TIME (ISO) when set, so that every
+    process of a distributed run names the same directory; else the first call's time."""
+    global _RUN_TIME
+    if _RUN_TIME is None:
+        stamp = os.environ.get("Q2L_RUN_TIME")
+        _RUN_TIME = datetime.datetime.fromisoformat(stamp) if stamp else datetime.datetime.now()
+    return _RUN_TIME
+
+
+_RUN_TIME: datetime.datetime | None = None
+
 # Registered on import: anything that composes q2l configs (entry points, tests, notebooks using
 # hydra.compose) imports this module first.
 register_configs()
+OmegaConf.register_new_resolver(
+    "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True
+)

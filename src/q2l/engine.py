@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,13 +42,22 @@ class TrainState:
             self.forward = self.model
 
 
+def _finite_here(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value))
+
+
 @dataclass(frozen=True)
 class StepOptions:
-    """How steps run: device, autocast precision, memory format, clipping and checks.
+    """How steps run: device, autocast precision, memory format, accumulation, clipping, checks.
 
+    accumulate: batches per optimizer step; gradients of all but the last skip the DDP all-reduce
+        (`no_sync`), and each batch's loss is divided by the group's size, so k batches of B
+        give the step one batch of k*B would.
     check_finite: raise NonFiniteError before the optimizer step when the loss or gradient norm
         is not finite (one host sync per step). Under fp16 the loss scaler owns inf/NaN gradients
         instead: it skips the step, and `on_step` is told.
+    is_finite: the loss check; under DDP a collective (q2l.dist.any_rank) so that every rank
+        stops at the same step.
     batch_transform: (images, targets) -> (images, targets) on the device before the forward pass
         (MixUp/CutMix, q2l.data.mix).
     """
@@ -55,8 +65,10 @@ class StepOptions:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
+    accumulate: int = 1
     grad_clip_norm: float | None = None
     check_finite: bool = True
+    is_finite: Callable[[torch.Tensor], bool] = _finite_here
     batch_transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None
 
 
@@ -64,46 +76,58 @@ def train_one_epoch(
     state: TrainState,
     batches: Iterable[Batch],
     options: StepOptions,
-    on_step: Callable[[torch.Tensor, bool], bool] | None = None,
+    on_step: Callable[[torch.Tensor, bool, int], bool] | None = None,
 ) -> int:
-    """One optimizer step per batch of images (B, 3, H, W) and targets (B, K); returns the steps.
+    """One optimizer step per `options.accumulate` batches of images (B, 3, H, W) and targets
+    (B, K) (the last step of a pass may take fewer); returns the batches consumed.
 
-    on_step(loss, skipped) runs after every step with the detached fp32 loss and whether the fp16
-    loss scaler skipped the update; returning True ends the pass (stop requests).
+    on_step(loss, skipped, batches) runs after every step with the detached fp32 loss (mean over
+    the step's batches), whether the fp16 loss scaler skipped the update and how many batches the
+    step took; returning True ends the pass (stop requests).
     """
     state.forward.train()
-    steps = 0
-    for images, targets in batches:
-        loss, skipped = _train_step(state, images, targets, options)
-        steps += 1
-        if on_step is not None and on_step(loss, skipped):
+    consumed = 0
+    for group in _groups(batches, options.accumulate):
+        loss, skipped = _train_step(state, group, options)
+        consumed += len(group)
+        if on_step is not None and on_step(loss, skipped, len(group)):
             break
-    return steps
+    return consumed
+
+
+def _groups(batches: Iterable[Batch], size: int):
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _train_step(
-    state: TrainState, images: torch.Tensor, targets: torch.Tensor, options: StepOptions
+    state: TrainState, group: list[Batch], options: StepOptions
 ) -> tuple[torch.Tensor, bool]:
-    """Forward, loss in fp32, backward, clip, optimizer and schedule step, EMA update."""
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    images = images.to(options.device, non_blocking=True, memory_format=memory_format)
-    targets = targets.to(options.device, non_blocking=True)
-    if options.batch_transform is not None:
-        images, targets = options.batch_transform(images, targets)
-    with autocast(options.device, options.precision):
-        logits = state.forward(images)  # (B, K)
-    loss = state.loss(
-        logits.float(), targets
-    )  # fp32 outside autocast: ASL's eps underflows in fp16
+    """Forward and backward over the group (fp32 loss), clip, optimizer and schedule step, EMA."""
     step = state.step + 1
-    if options.check_finite and not torch.isfinite(loss):
-        raise NonFiniteError(
-            f"loss is {loss.item()} at step {step}; stopped before the optimizer step"
-        )
-
     scaler = state.scaler
     state.optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total = torch.zeros((), device=options.device)
+    for index, (images, targets) in enumerate(group):
+        last = index == len(group) - 1
+        skip_sync = getattr(state.forward, "no_sync", None)  # DDP: all-reduce once, after the last
+        with contextlib.nullcontext() if last or skip_sync is None else skip_sync():
+            loss = _forward_loss(state, images, targets, options)
+            if options.check_finite and not options.is_finite(loss):
+                where = f"({loss.item()})" if not torch.isfinite(loss) else "on another process"
+                raise NonFiniteError(
+                    f"loss is not finite at step {step} {where}; stopped before the optimizer step"
+                )
+            scaler.scale(loss / len(group)).backward()
+        total += loss.detach()
+    loss = total / len(group)
+
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     if options.grad_clip_norm is not None or (options.check_finite and scale_before is None):
         scaler.unscale_(state.optimizer)  # clip the true gradient, not the scaled one
@@ -123,7 +147,22 @@ def _train_step(
     if state.ema is not None:
         state.ema.update(state.model, step=state.step)
     state.step = step
-    return loss.detach(), skipped
+    return loss, skipped
+
+
+def _forward_loss(
+    state: TrainState, images: torch.Tensor, targets: torch.Tensor, options: StepOptions
+) -> torch.Tensor:
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    images = images.to(options.device, non_blocking=True, memory_format=memory_format)
+    targets = targets.to(options.device, non_blocking=True)
+    if options.batch_transform is not None:
+        images, targets = options.batch_transform(images, targets)
+    with autocast(options.device, options.precision):
+        logits = state.forward(images)  # (B, K)
+    return state.loss(
+        logits.float(), targets
+    )  # fp32 outside autocast: ASL's eps underflows in fp16
 
 
 @torch.inference_mode()

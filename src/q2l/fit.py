@@ -20,7 +20,13 @@ import torch
 from omegaconf import DictConfig
 
 from q2l import dist
-from q2l.checkpoint import link_checkpoint, purge_periodic, save_checkpoint, training_payload
+from q2l.checkpoint import (
+    capture_rng,
+    link_checkpoint,
+    purge_periodic,
+    save_checkpoint,
+    training_payload,
+)
 from q2l.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.metrics import compute_metrics
 from q2l.preemption import StopRequest
@@ -36,7 +42,8 @@ class Progress:
 
     epoch: int = 0  # completed training epochs
     validated_epoch: int = 0  # the last epoch whose validation finished (a stop may interrupt it)
-    batches_done: int = 0  # batches of the current (incomplete) epoch already trained on
+    batches_done: int = 0  # batches of the current epoch this rank has trained on
+    samples_done: int = 0  # samples of the current epoch's order consumed by all ranks together
     # The current epoch's totals so far, so that a resumed epoch's record covers the whole epoch.
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
@@ -71,12 +78,19 @@ class Loop:
 def fit(
     state: TrainState, train_loader, val_loader, trainer: DictConfig, progress: Progress, loop: Loop
 ) -> str:
-    """Train and validate up to `trainer.epochs`, an early stop or a stop request; return status."""
+    """Train and validate up to `trainer.epochs`, an early stop or a stop request; return status.
+
+    Every decision is taken by all ranks together: a stop request on any rank stops all of them
+    at the same step, and every rank gets the validation record rank 0 computed.
+    """
     with StopRequest() as stop:
         while True:
             if progress.validated_epoch < progress.epoch:
-                record = _validate(state, val_loader, trainer, loop, should_stop=lambda: bool(stop))
-                if record is None:
+                # Under DDP the ranks' shards differ by a batch at most, so validation cannot stop
+                # in the middle in step; a stop request is then honoured right after it.
+                local_stop = None if dist.is_distributed() else (lambda: bool(stop))
+                record = _validate(state, val_loader, trainer, loop, should_stop=local_stop)
+                if record is None or dist.any_rank(bool(stop)):
                     return _preempted(stop, state, progress, loop)
                 status = _finish_epoch(record, train_loader, state, trainer, progress, loop)
                 if status is not None:
@@ -84,8 +98,7 @@ def fit(
             if progress.epoch >= trainer.epochs:
                 progress.status = "completed"
                 return progress.status
-            _train_epoch_part(state, train_loader, trainer, progress, loop, stop)
-            if stop:
+            if _train_epoch_part(state, train_loader, trainer, progress, loop, stop):
                 return _preempted(stop, state, progress, loop)
             progress.epoch += 1  # batches_done keeps the epoch's count until its record is written
 
@@ -99,18 +112,21 @@ def _finish_epoch(
     loop: Loop,
 ) -> str | None:
     """Log and checkpoint a validated epoch; returns the final status when training ends here."""
-    steps = max(progress.batches_done, 1)
+    steps = max(progress.batches_done, 1) * dist.world_size()
     record = {
         "epoch": progress.epoch,
         "step": state.step,
-        "train_loss": progress.epoch_loss_sum / steps,
+        "train_loss": dist.sum_over_ranks(progress.epoch_loss_sum) / steps,
         "train_lr": state.optimizer.param_groups[0]["lr"],
-        "train_images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
-        "train_bad_images": getattr(train_loader.dataset, "bad_images", 0),
+        "train_images_per_sec": dist.sum_over_ranks(progress.epoch_images)
+        / max(progress.epoch_seconds, 1e-9),
+        "train_bad_images": int(
+            dist.sum_over_ranks(getattr(train_loader.dataset, "bad_images", 0))
+        ),
         **record,
     }
     progress.validated_epoch = progress.epoch
-    progress.batches_done = progress.epoch_images = 0  # the next epoch starts from its first batch
+    progress.batches_done = progress.samples_done = progress.epoch_images = 0  # next epoch: from 0
     progress.epoch_loss_sum = progress.epoch_seconds = 0.0
     improved = record["mAP_best"] > progress.best_metric  # NaN is never an improvement
     if improved:
@@ -136,7 +152,7 @@ def _finish_epoch(
 
 
 def _preempted(stop: StopRequest, state: TrainState, progress: Progress, loop: Loop) -> str:
-    log.warning("%s received: saving at step %d and stopping", stop.requested, state.step)
+    log.warning("%s received: saving at step %d and stopping", stop.requested or "stop", state.step)
     _save(state, progress, loop, record=None)
     return "preempted"
 
@@ -148,19 +164,20 @@ def _train_epoch_part(
     progress: Progress,
     loop: Loop,
     stop: StopRequest,
-) -> None:
-    """Train from `progress.batches_done` to the end of the epoch, or until a stop request.
+) -> bool:
+    """Train from where the epoch stands to its end; returns True when a stop request ended it.
 
     The epoch's loss, image and time totals accumulate in `progress`, so that they survive a
     checkpoint and the epoch's record covers all of it, resumed or not.
     """
     batch_size = train_loader.batch_size
-    train_loader.sampler.set_epoch(progress.epoch, start=progress.batches_done * batch_size)
-    batches_at_start = progress.batches_done
+    train_loader.sampler.set_epoch(progress.epoch, start=progress.samples_done)
+    batches_at_start, samples_at_start = progress.batches_done, progress.samples_done
     totals_at_start = (progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds)
     loss_sum = torch.zeros(())  # on the loss's device once the first step adds to it
     started = time.perf_counter()
     done = 0
+    stopped = False
     every = trainer.checkpoint_every_steps
 
     def sync_totals() -> None:
@@ -169,31 +186,33 @@ def _train_epoch_part(
         progress.epoch_images = totals_at_start[1] + done * batch_size
         progress.epoch_seconds = totals_at_start[2] + time.perf_counter() - started
 
-    def on_step(loss: torch.Tensor, skipped: bool) -> bool:
-        nonlocal loss_sum, done
-        loss_sum = loss_sum.to(loss.device) + loss
-        done += 1
+    def on_step(loss: torch.Tensor, skipped: bool, batches: int) -> bool:
+        nonlocal loss_sum, done, stopped
+        loss_sum = loss_sum.to(loss.device) + loss * batches  # loss is the mean over the batches
+        done += batches
         progress.batches_done = batches_at_start + done
+        progress.samples_done = samples_at_start + done * batch_size * dist.world_size()
         progress.consecutive_skips = progress.consecutive_skips + 1 if skipped else 0
         if progress.consecutive_skips > trainer.max_consecutive_skipped_steps:
             raise NonFiniteError(
                 f"the fp16 loss scaler skipped {progress.consecutive_skips} steps in a row (scale "
                 f"{state.scaler.get_scale():.3g}) up to step {state.step}: the loss is probably "
-                "exploding; "
-                ""
-                "lower the learning rate, clip gradients (trainer.grad_clip_norm) or use bf16"
+                "exploding; lower the learning rate, clip gradients (trainer.grad_clip_norm) or "
+                "use bf16"
             )
         if state.step % trainer.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
             loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
             batches.set_postfix(loss=float(loss), lr=lr)
-        if stop or (every and state.step % every == 0):
+        stopped = dist.any_rank(bool(stop))
+        periodic = bool(every) and state.step % every == 0
+        if stopped or periodic:
             sync_totals()
-        if every and state.step % every == 0 and not stop:
+        if periodic and not stopped:
             _save(state, progress, loop, record=None, periodic=True)
-        return bool(stop)
+        return stopped
 
-    remaining = len(train_loader)  # the sampler starts after the batches already done
+    remaining = len(train_loader)  # the sampler starts after the samples already consumed
     if trainer.limit_train_batches is not None:
         remaining = min(remaining, max(trainer.limit_train_batches - batches_at_start, 0))
     batches = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
@@ -204,41 +223,62 @@ def _train_epoch_part(
         saved = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
         raise NonFiniteError(f"{error}; nothing was saved from this step; {saved}") from None
     sync_totals()
+    return stopped
 
 
 def _validate(
-    state: TrainState, val_loader, trainer: DictConfig, loop: Loop, should_stop: Callable[[], bool]
+    state: TrainState,
+    val_loader,
+    trainer: DictConfig,
+    loop: Loop,
+    should_stop: Callable[[], bool] | None,
 ) -> dict[str, Any] | None:
     """Metrics of the raw weights and, with EMA on, of the EMA weights; names the better.
 
-    None when `should_stop()` turned true before the end (a stop request during validation).
+    Each rank scores its own unpadded shard of the val split; rank 0 computes the metrics over
+    all of them (every image exactly once) and hands the record to every rank. None when
+    `should_stop()` turned true before the end (a stop request during validation).
     """
     candidates = {"": state.model}
     if state.ema is not None:
         candidates["_ema"] = state.ema.module
-    total = (
-        len(val_loader)
-        if trainer.limit_val_batches is None
-        else min(trainer.limit_val_batches, len(val_loader))
-    )
+    total = len(val_loader)
+    if trainer.limit_val_batches is not None:
+        total = min(trainer.limit_val_batches, total)
     record: dict[str, Any] = {}
     results = {}
     for suffix, module in candidates.items():
+        dist.broadcast_module_buffers(module)  # every replica is the model rank 0 saves
         batches = _progress_bar(itertools.islice(val_loader, total), total, "eval", trainer)
         result = evaluate(module, batches, loop.eval_options, should_stop=should_stop)
         if result is None:
             return None
-        results[suffix] = result
-        metrics = compute_metrics(*result, threshold=trainer.threshold)
-        record.update({f"{key}{suffix}": value for key, value in metrics.items()})
-    ema_better = record.get("mAP_ema", -math.inf) > record["mAP"]
-    record["eval_weights"] = "ema" if ema_better else "model"
-    record["mAP_best"] = record["mAP_ema"] if ema_better else record["mAP"]
-    scores, targets = results["_ema" if ema_better else ""]
-    loop.run_log.log_validation(
-        state.step, scores, targets, loop.class_names, trainer.threshold, val_loader.dataset
-    )
-    return record
+        scores, targets = (_in_split_order(dist.gather_rows(rows)) for rows in result)
+        if dist.is_main_process():
+            metrics = compute_metrics(scores, targets, threshold=trainer.threshold)
+            record.update({f"{key}{suffix}": value for key, value in metrics.items()})
+            results[suffix] = scores, targets
+    if dist.is_main_process():
+        ema_better = record.get("mAP_ema", -math.inf) > record["mAP"]
+        record["eval_weights"] = "ema" if ema_better else "model"
+        record["mAP_best"] = record["mAP_ema"] if ema_better else record["mAP"]
+        scores, targets = results["_ema" if ema_better else ""]
+        loop.run_log.log_validation(
+            state.step, scores, targets, loop.class_names, trainer.threshold, val_loader.dataset
+        )
+    return dist.broadcast(record)
+
+
+def _in_split_order(rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows gathered shard by shard (rank r scored samples r, r+W, r+2W, ...) put back in the
+    split's order, so distributed metrics are computed exactly as a single process would."""
+    world = dist.world_size()
+    if rows is None or world == 1:
+        return rows
+    positions = torch.cat([torch.arange(rank, len(rows), world) for rank in range(world)])
+    ordered = torch.empty_like(rows)
+    ordered[positions] = rows
+    return ordered
 
 
 def _progress_bar(batches, total: int, description: str, trainer: DictConfig):
@@ -255,13 +295,18 @@ def _save(
     improved: bool = False,
     periodic: bool = False,
 ) -> None:
-    """Write checkpoints/last.pt (and step-N.pt if periodic); point best.pt at it on improvement."""
+    """Write checkpoints/last.pt (and step-N.pt if periodic); point best.pt at it on improvement.
+
+    Called on every rank: each rank's random streams go into rank 0's checkpoint.
+    """
+    rng = dist.gather_objects(capture_rng())
     if not dist.is_main_process():
         return
     history = loop.run_log.history
     latest = record or (history[-1] if history else {})
     payload = training_payload(
         state,
+        rng,
         progress=asdict(progress),
         epoch=progress.epoch,
         best_metric=progress.best_metric,
@@ -272,6 +317,7 @@ def _save(
         class_names=[str(name) for name in loop.class_names],
         config=loop.config,
         precision=loop.options.precision,
+        world_size=dist.world_size(),
     )
     checkpoints = loop.run_dir / "checkpoints"
     if periodic:

@@ -1,9 +1,10 @@
 """Stop requests from the outside world: signals become a flag the training loop polls.
 
-SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's `--signal=USR1@90`) only set
-a flag; the loop finishes the step it is in, saves a checkpoint at that boundary and exits with
-`EXIT_PREEMPTED`, so the same command run again resumes (`resume=auto`). Nothing is done inside
-the handler itself, so a second signal during the save can do no harm.
+SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C), SIGUSR1 (SLURM's `--signal=USR1@90`) and SIGUSR2
+(submitit's preemption signal) only set a flag; the loop finishes the step it is in, saves a
+checkpoint at that boundary and exits with `EXIT_PREEMPTED`, so the same command run again resumes
+(`resume=auto`). Nothing is done inside the handler itself, so a second signal during the save can
+do no harm.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import signal
 import subprocess
 from types import FrameType
 
+from q2l import dist
+
 log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -61,6 +64,25 @@ def slurm_job_id() -> str | None:
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue() -> None:
+    """After a stop request was saved: have the scheduler run this job again, which resumes it.
+
+    Under hydra-submitit-launcher, submitit's own SIGUSR1 handler (back in place once StopRequest
+    exits) pickles the job and requeues it; it exits rank 0. A plain SLURM job is requeued with
+    `scontrol requeue` by rank 0. Elsewhere nothing happens.
+    """
+    if "SUBMITIT_FOLDER" in os.environ:
+        from submitit import JobEnvironment
+
+        number = JobEnvironment._usr_sig()  # submitit's preemption signal (SIGUSR2 by default)
+        handler = signal.getsignal(number)
+        if callable(handler):
+            handler(number, None)
+        return
+    if dist.is_main_process():
+        requeue_slurm_job()
 
 
 def requeue_slurm_job() -> bool:

@@ -138,6 +138,27 @@ class RunLog:
             handle.write(json.dumps(_finite(record)) + "\n")
 
 
+class NullRunLog:
+    """What ranks other than 0 get: the RunLog interface, writing nothing."""
+
+    history: list[dict[str, Any]] = []
+
+    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_step(self, step: int, **scalars: float) -> None:
+        pass
+
+    def log_validation(self, step: int, *arguments: Any, **options: Any) -> None:
+        pass
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _tag(key: str) -> str:
     """Group TensorBoard scalars: train/*, val/*, val_ema/*."""
     if key.startswith("train_"):

@@ -15,6 +15,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from q2l import dist
+from q2l.atomic import atomic_write
+
 COLUMNS = ["job", "overrides", "status", "best_mAP", "best_epoch", "weights", "run_dir", "error"]
 
 
@@ -26,7 +29,8 @@ class SweepSummary(Callback):
     """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
+        # In a multi-process job (one DDP rank per SLURM task) only rank 0 reports.
+        if config.hydra.mode == RunMode.MULTIRUN and dist.is_main_process():
             _report(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -74,12 +78,14 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
-    """summary.csv and summary.md side by side."""
-    with (sweep_dir / "summary.csv").open("w", newline="") as handle:
+    """summary.csv and summary.md side by side, each written atomically (jobs that end together
+    under a parallel launcher each rewrite them)."""
+    with atomic_write(sweep_dir / "summary.csv", "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(to_markdown(rows) + "\n")
+    with atomic_write(sweep_dir / "summary.md", "w") as handle:
+        handle.write(to_markdown(rows) + "\n")
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

@@ -7,8 +7,11 @@ python train.py -m experiment=demo loss.gamma_neg=1,2,4   # a sweep, one run dir
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
 
 from q2l import dist
 from q2l.amp import resolve_precision
@@ -39,9 +43,9 @@ from q2l.data.validate import validate_splits
 from q2l.engine import StepOptions, TrainState
 from q2l.fit import Loop, Progress, fit
 from q2l.models.backbone import TimmBackbone, normalization
-from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
-from q2l.run_log import RunLog, write_json
-from q2l.rundir import RunDirectory, with_saved_overrides
+from q2l.preemption import EXIT_PREEMPTED, requeue
+from q2l.run_log import NullRunLog, RunLog, write_json
+from q2l.rundir import RunDirectory, RunDirError, with_saved_overrides
 
 log = logging.getLogger("q2l.train")
 
@@ -49,133 +53,184 @@ log = logging.getLogger("q2l.train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     """Run one training job; returns its best mAP (what sweepers optimise)."""
+    dist.init()  # the tasks of a SLURM job join here; torchrun's processes already did in main()
+    dist.quiet_other_ranks()  # after Hydra set up logging
     hydra_config = HydraConfig.get()
     summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
     if summary["status"] == "preempted":
-        if cfg.trainer.slurm_requeue and dist.is_main_process():
-            requeue_slurm_job()
+        if cfg.trainer.slurm_requeue:
+            requeue()
         sys.exit(EXIT_PREEMPTED)
     return summary["best"]["mAP"]
 
 
 def main() -> None:
-    """`python train.py` / `q2l-train`: `resume=auto hydra.run.dir=X` reuses X's saved overrides."""
-    sys.argv[1:] = with_saved_overrides(sys.argv[1:])
-    _hydra_main()
+    """`python train.py` / `q2l-train` / `torchrun ... train.py`.
+
+    `resume=auto hydra.run.dir=X` reuses X's saved overrides. Under torchrun the processes join
+    the process group before Hydra starts, and rank 0's start time names the one run directory
+    they all use.
+    """
+    argv = with_saved_overrides(sys.argv[1:])
+    if dist.launched_by_torchrun():
+        if {"-m", "--multirun"} & set(argv):
+            sys.exit(
+                "q2l: a sweep (-m) cannot run inside torchrun; sweep with hydra/launcher=slurm "
+                "(one DDP job per sweep point), or run torchrun once per setting"
+            )
+        dist.init()
+        os.environ["Q2L_RUN_TIME"] = dist.broadcast(datetime.datetime.now().isoformat())
+    sys.argv[1:] = argv
+    try:
+        _hydra_main()
+    finally:
+        dist.destroy()
 
 
 def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> dict[str, Any]:
     """Train as `cfg` says, writing everything into `run_dir`; returns the metrics.json summary.
 
     An existing run in `run_dir` is written to only once the start is accepted (values valid,
-    folders writable, resume config unchanged): a refused start leaves it as it was.
+    folders writable, resume config unchanged): a refused start leaves it as it was. With
+    several processes, rank 0 alone checks, decides and writes; the others follow its decisions.
     """
     start = time.perf_counter()
-    with RunDirectory(run_dir) as run:
-        if not run.existing:
-            run.start(cfg, hydra)  # a new run: record even its earliest failure
-        try:
-            return _train(cfg, run, hydra, start)
-        except Exception as error:
-            if run.started:
-                _record_failure(run.path, error)
-            raise
+    run = RunDirectory(run_dir)
+    try:
+        plan = dist.on_main(_open_run, cfg, run, hydra)
+        if plan["finished"] is not None:
+            return plan["finished"]
+        return _train(cfg, run, plan["resume"], plan["changes"], start)
+    except Exception as error:
+        if run.started:
+            _record_failure(run.path, error)
+        raise
+    finally:
+        run.close()
 
 
-def _train(
-    cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, start: float
-) -> dict[str, Any]:
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> dict[str, Any]:
+    """Rank 0's start checks, before any data is read; returns what every rank needs to know.
+
+    Returns {"resume": checkpoint path or None, "changes": accepted config changes,
+    "finished": the summary of a run that has nothing left to do, or None}.
+    """
+    run.open()
+    if not run.existing:
+        run.start(cfg, hydra)  # a new run: record even its earliest failure
     check_values(cfg)
     run.preflight()
-    loss = construct(cfg.loss)  # checks the loss's own arguments before any data is read
-    init_checkpoint = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    construct(cfg.loss)  # checks the loss's own arguments
+    if cfg.init_from:
+        load_checkpoint(cfg.init_from)  # readable, and a q2l checkpoint
     resume = _find_resume(cfg, run.path)
-    changes = (
-        resume_changes(resume[1], resume[0], config, cfg.allow_config_change) if resume else []
-    )
-    if resume and _finished(resume[1]["progress"], cfg.trainer.epochs):
-        progress = Progress.from_checkpoint(resume[1])
-        log.info(
-            "%s already finished (%s at epoch %d): nothing to do",
-            run.path,
-            progress.status,
-            progress.epoch,
+    if not cfg.resume and run.existing and list((run.path / "checkpoints").glob("*.pt")):
+        raise RunDirError(
+            f"{run.path} holds a run with checkpoints, and resume=null: q2l "
+            "does not train over it. Pass resume=auto to continue it, or choose another "
+            "hydra.run.dir. Nothing was changed"
         )
-        return _summary(
-            resume[1].get("history", []), progress, resume[1]["step"], progress.status, 0.0
-        )
+    plan = {"resume": None, "changes": [], "finished": None}
+    if resume is not None:
+        source, checkpoint = resume
+        plan["changes"] = resume_changes(checkpoint, source, config, cfg.allow_config_change)
+        if _finished(checkpoint["progress"], cfg.trainer.epochs):
+            progress = Progress.from_checkpoint(checkpoint)
+            log.info(
+                "%s already finished (%s at epoch %d): nothing to do",
+                run.path,
+                progress.status,
+                progress.epoch,
+            )
+            plan["finished"] = _summary(
+                checkpoint.get("history", []), progress, checkpoint["step"], progress.status, 0.0
+            )
+            return plan
+        plan["resume"] = str(source)
     run.remove_temporaries()
     if not run.started:
         run.start(cfg, hydra)
     for step in (cfg.prepare or {}).values():
-        construct(step)
-    if not resume:
+        construct(step)  # the demo's data and backbone: written once, by rank 0
+    if resume is None:
         _check_weights_file(cfg.backbone)  # before the data check, which can take minutes
+    return plan
 
+
+def _train(
+    cfg: DictConfig, run: RunDirectory, resume_path: str | None, changes: list[str], start: float
+) -> dict[str, Any]:
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resume = None if resume_path is None else load_checkpoint(resume_path)
     dist.seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     device = dist.resolve_device(cfg.trainer.device)
     # A resumed run keeps the precision it started with, whatever `auto` would pick here now.
-    precision = resume[1].get("precision") if resume else None
-    precision = precision or resolve_precision(config["trainer"]["precision"], device)
+    precision = (resume or {}).get("precision") or resolve_precision(
+        config["trainer"]["precision"], device
+    )
     train_set, val_set = _build_datasets(cfg, *normalization(cfg.backbone.name))
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
-    state = _build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
-    train_loader = build_loader(
-        train_set,
-        cfg.dataset.batch_size,
-        True,
-        cfg.dataset.num_workers,
-        cfg.seed,
-        pin_memory=device.type == "cuda",
+    if cfg.init_from:
+        load_matching_weights(model, load_checkpoint(cfg.init_from), Path(cfg.init_from))
+    state = _build_state(
+        cfg, model.to(device), construct(cfg.loss).to(device), len(train_set), precision
     )
-    val_loader = build_loader(
-        val_set,
-        cfg.dataset.batch_size,
-        False,
-        cfg.dataset.num_workers,
-        pin_memory=device.type == "cuda",
+    train_loader, val_loader = (
+        build_loader(
+            split,
+            cfg.dataset.batch_size,
+            split is train_set,
+            cfg.dataset.num_workers,
+            cfg.seed,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            pin_memory=device.type == "cuda",
+        )
+        for split in (train_set, val_set)
     )
-    if init_checkpoint is not None:
-        load_matching_weights(model, init_checkpoint, Path(cfg.init_from))
     progress = Progress()
     if resume:
-        restore_training(state, resume[1], resume[0], changes)
-        progress = Progress.from_checkpoint(resume[1])
+        restore_training(state, resume, Path(resume_path), changes, dist.rank(), dist.world_size())
+        progress = Progress.from_checkpoint(resume)
         progress.status = "running"  # allow_config_change may have given a finished run more epochs
         log.info(
             "resumed from %s at epoch %d, step %d (%d batches into the epoch)",
-            resume[0],
+            resume_path,
             progress.epoch,
             state.step,
             progress.batches_done,
         )
-    run_log = RunLog(run.path, resume[1].get("history", []) if resume else [])
+    history = resume.get("history", []) if resume else []
+    run_log = RunLog(run.path, history) if dist.is_main_process() else NullRunLog()
     options = StepOptions(
-        device,
-        precision,
-        cfg.trainer.channels_last,
-        cfg.trainer.grad_clip_norm,
-        cfg.trainer.check_finite,
-        _build_batch_transform(cfg, train_set.num_classes),
+        device=device,
+        precision=precision,
+        channels_last=cfg.trainer.channels_last,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        grad_clip_norm=cfg.trainer.grad_clip_norm,
+        check_finite=cfg.trainer.check_finite,
+        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
+        batch_transform=_build_batch_transform(cfg, train_set.num_classes),
     )
-    loop = Loop(
-        run.path,
-        config,
-        train_set.class_names,
-        run_log,
-        options,
-        StepOptions(device, precision, cfg.trainer.channels_last),
+    eval_options = StepOptions(
+        device=device, precision=precision, channels_last=cfg.trainer.channels_last
     )
+    loop = Loop(run.path, config, train_set.class_names, run_log, options, eval_options)
     log.info(
-        "run dir %s | %d train / %d val images, %d classes | device %s | %s",
+        "run dir %s | %d train / %d val images, %d classes | device %s | %s | %d process(es), "
+        "global batch %d (%d per process x %d accumulated)",
         run.path,
         len(train_set),
         len(val_set),
         train_set.num_classes,
         device,
         precision,
+        dist.world_size(),
+        cfg.dataset.batch_size * dist.world_size() * cfg.trainer.accumulate_grad_batches,
+        cfg.dataset.batch_size,
+        cfg.trainer.accumulate_grad_batches,
     )
     try:
         status = fit(state, train_loader, val_loader, cfg.trainer, progress, loop)
@@ -258,7 +313,9 @@ def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, 
             100 * data.partial.keep_ratio,
             data.partial.keep_ratio,
         )
-    _validate_data(cfg, train_set, val_set)
+    dist.on_main(
+        _validate_data, cfg, train_set, val_set
+    )  # reads every file once, not once per rank
     return train_set, val_set
 
 
@@ -323,35 +380,47 @@ def _text(value: Any) -> str:
 def _build_state(
     cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int, precision: str
 ) -> TrainState:
-    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device)."""
-    steps_per_epoch = num_images // cfg.dataset.batch_size  # training drops the last partial batch
-    if steps_per_epoch == 0:
+    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device);
+    under several processes the model is wrapped in DistributedDataParallel for the forward."""
+    trainer = cfg.trainer
+    # Each rank trains on its share, whole batches only; one step per `accumulate` batches.
+    batches = num_images // dist.world_size() // cfg.dataset.batch_size
+    if batches == 0:
         raise ValueError(
-            f"the training split has {num_images} images, fewer than "
-            f"dataset.batch_size={cfg.dataset.batch_size}"
+            f"the training split has {num_images} images: fewer than dataset.batch_size="
+            f"{cfg.dataset.batch_size} per process ({dist.world_size()} process(es))"
         )
-    steps_per_epoch = min(steps_per_epoch, cfg.trainer.limit_train_batches or steps_per_epoch)
-    if cfg.trainer.channels_last:
+    batches = min(batches, trainer.limit_train_batches or batches)
+    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    if trainer.channels_last:
         model.to(memory_format=torch.channels_last)
+    if trainer.sync_bn and dist.is_distributed():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    forward = model
+    if dist.is_distributed():
+        device = next(model.parameters()).device
+        # Wrapping broadcasts rank 0's weights, so every rank (and its EMA) starts from them.
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = instantiate(cfg.optimizer)(model)
     scheduler = instantiate(cfg.schedule)(
-        optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs, steps_per_epoch=steps_per_epoch
+        optimizer, total_steps=steps_per_epoch * trainer.epochs, steps_per_epoch=steps_per_epoch
     )
-    ema = (
-        ModelEmaV3(model, decay=cfg.trainer.ema_decay, use_warmup=cfg.trainer.ema_warmup)
-        if cfg.trainer.ema_decay > 0
-        else None
-    )
-    device_type = next(model.parameters()).device.type
+    ema = None
+    if trainer.ema_decay > 0:
+        ema = ModelEmaV3(model, decay=trainer.ema_decay, use_warmup=trainer.ema_warmup)
     return TrainState(
         model=model,
         loss=loss,
         optimizer=optimizer,
         scheduler=scheduler,
         # Only fp16 needs loss scaling; for bf16/fp32 the disabled scaler is a pass-through.
-        scaler=torch.amp.GradScaler(device_type, enabled=precision == "fp16"),
+        scaler=torch.amp.GradScaler(
+            next(model.parameters()).device.type, enabled=precision == "fp16"
+        ),
         ema=ema,
-        forward=torch.compile(model) if cfg.trainer.compile else model,
+        forward=torch.compile(forward) if trainer.compile else forward,
     )
 
 

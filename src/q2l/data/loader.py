@@ -53,7 +53,8 @@ class EpochSampler(Sampler[int | SampleKey]):
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch and skip its first `start` indices of this rank (mid-epoch resume)."""
+        """Select the epoch and skip the first `start` samples of its order, counted over all ranks
+        (mid-epoch resume; it also holds when the run resumes with another number of ranks)."""
         self.epoch = epoch
         self.start = start
 
@@ -63,18 +64,19 @@ class EpochSampler(Sampler[int | SampleKey]):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        order = order[self.start :]
         if self.drop_last:
-            order = order[: self.num_samples - self.num_samples % self.world_size]
+            order = order[: len(order) - len(order) % self.world_size]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int | SampleKey]:
-        indices = self._indices()[self.start :]
+        indices = self._indices()
         if self.sample_keys:
             return iter([SampleKey(index, self.seed, self.epoch) for index in indices])
         return iter(indices)
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
+        return len(self._indices())
 
 
 def build_loader(
@@ -117,12 +119,12 @@ def build_loader(
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1 to the main process.
+    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2 to the main process.
 
     A scheduler signals the whole process group. PyTorch's workers die on SIGTERM (and SIGUSR1 by
     default), which would end the main process with "DataLoader worker killed" before it could
     save; ignoring them here lets the main process finish its step, checkpoint and shut the
     workers down itself.
     """
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(number, signal.SIG_IGN)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from q2l.amp import autocast, resolve_precision
 from q2l.demo.digits import split_digit_scans
 from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
@@ -62,7 +63,9 @@ def pretrain_digits_backbone(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        "version": 2,
+        # bf16 where this CPU has bf16 units (q2l.amp), as the demo's training itself.
+        "precision": resolve_precision("auto", torch.device("cpu")),
+        "version": 3,
     }
 
     def build(folder: Path) -> None:
@@ -88,6 +91,7 @@ def _pretrain(
     batch_size: int,
     lr: float,
     seed: int,
+    precision: str,
     version: int,
 ) -> None:
     """The training itself: writes the backbone's state dict (classifier removed) to `output`."""
@@ -111,8 +115,9 @@ def _pretrain(
         order = torch.randperm(num_images, generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            logits = model(images[batch])
-            loss = F.cross_entropy(logits, labels[batch])
+            with autocast(torch.device("cpu"), precision):
+                logits = model(images[batch])
+            loss = F.cross_entropy(logits.float(), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
