@@ -5,8 +5,10 @@ end, and the forward pass with and without the attention-map hook.
     python -m benchmarks.inference --quick
 
 `measure_inference(cases, rounds)` returns the rows, for `benchmarks/cli.py` to run as a section
-(not wired in yet). Like the other sections, every figure is a ratio of two rates measured in the
-same rounds (benchmarks.timing.interleaved), with random weights: speed does not depend on them.
+(not wired in yet), e.g. `rows += section("inference", inference.measure_inference, ["demo"],
+rounds) or []`. Like the other sections, every row compares two workloads measured in the same
+interleaved rounds (`benchmarks.timing.compare`: median rates, median and spread of the per-round
+ratios), with random weights: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.timing import Rates, Row, Workload, interleaved
+from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from q2l.inference.exporters import export_onnx, export_safetensors
 from q2l.inference.model_info import ModelInfo
 from q2l.models import Query2Label, TimmBackbone
@@ -119,15 +121,14 @@ def measure_attention_hook(case: InferenceCase, model: torch.nn.Module, rounds: 
 
     rates = interleaved({"plain": Workload(plain), "hooked": Workload(hooked)}, rounds)
     return [
-        Row(
+        compare(
             "inference",
             f"{case.key}: forward with attention-map hook",
-            rates["hooked"].best,
-            rates["plain"].best,
+            rates["hooked"],
+            rates["plain"],
             "img/s",
             "forward without hook",
-            note=f"median/spread: hooked {_spread(rates['hooked'])}, "
-            f"plain {_spread(rates['plain'])}",
+            note=f"hooked {_spread(rates['hooked'])}, plain {_spread(rates['plain'])}",
         )
     ]
 
@@ -153,14 +154,14 @@ def measure_onnx_runtime(
 
     rates = interleaved({"onnx": Workload(runtime), "torch": Workload(eager)}, rounds)
     return [
-        Row(
+        compare(
             "inference",
             f"{case.key}: ONNX Runtime CPU fp32",
-            rates["onnx"].best,
-            rates["torch"].best,
+            rates["onnx"],
+            rates["torch"],
             "img/s",
             "PyTorch eager fp32",
-            note=f"max |score diff| {checked['max_abs_score_difference']:.1e}; median/spread: onnx "
+            note=f"max |score diff| {checked['max_abs_score_difference']:.1e}; onnx "
             f"{_spread(rates['onnx'])}, torch {_spread(rates['torch'])}",
         )
     ]
@@ -215,15 +216,15 @@ def measure_predict(
         {"onnx": Workload(run(onnx_path)), "torch": Workload(run(weights_path))}, rounds
     )
     return [
-        Row(
+        compare(
             "inference",
             f"{case.key}: q2l-predict end to end, ONNX Runtime",
-            rates["onnx"].best,
-            rates["torch"].best,
+            rates["onnx"],
+            rates["torch"],
             "img/s",
             "q2l-predict, PyTorch fp32",
-            note=f"{num_images} JPEGs of {side} px, num_workers 2; median: onnx "
-            f"{_spread(rates['onnx'])}, torch {_spread(rates['torch'])}",
+            note=f"{num_images} JPEGs of {side} px, num_workers 2; onnx {_spread(rates['onnx'])}, "
+            f"torch {_spread(rates['torch'])}",
         )
     ]
 
@@ -251,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure_inference(args.cases.split(","), rounds, 48 if args.quick else 96)
     for row in rows:
         ratio = f"{row.ratio:.2f}x" if row.ratio else "-"
+        spread = f" ({row.ratio_low:.2f}-{row.ratio_high:.2f})" if row.round_ratios else ""
         print(
-            f"{row.name}: {row.value:.4g} vs {row.baseline:.4g} {row.unit} ({row.baseline_name})"
-            f" = {ratio}; {row.note}"
+            f"{row.name}: {row.value:.4g} vs {row.baseline:.4g} {row.unit} ({row.baseline_name}),"
+            f" median {row.unit} per round; ratio {ratio}{spread}; {row.note}"
         )
 
 

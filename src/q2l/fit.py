@@ -203,7 +203,7 @@ def _train_epoch_part(
         if state.step % trainer.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
             loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
-            batches.set_postfix(loss=float(loss), lr=lr)
+            bar.set_postfix(loss=float(loss), lr=lr)
         stopped = dist.any_rank(bool(stop))
         periodic = bool(every) and state.step % every == 0
         if stopped or periodic:
@@ -215,9 +215,9 @@ def _train_epoch_part(
     remaining = len(train_loader)  # the sampler starts after the samples already consumed
     if trainer.limit_train_batches is not None:
         remaining = min(remaining, max(trainer.limit_train_batches - batches_at_start, 0))
-    batches = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
+    bar = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
     try:
-        train_one_epoch(state, batches, loop.options, on_step)
+        train_one_epoch(state, bar, loop.options, on_step)
     except NonFiniteError as error:
         last = loop.run_dir / "checkpoints" / "last.pt"
         saved = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
