@@ -138,7 +138,11 @@ def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[Train
         forward=torch.compile(model) if trainer.compile else model,
     )
     options = StepOptions(
-        CPU, precision, trainer.channels_last, trainer.grad_clip_norm, trainer.check_finite
+        device=CPU,
+        precision=precision,
+        channels_last=trainer.channels_last,
+        grad_clip_norm=trainer.grad_clip_norm,
+        check_finite=trainer.check_finite,
     )
     return state, options
 
@@ -235,7 +239,9 @@ def q2l_train(
 
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
     """q2l's own evaluation loop (`q2l.engine.evaluate`)."""
-    options = StepOptions(options.device, options.precision, options.channels_last)
+    options = StepOptions(
+        options.device, precision=options.precision, channels_last=options.channels_last
+    )
 
     def run() -> int:
         evaluate(model, batches, options)
