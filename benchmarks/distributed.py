@@ -46,7 +46,7 @@ def measure_ddp_scaling(rounds: int, steps: int = 12, case: str = "demo") -> lis
             "img/s",
             "1 process",
             round_ratios=ratios,
-            note=f"global batch {batch} (2 x {batch // 2} vs 1 x {batch}), {steps} timed steps a side",
+            note=f"global batch {batch} (2 x {batch // 2} vs 1 x {batch}), {steps} timed steps",
         )
     ]
 
