@@ -114,8 +114,8 @@ def count_images(batches: list) -> int:
 def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
     """The training state and step options `python train.py` builds around `model` from `cfg`.
 
-    Mirrors q2l.train's private `_build_state`, except for the schedule's length: far more steps
-    than will run, so OneCycle never runs out.
+    Mirrors q2l.train's private `_build_state` and its step options for one process, except for
+    the schedule's length: far more steps than will run, so OneCycle never runs out.
     """
     trainer = cfg.trainer
     precision = resolve_precision(trainer.precision.value, CPU)
@@ -141,6 +141,7 @@ def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[Train
         device=CPU,
         precision=precision,
         channels_last=trainer.channels_last,
+        accumulate=trainer.accumulate_grad_batches,
         grad_clip_norm=trainer.grad_clip_norm,
         check_finite=trainer.check_finite,
     )
