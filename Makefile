@@ -28,11 +28,15 @@ eval: ## evaluate a checkpoint: make eval CKPT=outputs/.../checkpoints/best.pt [
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/best.pt [ARGS='dataset=... dataset.root=...']"; exit 2; }
 	$(PY) eval.py ckpt=$(CKPT) $(ARGS)
 
-test: ## run the whole test suite (CPU, a few minutes)
-	$(PY) -m pytest -q $(ARGS)
+# Two workers, one test file each at a time; one thread per process, so the workers and the
+# processes the CLI tests start share the cores instead of fighting over them.
+TEST_RUN := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+test: ## run the whole test suite (CPU, a few minutes on 2 cores)
+	$(TEST_RUN) $(ARGS)
 
 test-fast: ## the suite without the tests that train for real
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(TEST_RUN) -m "not slow" $(ARGS)
 
 bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds the official Q2L rows
 	$(PY) -m benchmarks $(ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(*paths: Path, timeout: float = 240.0, process=None) -> None:
+    """Poll until every path exists (or `process` ended, or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths) and time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -208,7 +208,9 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
         checkpoint.get("precision", "fp32") if cfg.precision == "checkpoint" else cfg.precision
     )
     channels_last = run_config["trainer"].get("channels_last", False)
-    options = StepOptions(device, resolve_precision(precision, device), channels_last=channels_last)
+    options = StepOptions(
+        device, precision=resolve_precision(precision, device), channels_last=channels_last
+    )
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
     transform = build_eval_transform(image_size, *normalization(run_config["backbone"]["name"]))

@@ -165,10 +165,10 @@ def _train(
     resume = None if resume_path is None else load_checkpoint(resume_path)
     dist.seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     device = dist.resolve_device(cfg.trainer.device)
-    # A resumed run keeps the precision it started with, whatever `auto` would pick here now.
-    precision = (resume or {}).get("precision") or resolve_precision(
-        config["trainer"]["precision"], device
-    )
+    precision = resolve_precision(config["trainer"]["precision"], device)
+    if resume and config["trainer"]["precision"] == "auto":
+        # A resumed run keeps the precision it started with, whatever auto would pick here now.
+        precision = resume.get("precision", precision)
     train_set, val_set = _build_datasets(cfg, *normalization(cfg.backbone.name))
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
