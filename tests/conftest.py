@@ -87,3 +87,45 @@ def cli_env(tmp_path) -> dict[str, str]:
     env["Q2L_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
+    """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports)."""
+    from q2l.train import train
+
+    base = tmp_path_factory.mktemp("inference-run")
+    overrides = [
+        *tiny_overrides(digits_root, base / "cache"),
+        "trainer.epochs=1",
+        "trainer.precision=fp32",  # predict/export parity is checked in fp32
+        "trainer.channels_last=false",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides)
+    GlobalHydra.instance().clear()
+    train(cfg, base / "run")
+    return base / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
+    from q2l.export import export
+
+    folder = tmp_path_factory.mktemp("exports")
+    names = {
+        "onnx": "model.onnx",
+        "torchscript": "model.torchscript.pt",
+        "safetensors": "model.safetensors",
+    }
+    made = {}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for fmt, name in names.items():
+            overrides = [f"ckpt={tiny_checkpoint}", f"format={fmt}", f"output={folder / name}"]
+            cfg = compose("export", overrides)
+            made[fmt] = (folder / name, export(cfg))
+    GlobalHydra.instance().clear()
+    return made

@@ -28,6 +28,10 @@ ENTRY_POINTS = {
     "q2l-validate-data": "train",
     "eval.py": "eval",
     "q2l-eval": "eval",
+    "predict.py": "predict",
+    "q2l-predict": "predict",
+    "q2l-export": "export",
+    "q2l-attention": "attention",
 }
 DEMO_FILES = ("experiment/demo.yaml", "dataset/digits.yaml")
 
