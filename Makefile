@@ -16,9 +16,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (editable, with dev tools)
+install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (editable, dev and export tools)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,export]'
 	@$(PY) -c "import torch, torchvision, q2l; print('q2l', q2l.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
 
 train: ## train the demo (embedded handwriting data, no download); ARGS="key=value ..." to override
@@ -42,12 +42,12 @@ bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds
 	$(PY) -m benchmarks $(ARGS)
 
 lint: ## ruff
-	$(VENV)/bin/ruff check src tests benchmarks train.py eval.py
-	$(VENV)/bin/ruff format --check src tests benchmarks train.py eval.py
+	$(VENV)/bin/ruff check src tests benchmarks train.py eval.py predict.py
+	$(VENV)/bin/ruff format --check src tests benchmarks train.py eval.py predict.py
 
 format: ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests benchmarks train.py eval.py
-	$(VENV)/bin/ruff format src tests benchmarks train.py eval.py
+	$(VENV)/bin/ruff check --fix --select I src tests benchmarks train.py eval.py predict.py
+	$(VENV)/bin/ruff format src tests benchmarks train.py eval.py predict.py
 
 tensorboard: ## TensorBoard over outputs/ (localhost only)
 	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1

@@ -133,13 +133,7 @@ def train_workload(code: OfficialCode, model: nn.Module, batches: list) -> Workl
     """main_mlc.train's step on the CPU: forward, loss, loss.item(), backward, AdamW, OneCycle,
     EMA update."""
     args = argparse.Namespace(**PAPER_ARGS)
-    criterion = code.loss_class(
-        gamma_neg=args.gamma_neg,
-        gamma_pos=args.gamma_pos,
-        clip=args.loss_clip,
-        disable_torch_grad_focal_loss=args.dtgfl,
-        eps=args.eps,
-    )
+    criterion = _criterion(code, args)
     batch_size = batches[0][0].shape[0]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.requires_grad]}],
@@ -172,14 +166,7 @@ def train_workload(code: OfficialCode, model: nn.Module, batches: list) -> Workl
 
 def inference_workload(code: OfficialCode, model: nn.Module, batches: list) -> Workload:
     """main_mlc.validate on the CPU: no_grad forward, loss, sigmoid, scores and targets kept."""
-    args = argparse.Namespace(**PAPER_ARGS)
-    criterion = code.loss_class(
-        gamma_neg=args.gamma_neg,
-        gamma_pos=args.gamma_pos,
-        clip=args.loss_clip,
-        disable_torch_grad_focal_loss=args.dtgfl,
-        eps=args.eps,
-    )
+    criterion = _criterion(code, argparse.Namespace(**PAPER_ARGS))
 
     def run() -> int:
         model.eval()
@@ -195,6 +182,17 @@ def inference_workload(code: OfficialCode, model: nn.Module, batches: list) -> W
         return sum(images.shape[0] for images, _ in batches)
 
     return Workload(run)
+
+
+def _criterion(code: OfficialCode, args: argparse.Namespace) -> nn.Module:
+    """The loss as main_mlc.py builds it."""
+    return code.loss_class(
+        gamma_neg=args.gamma_neg,
+        gamma_pos=args.gamma_pos,
+        clip=args.loss_clip,
+        disable_torch_grad_focal_loss=args.dtgfl,
+        eps=args.eps,
+    )
 
 
 # ---- shims ---------------------------------------------------------------------------------------

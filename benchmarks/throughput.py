@@ -114,8 +114,8 @@ def count_images(batches: list) -> int:
 def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
     """The training state and step options `python train.py` builds around `model` from `cfg`.
 
-    Mirrors q2l.train's private `_build_state`, except for the schedule's length: far more steps
-    than will run, so OneCycle never runs out.
+    Mirrors q2l.train's private `_build_state` and its step options for one process, except for
+    the schedule's length: far more steps than will run, so OneCycle never runs out.
     """
     trainer = cfg.trainer
     precision = resolve_precision(trainer.precision.value, CPU)
@@ -138,7 +138,12 @@ def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[Train
         forward=torch.compile(model) if trainer.compile else model,
     )
     options = StepOptions(
-        CPU, precision, trainer.channels_last, trainer.grad_clip_norm, trainer.check_finite
+        device=CPU,
+        precision=precision,
+        channels_last=trainer.channels_last,
+        accumulate=trainer.accumulate_grad_batches,
+        grad_clip_norm=trainer.grad_clip_norm,
+        check_finite=trainer.check_finite,
     )
     return state, options
 
@@ -235,7 +240,9 @@ def q2l_train(
 
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
     """q2l's own evaluation loop (`q2l.engine.evaluate`)."""
-    options = StepOptions(options.device, options.precision, options.channels_last)
+    options = StepOptions(
+        options.device, precision=options.precision, channels_last=options.channels_last
+    )
 
     def run() -> int:
         evaluate(model, batches, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(*paths: Path, timeout: float = 240.0, process=None) -> None:
+    """Poll until every path exists (or `process` ended, or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths) and time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +87,45 @@ def cli_env(tmp_path) -> dict[str, str]:
     env["Q2L_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
+    """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports)."""
+    from q2l.train import train
+
+    base = tmp_path_factory.mktemp("inference-run")
+    overrides = [
+        *tiny_overrides(digits_root, base / "cache"),
+        "trainer.epochs=1",
+        "trainer.precision=fp32",  # predict/export parity is checked in fp32
+        "trainer.channels_last=false",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides)
+    GlobalHydra.instance().clear()
+    train(cfg, base / "run")
+    return base / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
+    from q2l.export import export
+
+    folder = tmp_path_factory.mktemp("exports")
+    names = {
+        "onnx": "model.onnx",
+        "torchscript": "model.torchscript.pt",
+        "safetensors": "model.safetensors",
+    }
+    made = {}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for fmt, name in names.items():
+            overrides = [f"ckpt={tiny_checkpoint}", f"format={fmt}", f"output={folder / name}"]
+            cfg = compose("export", overrides)
+            made[fmt] = (folder / name, export(cfg))
+    GlobalHydra.instance().clear()
+    return made

@@ -202,8 +202,11 @@ def test_the_model_compiles_to_one_graph_with_the_same_logits_and_gradients():
 def test_the_q2l_side_runs_the_config_defaults():
     with build_sides(CASES["demo"], steps=1) as sides:
         state, options = sides.state, sides.options
+        trainer = sides.cfg.trainer
         assert options.precision == resolve_precision("auto", torch.device("cpu"))
         assert options.channels_last and options.check_finite
+        assert options.accumulate == trainer.accumulate_grad_batches == 1
+        assert options.grad_clip_norm is trainer.grad_clip_norm is None
         conv = next(m for m in state.model.modules() if isinstance(m, nn.Conv2d))
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         assert all(group["fused"] for group in state.optimizer.param_groups)

@@ -21,7 +21,7 @@ from q2l.checkpoint import load_checkpoint
 from q2l.data.loader import EpochSampler
 from q2l.engine import StepOptions, TrainState, train_one_epoch
 
-from .conftest import REPO_ROOT, tiny_overrides
+from .conftest import REPO_ROOT, tiny_overrides, wait_for
 
 TRAIN = str(REPO_ROOT / "train.py")
 FAULTY = str(REPO_ROOT / "tests" / "helpers" / "faulty_train.py")
@@ -163,9 +163,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(run_dir / "checkpoints" / "last.pt", tmp_path / "pid-1")
     os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)  # rank 1 only
     process.communicate(timeout=120)
     assert (tmp_path / "exit-0").read_text() == (tmp_path / "exit-1").read_text() == "75"

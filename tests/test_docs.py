@@ -29,6 +29,10 @@ ENTRY_POINTS = {
     "q2l-import": "train",
     "eval.py": "eval",
     "q2l-eval": "eval",
+    "predict.py": "predict",
+    "q2l-predict": "predict",
+    "q2l-export": "export",
+    "q2l-attention": "attention",
 }
 DEMO_FILES = ("experiment/demo.yaml", "dataset/digits.yaml")
 

@@ -168,3 +168,12 @@ def test_every_head_has_a_schema_a_yaml_and_an_allowlist_entry(compose_config):
     cfg = compose_config("train", ["model=ml_decoder", "dataset=digits"])
     assert cfg.model.hidden_dim == 768 and cfg.model.num_groups == 100
     assert cfg.model.learnable_queries is False
+
+
+def test_attention_maps_are_refused_for_heads_without_label_queries():
+    from q2l.models.attention_maps import CrossAttentionMaps
+
+    backbone = TimmBackbone("resnet18", pretrained=False)
+    for model in (GlobalPoolLinear(backbone, 3), MLDecoder(backbone, 3, **SMALL[MLDecoder])):
+        with pytest.raises(ValueError, match="one query per label"):
+            CrossAttentionMaps(model)

@@ -7,7 +7,6 @@ import logging
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
 from q2l.rundir import RunDirError
 from q2l.train import train
 
-from .conftest import REPO_ROOT, tiny_overrides
+from .conftest import REPO_ROOT, tiny_overrides, wait_for
 
 # 64 training images in batches of 16: 4 steps per epoch; 2 epochs; a checkpoint every 3 steps
 # lands mid-epoch.
@@ -133,9 +132,7 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(
         command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     target = run_dir / "checkpoints" / "step-00000003.pt"
-    deadline = time.monotonic() + 240
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(target, process=process)
     process.kill()  # SIGKILL: no handler runs, whatever was being written is left as it is
     process.wait()
     assert target.exists()
@@ -357,9 +354,7 @@ def test_preempted_cli_run_exits_with_the_documented_code(cli_env, digits_root, 
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(run_dir / "checkpoints" / "last.pt")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]

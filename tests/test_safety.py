@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from q2l.preemption import EXIT_PREEMPTED
 from q2l.rundir import LOCK_NAME, RunDirError
 from q2l.train import train
 
-from .conftest import REPO_ROOT, tiny_overrides
+from .conftest import REPO_ROOT, tiny_overrides, wait_for
 
 EXACT = ("trainer.deterministic=true", "model.dropout=0.1")
 
@@ -268,9 +267,7 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(run_dir / "checkpoints" / "last.pt")
     os.killpg(process.pid, number)  # what SLURM, `kill -- -PGID` and Ctrl-C do
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]

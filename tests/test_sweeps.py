@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import REPO_ROOT, tiny_overrides
+from .conftest import REPO_ROOT, tiny_overrides, wait_for
 
 
 def _sweep(args: list[str], env: dict, timeout: int = 400) -> subprocess.Popen:
@@ -65,13 +64,7 @@ def test_local_launcher_runs_a_sweep_whose_preempted_jobs_requeue_and_resume(
         ],
         env,
     )
-    deadline = time.monotonic() + 240
-    runs = [
-        sweep_dir / "0" / "checkpoints" / "last.pt",
-        sweep_dir / "1" / "checkpoints" / "last.pt",
-    ]
-    while not all(path.exists() for path in runs) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(*(sweep_dir / job / "checkpoints" / "last.pt" for job in ("0", "1")))
     jobs = _job_processes(sweep_dir / ".submitit")
     assert len(jobs) == 2
     for pid in jobs:

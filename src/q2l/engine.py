@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 from timm.utils import ModelEmaV3
@@ -63,6 +63,7 @@ class StepOptions:
     """
 
     device: torch.device
+    _: KW_ONLY  # the rest by name: positional options would silently shift when one is added
     precision: str = "fp32"
     channels_last: bool = False
     accumulate: int = 1

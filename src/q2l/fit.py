@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from q2l import dist
 from q2l.checkpoint import (
@@ -31,6 +30,7 @@ from q2l.checkpoint import (
 from q2l.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.metrics import compute_metrics
 from q2l.preemption import StopRequest
+from q2l.progress import track
 from q2l.run_log import RunLog
 
 log = logging.getLogger("q2l.train")
@@ -249,6 +249,7 @@ def _train_epoch_part(
         if state.step % trainer.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
             loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
+            bar.set_postfix(loss=float(loss), lr=lr)
         stopped = dist.any_rank(bool(stop))
         periodic = bool(every) and state.step % every == 0
         if stopped or periodic:
@@ -260,9 +261,9 @@ def _train_epoch_part(
     remaining = len(train_loader)  # the sampler starts after the samples already consumed
     if trainer.limit_train_batches is not None:
         remaining = min(remaining, max(trainer.limit_train_batches - batches_at_start, 0))
-    batches = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
+    bar = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
     try:
-        train_one_epoch(state, batches, loop.options, on_step)
+        train_one_epoch(state, bar, loop.options, on_step)
     except NonFiniteError as error:
         last = loop.run_dir / "checkpoints" / "last.pt"
         saved = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
@@ -294,6 +295,7 @@ def _validate(
     if trainer.limit_val_batches is not None:
         total = min(trainer.limit_val_batches, total)
     record: dict[str, Any] = {}
+    results = {}
     for suffix, module in candidates.items():
         dist.broadcast_module_buffers(module)  # every replica is the model rank 0 saves
         batches = _progress_bar(itertools.islice(val_loader, total), total, "eval", trainer)
@@ -304,6 +306,7 @@ def _validate(
         if dist.is_main_process():
             metrics = compute_metrics(scores, targets, threshold=trainer.threshold)
             record.update({f"{key}{suffix}": value for key, value in metrics.items()})
+            results[suffix] = scores, targets
     if dist.is_main_process():
         monitor = _text(trainer.monitor)
         for metric in ("mAP", "mAP_voc"):
@@ -312,6 +315,10 @@ def _validate(
             if metric == monitor:
                 record["eval_weights"] = "ema" if ema_better else "model"
         record["monitor"] = monitor
+        scores, targets = results["_ema" if record["eval_weights"] == "ema" else ""]
+        loop.run_log.log_validation(
+            state.step, scores, targets, loop.class_names, trainer.threshold, val_loader.dataset
+        )
     return dist.broadcast(record)
 
 
@@ -328,8 +335,9 @@ def _in_split_order(rows: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _progress_bar(batches, total: int, description: str, trainer: DictConfig):
-    show = trainer.progress_bar and dist.is_main_process()
-    return tqdm(batches, total=total, disable=not show, leave=False, desc=description)
+    return track(
+        batches, total, description, enabled=trainer.progress_bar and dist.is_main_process()
+    )
 
 
 def _save(

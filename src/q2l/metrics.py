@@ -123,19 +123,23 @@ def mean_average_precision(
 
 
 @single_threaded()
-def threshold_metrics(scores: Tensor, targets: Tensor, threshold: float = 0.5) -> dict[str, float]:
+def threshold_metrics(
+    scores: Tensor, targets: Tensor, threshold: float | Tensor = 0.5
+) -> dict[str, float]:
     """Per-class and overall precision, recall and F1 with `scores >= threshold` predicted positive.
 
     Args:
         scores: (N, K) probabilities (apply the sigmoid before calling).
         targets: (N, K) with values in {-1, 0, 1}; -1 entries are ignored.
-        threshold: probability at or above which a class is predicted.
+        threshold: probability at or above which a class is predicted: one for all classes, or
+            (K,) per class (calibrated thresholds, q2l.calibration).
 
     Returns:
         CP, CR, CF1, OP, OR, OF1 as fractions in [0, 1]; see `_counting_metrics` for definitions.
     """
     scores, targets = _validate(scores, targets)
-    return _counting_metrics(scores >= threshold, targets)
+    # No cast: a threshold equal to a score compares equal whatever the two dtypes.
+    return _counting_metrics(scores >= torch.as_tensor(threshold, device=scores.device), targets)
 
 
 @single_threaded()

@@ -1,13 +1,38 @@
-"""What a run records: metrics.jsonl (one line per epoch), metrics.json and TensorBoard scalars."""
+"""What a run records: metrics.jsonl (one line per epoch), metrics.json and TensorBoard: scalars,
+per-class AP and precision-recall curves, a labelled grid of val images, and the hparams view."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from q2l.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+# TensorBoard gets per-class AP and PR curves for at most this many classes (the first ones): a
+# few hundred curves per epoch already make the PR tab unusable and the event file large.
+MAX_CLASSES_IN_TENSORBOARD = 100
+IMAGES_IN_GRID = 8  # the first val images, the same every epoch, so their captions can be compared
+# Config entries shown in TensorBoard's HParams view besides the command's own overrides.
+KEY_HPARAMS = (
+    "backbone.name",
+    "model.hidden_dim",
+    "dataset.image_size",
+    "dataset.batch_size",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "loss._target_",
+    "trainer.epochs",
+    "trainer.precision",
+    "seed",
+)
 
 
 class RunLog:
@@ -43,9 +68,66 @@ class RunLog:
         for key, value in scalars.items():
             self.writer.add_scalar(f"train/step/{key}", value, global_step=step)
 
+    def log_validation(
+        self,
+        step: int,
+        scores: torch.Tensor,
+        targets: torch.Tensor,
+        class_names: list[str],
+        threshold: float,
+        dataset: Any = None,
+    ) -> None:
+        """An epoch's per-class view in TensorBoard: AP of each class (val_class_AP/<name>), its
+        precision-recall curve (val_pr/<name>), and the first val images with predicted and true
+        labels (val/predictions), when `dataset` has `image_paths` in loader order.
+
+        scores, targets: (N, K) probabilities and {-1, 0, 1} targets of the weights that scored
+        best this epoch.
+        """
+        from q2l.metrics import average_precision
+
+        shown = min(len(class_names), MAX_CLASSES_IN_TENSORBOARD)
+        per_class = average_precision(scores, targets)
+        for k in range(shown):
+            annotated = targets[:, k] != -1
+            if math.isfinite(per_class[k]):
+                self.writer.add_scalar(f"val_class_AP/{class_names[k]}", 100 * per_class[k], step)
+            if bool((targets[annotated, k] == 1).any()):
+                self.writer.add_pr_curve(
+                    f"val_pr/{class_names[k]}",
+                    (targets[annotated, k] == 1).numpy(),
+                    scores[annotated, k].float().numpy(),
+                    global_step=step,
+                )
+        grid = _prediction_grid(scores, targets, class_names, threshold, dataset)
+        if grid is not None:
+            self.writer.add_image("val/predictions", grid, step, dataformats="HWC")
+        self.writer.flush()
+
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """metrics.json: final and best results, written atomically."""
+        """metrics.json: final and best results, written atomically; and TensorBoard's hparams
+        view (the run's key settings and overrides against its best mAP), so a sweep's jobs can
+        be compared there."""
         write_json(self.run_dir / "metrics.json", summary)
+        best = summary.get("best", {}).get("mAP")
+        if best is not None and math.isfinite(best):
+            self._write_hparams(best)
+
+    def _write_hparams(self, best_map: float) -> None:
+        """The hparams summaries into the run's own TensorBoard folder (a new event file: the
+        writer may be closed by now), so the HParams tab links them to the run's curves."""
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        values = run_hparams(self.run_dir)
+        if not values:
+            return
+        metrics = {"hparams/best_mAP": best_map}
+        with SummaryWriter(log_dir=str(self.run_dir / "tensorboard")) as writer:
+            for summary in hparams(values, metrics):
+                writer.file_writer.add_summary(summary)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value)
 
     def close(self) -> None:
         self.writer.close()
@@ -65,6 +147,9 @@ class NullRunLog:
         pass
 
     def log_step(self, step: int, **scalars: float) -> None:
+        pass
+
+    def log_validation(self, step: int, *arguments: Any, **options: Any) -> None:
         pass
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -104,3 +189,74 @@ def _finite_nested(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def run_hparams(run_dir: Path) -> dict[str, Any]:
+    """The run's KEY_HPARAMS (from config.yaml) and its command-line overrides (from
+    .hydra/overrides.yaml, which sweeps vary), as TensorBoard-ready scalars and strings."""
+    from omegaconf import OmegaConf
+
+    values: dict[str, Any] = {}
+    config_file, overrides_file = run_dir / "config.yaml", run_dir / ".hydra" / "overrides.yaml"
+    try:
+        if config_file.is_file():
+            config = OmegaConf.load(config_file)
+            for key in KEY_HPARAMS:
+                value = OmegaConf.select(config, key, default=None)
+                if value is not None:
+                    values[key] = value
+        if overrides_file.is_file():
+            for override in OmegaConf.to_container(OmegaConf.load(overrides_file)):
+                key, _, value = str(override).lstrip("+~").partition("=")
+                if not key.startswith("hydra."):
+                    values[key] = value
+    except (OSError, ValueError) as error:  # a damaged file must not fail a finished run
+        log.warning("hparams for TensorBoard left out: %s", error)
+        return {}
+    return {key: _hparam(value) for key, value in values.items()}
+
+
+def _hparam(value: Any) -> int | float | str | bool:
+    """A value TensorBoard's hparams accept: numbers and booleans as such, anything else text."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _prediction_grid(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    class_names: list[str],
+    threshold: float,
+    dataset: Any,
+) -> np.ndarray | None:
+    """(H, W, 3) uint8 grid of the first IMAGES_IN_GRID val images, captioned with predicted
+    (green right, red wrong) and missed labels; None without readable image files."""
+    from q2l.data.dataset import BadImageError, load_rgb
+    from q2l.drawing import labelled_images
+
+    paths = getattr(dataset, "image_paths", None)
+    count = min(IMAGES_IN_GRID, len(scores), len(paths or []))
+    if count == 0:
+        return None
+    images, predicted, truth = [], [], []
+    for index in range(count):
+        try:
+            images.append(load_rgb(paths[index]))
+        except BadImageError:
+            continue
+        predicted.append(
+            [n for n, s in zip(class_names, scores[index].tolist(), strict=True) if s >= threshold]
+        )
+        truth.append(
+            [n for n, t in zip(class_names, targets[index].tolist(), strict=True) if t == 1]
+        )
+    if not images:
+        return None
+    return np.asarray(labelled_images(images, predicted, truth))

@@ -1,0 +1,6 @@
+"""`python predict.py ckpt=PATH input=DIR|GLOB|LIST.txt output=FILE`: see src/q2l/predict.py."""
+
+from q2l.predict import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Scorers: images (B, 3, H, W) preprocessed float32 -> probabilities (B, K) float32 on CPU.
+
+One per kind of model file, all with the same call and a `ModelInfo`:
+- `TorchScorer`: a module rebuilt from a q2l checkpoint or from an exported safetensors file,
+  run under the one autocast context (q2l.amp) like evaluation;
+- `OnnxScorer`: an exported .onnx file under ONNX Runtime (fp32).
+`load_scorer` picks by file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from q2l import dist
+from q2l.amp import autocast, resolve_precision
+from q2l.inference.model_info import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+class TorchScorer:
+    """A PyTorch model's probabilities, on `device` in `precision` (fp32/bf16/fp16)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        device: torch.device,
+        precision: str,
+        channels_last: bool = False,
+    ) -> None:
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(device, memory_format=self.memory_format)
+        self.info = info
+        self.device = device
+        self.precision = precision
+        self.description = f"PyTorch on {device}, {precision}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, memory_format=self.memory_format)
+        with autocast(self.device, self.precision):
+            logits = self.model(images)  # (B, K)
+        return torch.sigmoid(logits.float()).cpu()
+
+
+class OnnxScorer:
+    """An exported .onnx model's probabilities under ONNX Runtime (CUDA if asked and present)."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        ort = import_onnxruntime()
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        # ORT's threads otherwise spin for a while after each run, taking the cores the
+        # DataLoader workers decode the next batch on (and other jobs on a shared machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # ORT raises its own exception types for a bad file
+            raise ValueError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if "q2l" not in metadata:
+            raise ValueError(
+                f"model_file={path} carries no q2l model record; export it with q2l-export"
+            )
+        self.info = ModelInfo.from_json(metadata["q2l"], str(path))
+        self.description = f"ONNX Runtime ({self.session.get_providers()[0]}), fp32"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        feed = {self.info.input_name: images.float().contiguous().numpy()}
+        (logits,) = self.session.run([self.info.output_name], feed)
+        return torch.sigmoid(torch.from_numpy(logits).float())
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(
+            "ONNX models need onnxruntime: pip install 'q2l[export]' (make install has it)"
+        ) from None
+    return onnxruntime
+
+
+def load_scorer(
+    ckpt: str | None,
+    model_file: str | None,
+    weights: str = "auto",
+    device: str = "auto",
+    precision: str = "checkpoint",
+) -> TorchScorer | OnnxScorer:
+    """The scorer for `ckpt` (a q2l checkpoint) or `model_file` (a .onnx or .safetensors export).
+
+    precision: "checkpoint" (what the run trained with, as eval uses) or auto/fp32/bf16/fp16;
+    ONNX models always run in fp32.
+    """
+    from q2l.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if bool(ckpt) == bool(model_file):
+        raise ValueError(
+            "pass exactly one of ckpt=PATH (a checkpoint) or model_file=PATH (.onnx or "
+            ".safetensors from q2l-export)"
+        )
+    torch_device = dist.resolve_device(device)
+    if ckpt:
+        checkpoint = load_checkpoint(ckpt)
+        module, chosen = model_from_checkpoint(checkpoint, weights)
+        info = ModelInfo.from_checkpoint(checkpoint, chosen)
+        recorded = checkpoint.get("precision", "fp32")
+        channels_last = checkpoint["config"]["trainer"].get("channels_last", False)
+    else:
+        path = Path(model_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model_file={model_file}: no such file")
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            return OnnxScorer(path, torch_device.type)
+        if suffix != ".safetensors":
+            raise ValueError(
+                f"model_file={model_file}: predict reads .onnx or .safetensors exports (use "
+                "ckpt= for a checkpoint)"
+            )
+        module, info = load_safetensors_export(path)
+        recorded, channels_last = "fp32", False
+    chosen_precision = recorded if precision == "checkpoint" else precision
+    return TorchScorer(
+        module, info, torch_device, resolve_precision(chosen_precision, torch_device), channels_last
+    )
+
+
+def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
+    """The module and record of a safetensors export (weights + `<stem>.json` beside it).
+
+    The module is rebuilt from the record's model_config through the same allowlist as a
+    checkpoint's config (nothing the file names is imported otherwise).
+    """
+    from safetensors.torch import load_file
+
+    from q2l.config import build_model
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{path} needs its model record {sidecar} (written by q2l-export)")
+    info = ModelInfo.from_json(sidecar.read_text(), str(sidecar))
+    module = build_model(info.model_config, len(info.class_names), pretrained=False, trusted=False)
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except Exception as error:  # safetensors' own errors for a truncated file; shape mismatches
+        raise ValueError(f"{path} does not fit the model its record describes: {error}") from None
+    return module.eval(), info

@@ -1,0 +1,79 @@
+"""Prediction files: one row per image, streamed, never replacing an existing file.
+
+Rows go to a hidden `.<name>.<pid>.partial` file beside the output as they are computed (a long
+job that dies keeps what it wrote there) and become the output by a hard link at the end, which
+fails instead of replacing a file that appeared meanwhile.
+
+- `.jsonl`: {"path": ..., "labels": [names at or above their threshold], "scores": {name: p}}
+- `.csv`: columns path, labels (names joined by "|"), then one score column per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+FORMATS = (".jsonl", ".csv")
+
+
+def check_output(output: str | Path) -> Path:
+    """`output` as a Path, refused before any work if it exists or has an unknown format."""
+    path = Path(output).expanduser()
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"output={output}: the name must end in {' or '.join(FORMATS)}")
+    if path.exists():
+        raise FileExistsError(f"output={output} exists; q2l does not overwrite it. Pass a new name")
+    if path.parent.exists() and not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"output={output}: folder {path.parent} is not writable")
+    return path
+
+
+class PredictionWriter:
+    """Streams prediction rows for `class_names` into `output` (checked by `check_output`)."""
+
+    def __init__(self, output: Path, class_names: list[str]) -> None:
+        self.output = output
+        self.class_names = class_names
+        self.csv = output.suffix.lower() == ".csv"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+        self.handle = self.partial.open("w", newline="" if self.csv else None)
+        self.rows = 0
+        if self.csv:
+            self.table = csv.writer(self.handle)
+            self.table.writerow(["path", "labels", *class_names])
+
+    def write(self, path: str, scores: list[float], labels: list[str]) -> None:
+        if self.csv:
+            self.table.writerow([path, "|".join(labels), *(repr(s) for s in scores)])
+        else:
+            row = {
+                "path": path,
+                "labels": labels,
+                "scores": dict(zip(self.class_names, scores, strict=True)),
+            }
+            self.handle.write(json.dumps(row) + "\n")
+        self.rows += 1
+
+    def close(self) -> Path:
+        """Publish the rows as `output`; raises FileExistsError (keeping the rows) if it exists."""
+        self.handle.close()
+        try:
+            os.link(self.partial, self.output)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{self.output} appeared while predicting; the predictions are kept in "
+                f"{self.partial}"
+            ) from None
+        except OSError:  # a file system without hard links: check, then rename
+            if self.output.exists():
+                raise FileExistsError(
+                    f"{self.output} appeared while predicting; the predictions are kept in "
+                    f"{self.partial}"
+                ) from None
+            os.rename(self.partial, self.output)
+            return self.output
+        self.partial.unlink()
+        return self.output

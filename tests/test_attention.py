@@ -1,0 +1,69 @@
+"""Attention maps: the explicit weights are the ones SDPA applied, the hook leaves the forward
+pass unchanged, and q2l-attention writes image-sized overlays for the top-k labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from q2l.attention import write_attention_maps
+from q2l.models import Query2Label, TimmBackbone
+from q2l.models.attention_maps import CrossAttentionMaps, attention_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    backbone = TimmBackbone("resnet18", pretrained=False)
+    return Query2Label(backbone, num_classes=5, hidden_dim=32, ffn_dim=64).eval()
+
+
+def test_the_hook_changes_nothing_and_records_per_label_maps(model):
+    images = torch.randn(2, 3, 64, 96)  # a 2 x 3 feature grid
+    with torch.no_grad():
+        plain = model(images)
+        with CrossAttentionMaps(model) as capture:
+            hooked = model(images)
+        after = model(images)
+    assert torch.equal(plain, hooked) and torch.equal(plain, after)
+    assert capture.maps.shape == (2, 5, 2, 3) and capture.per_head.shape == (2, 4, 5, 2, 3)
+    assert torch.allclose(capture.maps.sum(dim=(-2, -1)), torch.ones(2, 5))
+    assert not model.transformer.decoder_layers[-1].cross_attn._forward_hooks  # removed
+
+
+def test_explicit_weights_reproduce_the_sdpa_output(model):
+    attention = model.transformer.decoder_layers[-1].cross_attn
+    query, key, value = torch.randn(1, 5, 32), torch.randn(3, 6, 32), torch.randn(3, 6, 32)
+    with torch.no_grad():
+        weights = attention_weights(attention, query, key)  # (3, 4, 5, 6)
+        heads = attention.v_proj(value).unflatten(-1, (4, -1)).transpose(1, 2)  # (3, 4, 6, 8)
+        mixed = (weights @ heads).transpose(1, 2).flatten(2)  # (3, 5, 32)
+        assert torch.allclose(attention.out_proj(mixed), attention(query, key, value), atol=1e-5)
+
+
+def test_the_command_writes_image_sized_overlays_for_the_top_labels(
+    compose_config, tiny_checkpoint, digits_root, tmp_path
+):
+    source = sorted((digits_root / "val2014").glob("*.jpg"))[0]
+    image = tmp_path / "photo.png"
+    Image.open(source).convert("RGB").resize((48, 40)).save(image)  # not the model's square size
+    cfg = compose_config(
+        "attention", [f"ckpt={tiny_checkpoint}", f"image={image}", f"output={tmp_path / 'maps'}"]
+    )
+    written = write_attention_maps(cfg)
+    assert len(written) == 3 and [p.name[:3] for p in written] == ["01-", "02-", "03-"]
+    for path in written:
+        with Image.open(path) as overlay:
+            assert overlay.size == (48, 40) and overlay.mode == "RGB"
+    assert (tmp_path / "maps" / "grid.png").is_file()
+    with pytest.raises(FileExistsError, match="maps exists"):
+        write_attention_maps(cfg)  # never into a folder that holds files
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"nope")
+    bad = compose_config(
+        "attention", [f"ckpt={tiny_checkpoint}", f"image={broken}", f"output={tmp_path / 'new'}"]
+    )
+    with pytest.raises(Exception, match="broken.jpg"):
+        write_attention_maps(bad)
+    assert not (tmp_path / "new").exists()
