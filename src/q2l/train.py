@@ -174,7 +174,7 @@ def _train(
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     if cfg.init_from:
         load_matching_weights(model, load_checkpoint(cfg.init_from), Path(cfg.init_from))
-    state = _build_state(
+    state = build_state(
         cfg, model.to(device), construct(cfg.loss).to(device), len(train_set), precision
     )
     train_loader, val_loader = (
@@ -204,19 +204,8 @@ def _train(
         )
     history = resume.get("history", []) if resume else []
     run_log = RunLog(run.path, history) if dist.is_main_process() else NullRunLog()
-    options = StepOptions(
-        device=device,
-        precision=precision,
-        channels_last=cfg.trainer.channels_last,
-        accumulate=cfg.trainer.accumulate_grad_batches,
-        grad_clip_norm=cfg.trainer.grad_clip_norm,
-        check_finite=cfg.trainer.check_finite,
-        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
-        batch_transform=_build_batch_transform(cfg, train_set.num_classes),
-    )
-    eval_options = StepOptions(
-        device=device, precision=precision, channels_last=cfg.trainer.channels_last
-    )
+    options = step_options(cfg, device, precision, train_set.num_classes)
+    eval_options = StepOptions(device, precision=precision, channels_last=cfg.trainer.channels_last)
     loop = Loop(run.path, config, train_set.class_names, run_log, options, eval_options)
     log.info(
         "run dir %s | %d train / %d val images, %d classes | device %s | %s | %d process(es), "
@@ -377,7 +366,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _build_state(
+def build_state(
     cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int, precision: str
 ) -> TrainState:
     """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device);
@@ -421,6 +410,23 @@ def _build_state(
         ),
         ema=ema,
         forward=torch.compile(forward) if trainer.compile else forward,
+    )
+
+
+def step_options(
+    cfg: DictConfig, device: torch.device, precision: str, num_classes: int
+) -> StepOptions:
+    """How training steps run, as `cfg.trainer` (and `augment.mix`) say."""
+    return StepOptions(
+        device,
+        precision=precision,
+        channels_last=cfg.trainer.channels_last,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        grad_clip_norm=cfg.trainer.grad_clip_norm,
+        check_finite=cfg.trainer.check_finite,
+        # Collective under DDP, so that every rank stops at the same step.
+        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
+        batch_transform=_build_batch_transform(cfg, num_classes),
     )
 
 
