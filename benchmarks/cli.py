@@ -27,7 +27,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import exact_map, flops, levers, memory, official, pipeline, throughput, timing
+from benchmarks import (
+    distributed,
+    exact_map,
+    flops,
+    inference,
+    levers,
+    memory,
+    official,
+    pipeline,
+    throughput,
+    timing,
+)
 from benchmarks.timing import Row, machine, matmul_peak
 
 log = logging.getLogger("q2l.bench")
@@ -41,6 +52,8 @@ SECTIONS = {
     "e": "FLOPs per image and share of the measured matmul peak",
     "levers": "each default speed setting alone against the plain baseline",
     "f": "`make train` (the demo) end to end, from nothing: wall time and mAP",
+    "g": "DDP on CPU: 2 processes (gloo, 1 thread each) vs 1 process (2 threads), demo model",
+    "h": "inference: predict images/s, ONNX Runtime vs PyTorch, attention-map hook cost",
 }
 QUICK_SKIPS = {"f"}
 
@@ -195,6 +208,16 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
         rows += section("d", memory.measure_memory, epochs, num_train, num_train // 4) or []
     if "f" in args.sections:
         rows += section("f", memory.measure_demo_run) or []
+    if "g" in args.sections:
+        rows += (
+            section("g", distributed.measure_ddp_scaling, args.rounds or (1 if quick else 3)) or []
+        )
+    if "h" in args.sections:
+        cases = ["demo"] if quick else args.cases
+        rows += (
+            section("h", inference.measure_inference, cases, args.rounds or (2 if quick else 5))
+            or []
+        )
     return rows, errors, extra
 
 

@@ -24,7 +24,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from benchmarks import official
@@ -32,6 +31,7 @@ from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from q2l.amp import autocast, resolve_precision
 from q2l.config import CONFIG_DIR, build_model
 from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.train import build_state, step_options
 
 CPU = torch.device("cpu")
 OFFICIAL_TARGET = 2.0  # q2l at its defaults, training and inference, against the official code
@@ -112,40 +112,12 @@ def count_images(batches: list) -> int:
 
 
 def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
-    """The training state and step options `python train.py` builds around `model` from `cfg`.
-
-    Mirrors q2l.train's private `_build_state` and its step options for one process, except for
-    the schedule's length: far more steps than will run, so OneCycle never runs out.
-    """
-    trainer = cfg.trainer
-    precision = resolve_precision(trainer.precision.value, CPU)
-    if trainer.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = instantiate(cfg.optimizer)(model)
-    scheduler = instantiate(cfg.schedule)(optimizer, total_steps=1_000_000, steps_per_epoch=1000)
-    ema = (
-        ModelEmaV3(model, decay=trainer.ema_decay, use_warmup=trainer.ema_warmup)
-        if trainer.ema_decay > 0
-        else None
-    )
-    state = TrainState(
-        model=model,
-        loss=loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cpu", enabled=precision == "fp16"),
-        ema=ema,
-        forward=torch.compile(model) if trainer.compile else model,
-    )
-    options = StepOptions(
-        device=CPU,
-        precision=precision,
-        channels_last=trainer.channels_last,
-        accumulate=trainer.accumulate_grad_batches,
-        grad_clip_norm=trainer.grad_clip_norm,
-        check_finite=trainer.check_finite,
-    )
-    return state, options
+    """The training state and step options `python train.py` builds around `model` from `cfg`
+    (q2l.train's own builders), with a schedule far longer than will run."""
+    precision = resolve_precision(cfg.trainer.precision.value, CPU)
+    long_enough = 1_000_000 * cfg.dataset.batch_size
+    state = build_state(cfg, model, loss, long_enough, precision)
+    return state, step_options(cfg, CPU, precision, num_classes=model.num_classes)
 
 
 def defaults_note(cfg: DictConfig, options: StepOptions) -> str:

@@ -189,7 +189,7 @@ def _train(
     loss = construct(cfg.loss)
     if hasattr(loss, "align_priors"):  # class priors read with names: the data set's order
         loss.align_priors(train_set.class_names)
-    state = _build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
+    state = build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
     train_loader, val_loader = (
         build_loader(
             split,
@@ -217,19 +217,8 @@ def _train(
         )
     history = resume.get("history", []) if resume else []
     run_log = RunLog(run.path, history) if dist.is_main_process() else NullRunLog()
-    options = StepOptions(
-        device=device,
-        precision=precision,
-        channels_last=cfg.trainer.channels_last,
-        accumulate=cfg.trainer.accumulate_grad_batches,
-        grad_clip_norm=cfg.trainer.grad_clip_norm,
-        check_finite=cfg.trainer.check_finite,
-        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
-        batch_transform=_build_batch_transform(cfg, train_set.num_classes),
-    )
-    eval_options = StepOptions(
-        device=device, precision=precision, channels_last=cfg.trainer.channels_last
-    )
+    options = step_options(cfg, device, precision, train_set.num_classes)
+    eval_options = StepOptions(device, precision=precision, channels_last=cfg.trainer.channels_last)
     loop = Loop(run.path, config, train_set.class_names, run_log, options, eval_options)
     log.info(
         "run dir %s | %d train / %d val images, %d classes | device %s | %s | %d process(es), "
@@ -394,7 +383,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _build_state(
+def build_state(
     cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int, precision: str
 ) -> TrainState:
     """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device);
@@ -438,6 +427,23 @@ def _build_state(
         ),
         ema=ema,
         forward=torch.compile(forward) if trainer.compile else forward,
+    )
+
+
+def step_options(
+    cfg: DictConfig, device: torch.device, precision: str, num_classes: int
+) -> StepOptions:
+    """How training steps run, as `cfg.trainer` (and `augment.mix`) say."""
+    return StepOptions(
+        device,
+        precision=precision,
+        channels_last=cfg.trainer.channels_last,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        grad_clip_norm=cfg.trainer.grad_clip_norm,
+        check_finite=cfg.trainer.check_finite,
+        # Collective under DDP, so that every rank stops at the same step.
+        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
+        batch_transform=_build_batch_transform(cfg, num_classes),
     )
 
 
