@@ -114,20 +114,29 @@ def test_runs_started_before_the_new_options_resume_unchanged():
 
     saved = {
         "backbone": {"name": "resnet18", "timm_kwargs": None},
-        "model": {"decoder_self_attention": False},
+        "model": {
+            "_target_": "q2l.models.query2label.Query2Label",
+            "decoder_self_attention": False,
+        },
         "trainer": {"epochs": 3},
         "augment": {"randaugment": True},
     }
     current = {
         "backbone": {"name": "resnet18", "timm_kwargs": {}, "freeze": "none", "frozen_bn": False},
-        "model": {"decoder_self_attention": "none"},
+        "model": {
+            "_target_": "q2l.models.query2label.Query2Label",
+            "decoder_self_attention": "none",
+            "norm": "post",
+        },
         "trainer": {"epochs": 3, "monitor": "mAP", "early_stop_rule": "best"},
         "augment": {"randaugment": True, "randaugment_policy": "torchvision"},
     }
     assert config_diff(saved, current) == []
     current["augment"]["randaugment_policy"] = "official"  # a real change is still reported
     current["trainer"]["monitor"] = "mAP_voc"
+    current["model"]["norm"] = "pre"  # today's default: the run had the official layout in effect
     assert config_diff(saved, current) == [
-        "augment.randaugment_policy: '<absent>' -> 'official'",
-        "trainer.monitor: '<absent>' -> 'mAP_voc'",
+        "augment.randaugment_policy: 'torchvision' -> 'official'",
+        "model.norm: 'post' -> 'pre'",
+        "trainer.monitor: 'mAP' -> 'mAP_voc'",
     ]

@@ -63,6 +63,32 @@ def test_paper_defaults_and_removable_self_attention():
     assert all(layer.self_attn is not None for layer in with_self.transformer.decoder_layers)
 
 
+def test_pre_norm_head_starts_with_an_identity_encoder_and_no_output_norm():
+    model = Query2Label(TimmBackbone("resnet18", pretrained=False), 3, **SMALL_HEAD).eval()
+    transformer = model.transformer
+    assert isinstance(transformer.decoder_norm, torch.nn.Identity)
+    assert not any("decoder_norm" in name for name, _ in model.named_parameters())
+    tokens, pos = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    with torch.no_grad():  # zero-initialised residual branches: the encoder is a no-op at step 0
+        assert torch.equal(transformer.encoder_layers[0](tokens, pos), tokens)
+    post = Query2Label(TimmBackbone("resnet18", pretrained=False), 3, **SMALL_HEAD, norm="post")
+    assert isinstance(post.transformer.decoder_norm, torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="norm='postnorm'"):
+        Query2Label(TimmBackbone("resnet18", pretrained=False), 3, **SMALL_HEAD, norm="postnorm")
+
+
+def test_configs_from_before_the_norm_option_build_the_official_layout():
+    config = {
+        "backbone": {"name": "resnet18", "pretrained": False},
+        "model": {"_target_": "q2l.models.query2label.Query2Label", **SMALL_HEAD},
+        "dataset": {"image_size": 64},
+    }
+    model = build_model(config, num_classes=3)
+    assert isinstance(model.transformer.decoder_norm, torch.nn.LayerNorm)
+    config["model"]["norm"] = "pre"
+    assert isinstance(build_model(config, 3).transformer.decoder_norm, torch.nn.Identity)
+
+
 def test_no_encoder_layers_is_allowed():
     model = Query2Label(
         TimmBackbone("resnet18", pretrained=False),

@@ -63,10 +63,18 @@ COMPATIBLE_CHANGES: dict[str, set[tuple]] = {
     "backbone.normalization": {("<absent>", "pretrained")},
     "backbone.timm_kwargs": {(None, "<absent>")},  # None became {} (an empty dict has no leaves)
     "model.decoder_self_attention": {(False, "none"), (True, "all")},
+    "model.norm": {("<absent>", "post")},  # runs from before the option: the official layout
     "trainer.monitor": {("<absent>", "mAP")},
     "trainer.early_stop_rule": {("<absent>", "best")},
     "loss.class_priors_file": {("<absent>", None)},
     "augment.randaugment_policy": {("<absent>", "torchvision")},
+}
+# The value in effect before a key existed, keyed like COMPATIBLE_CHANGES.
+ADDED_KEYS_WERE = {
+    key: value
+    for key, pairs in COMPATIBLE_CHANGES.items()
+    for was, value in pairs
+    if was == "<absent>"
 }
 # Changes to these make the saved LR schedule stale.
 SCHEDULE_KEYS = (
@@ -391,6 +399,9 @@ def config_diff(
         if any(key == prefix or key.startswith(prefix + ".") for prefix in ignore):
             continue
         before, after = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
+        if before == "<absent>" and after != "<absent>":
+            # A key added since the run started: show the value the run had in effect.
+            before = ADDED_KEYS_WERE.get(key, before)
         if before != after and (before, after) not in COMPATIBLE_CHANGES.get(key, ()):
             lines.append(f"{key}: {before!r} -> {after!r}")
     return lines

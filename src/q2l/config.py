@@ -567,8 +567,11 @@ def build_model(
             else instantiate_allowed(node, MODEL_TARGETS, **runtime)
         )
 
+    head = dict(config["model"])
+    if "norm" not in head and head.get("_target_", "").endswith("Query2Label"):
+        head["norm"] = "post"  # configs from before the option describe the official layout
     body = make(backbone, image_size=config["dataset"]["image_size"])
-    return make(dict(config["model"]), backbone=body, num_classes=num_classes)
+    return make(head, backbone=body, num_classes=num_classes)
 
 
 def _targets(node: Any) -> list[str]:

@@ -72,8 +72,8 @@ def official_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
 
 def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The Query2Label options the official weights fix: num_classes, hidden_dim, ffn_dim,
-    encoder and decoder layers, input_proj, decoder_self_attention. (num_heads and dropout are not
-    in the weights: they come from the config.)"""
+    encoder and decoder layers, input_proj, decoder_self_attention, and the official post-norm
+    layout. (num_heads and dropout are not in the weights: they come from the config.)"""
     num_classes, hidden_dim = state["query_embed.weight"].shape
     encoder = _layer_indices(state, "transformer.encoder.layers.")
     decoder = _layer_indices(state, "transformer.decoder.layers.")
@@ -99,6 +99,7 @@ def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "num_decoder_layers": len(decoder),
         "input_proj": "input_proj.weight" in state,
         "decoder_self_attention": choice,
+        "norm": "post",
     }
 
 

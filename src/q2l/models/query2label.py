@@ -3,11 +3,13 @@
 backbone -> 1x1 input projection -> + sine positions -> transformer encoder -> decoder whose
 queries are one learnable embedding per label -> one linear classifier per label -> logits.
 
-Defaults are the paper's: 1 encoder / 2 decoder layers, 4 heads, hidden 2048, FFN 8192,
-dropout 0.1, decoder self-attention removed. The forward is the official code's (SlongLiu/
-query2labels): positions added to the encoder's queries and keys and to the decoder's memory keys,
-decoder queries starting at zero with the label embedding as their position, a final decoder
-norm; `q2l-import` turns its checkpoints into q2l ones (q2l.models.official).
+Sizes default to the paper's: 1 encoder / 2 decoder layers, 4 heads, hidden 2048, FFN 8192,
+dropout 0.1, decoder self-attention removed. Positions are added to the encoder's queries and
+keys and to the decoder's memory keys; decoder queries start at zero with the label embedding as
+their position, as in the official code (SlongLiu/query2labels). The layers are pre-norm without
+output LayerNorms by default, which learns much faster than the official post-norm layout
+(docs/heads.md); norm="post" is the official forward exactly, which the paper presets use and
+into which `q2l-import` turns official checkpoints (q2l.models.official).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Query2Label(nn.Module):
             "none" (the paper), "first", "rest" or "all" (the official code's
             --keep_first_self_attn_dec / --keep_other_self_attn_dec).
         input_proj: 1x1 conv from C to D; with False, C must equal D (the official code's default).
+        norm: "pre" (q2l's layout) or "post" (the official one): q2l.models.transformer.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Query2Label(nn.Module):
         dropout: float = 0.1,
         decoder_self_attention: str = "none",
         input_proj: bool = True,
+        norm: str = "pre",
     ) -> None:
         super().__init__()
         channels = backbone.num_channels
@@ -68,6 +72,7 @@ class Query2Label(nn.Module):
             ffn_dim=ffn_dim,
             dropout=dropout,
             decoder_self_attention=decoder_self_attention,
+            norm=norm,
         )
         self.label_embed = nn.Embedding(num_classes, hidden_dim)
         self.classifier = GroupWiseLinear(num_classes, hidden_dim)

@@ -1,4 +1,12 @@
-"""Transformer encoder/decoder for Query2Label (DETR lineage, post-norm).
+"""Transformer encoder/decoder for Query2Label (DETR lineage), in two layouts.
+
+- norm="pre" (q2l's default): pre-norm blocks, x + f(LayerNorm(x)); no LayerNorm on the encoder's
+  or the decoder's output; the last linear of each encoder branch and of each decoder FFN starts at
+  zero, so the encoder is the identity at step 0. A LayerNorm between the image features and the
+  per-label classifiers lets the head's output collapse to an image-independent vector during
+  warm-up and starves the backbone's gradient; docs/heads.md has the measurements.
+- norm="post": the official Query2Label (DETR) layout, post-norm blocks and a final decoder
+  LayerNorm, for the paper presets and imported official checkpoints.
 
 Batch-first throughout and built on `F.scaled_dot_product_attention`, so PyTorch picks the fused
 attention kernel for the device. The decoder's self-attention can be removed, as the Query2Label
@@ -31,6 +39,8 @@ class Transformer(nn.Module):
         decoder_self_attention: which decoder layers keep self-attention among label queries:
             "none" (the paper), "first", "rest" (all but the first) or "all"; True/False mean
             "all"/"none".
+        norm: "pre" (pre-norm, no output LayerNorms, zero-initialised residual branches) or
+            "post" (the official layout); see the module docstring.
     """
 
     def __init__(
@@ -42,8 +52,12 @@ class Transformer(nn.Module):
         ffn_dim: int = 8192,
         dropout: float = 0.1,
         decoder_self_attention: str | bool = "none",
+        norm: str = "pre",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: choose pre or post")
+        pre = norm == "pre"
         keep_self_attention = decoder_self_attention_layers(
             decoder_self_attention, num_decoder_layers
         )
@@ -52,19 +66,32 @@ class Transformer(nn.Module):
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
+            EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout, pre)
+            for _ in range(num_encoder_layers)
         )
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, keep)
+            DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, keep, pre)
             for keep in keep_self_attention
         )
-        self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self._reset_parameters()
+        # Post-norm's final LayerNorm; pre-norm feeds the classifiers the residual stream.
+        self.decoder_norm = nn.Identity() if pre else nn.LayerNorm(hidden_dim)
+        self._reset_parameters(zero_branches=pre)
 
-    def _reset_parameters(self) -> None:
+    def _reset_parameters(self, zero_branches: bool) -> None:
         for parameter in self.parameters():
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
+        if not zero_branches:
+            return
+        # Residual branches that start at zero: the encoder is the identity and each decoder FFN a
+        # no-op at step 0, so the backbone first trains under a near-linear head (as under global
+        # pooling + linear) instead of random layers. The decoder's cross-attention keeps its
+        # init: the queries start at zero and it is their only input.
+        last_linears = [layer.self_attn.out_proj for layer in self.encoder_layers]
+        last_linears += [layer.ffn[-1] for layer in [*self.encoder_layers, *self.decoder_layers]]
+        for linear in last_linears:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(
         self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor
@@ -83,6 +110,7 @@ class Transformer(nn.Module):
 
 
 SELF_ATTENTION_CHOICES = ("none", "first", "rest", "all")
+NORMS = ("pre", "post")
 
 
 def decoder_self_attention_layers(choice: str | bool, num_layers: int) -> list[bool]:
@@ -142,10 +170,13 @@ class FeedForward(nn.Sequential):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm self-attention + FFN over image tokens: (B, N, D) -> (B, N, D)."""
+    """Pre- or post-norm self-attention + FFN over image tokens: (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, pre_norm: bool
+    ) -> None:
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(hidden_dim, num_heads, dropout)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.ffn = FeedForward(hidden_dim, ffn_dim, dropout)
@@ -153,18 +184,31 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            normed = self.norm1(src)
+            query_key = normed + pos
+            src = src + self.dropout(self.self_attn(query_key, query_key, normed))
+            return src + self.dropout(self.ffn(self.norm2(src)))
         query_key = src + pos
         src = self.norm1(src + self.dropout(self.self_attn(query_key, query_key, src)))
         return self.norm2(src + self.dropout(self.ffn(src)))
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm [self-attention +] cross-attention + FFN for label queries: (B, K, D) -> same."""
+    """Pre- or post-norm [self-attention +] cross-attention + FFN for label queries:
+    (B, K, D) -> (B, K, D)."""
 
     def __init__(
-        self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, self_attention: bool
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        self_attention: bool,
+        pre_norm: bool,
     ) -> None:
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(hidden_dim, num_heads, dropout) if self_attention else None
         self.norm1 = nn.LayerNorm(hidden_dim) if self_attention else None
         self.cross_attn = Attention(hidden_dim, num_heads, dropout)
@@ -182,6 +226,14 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """queries (1|B, K, D), memory_keys = memory + pos (B, N, D), memory (B, N, D),
         query_pos (1, K, D) -> (B, K, D)."""
+        if self.pre_norm:
+            if self.self_attn is not None:
+                normed = self.norm1(queries)
+                query_key = normed + query_pos
+                queries = queries + self.dropout(self.self_attn(query_key, query_key, normed))
+            attended = self.cross_attn(self.norm2(queries) + query_pos, memory_keys, memory)
+            queries = queries + self.dropout(attended)  # (B, K, D)
+            return queries + self.dropout(self.ffn(self.norm3(queries)))
         if self.self_attn is not None:
             query_key = queries + query_pos
             queries = self.norm1(
