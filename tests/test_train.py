@@ -157,13 +157,15 @@ def test_resume_refuses_another_model(tiny_cfg, tmp_path):
 
 
 def test_early_stopping(tiny_cfg, tmp_path):
-    # lr 0 can never improve on epoch 1, so patience 1 stops at epoch 2 of 5.
+    # lr 0 and frozen BatchNorm statistics can never improve on epoch 1, so patience 1 stops at
+    # epoch 2 of 5. (With BatchNorm in train mode its running statistics still move and can.)
     summary = train(
         tiny_cfg(
             "trainer.epochs=5",
             "trainer.early_stop_patience=1",
             "optimizer.lr=0",
             "trainer.ema_decay=0",
+            "backbone.frozen_bn=true",
         ),
         tmp_path / "run",
     )

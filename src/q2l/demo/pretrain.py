@@ -128,11 +128,11 @@ def _pretrain(
     model.reset_classifier(0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output))
     log.info(
-        "pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s -> %s",
+        # No path here: `output` is still the temporary folder build_owned_folder renames.
+        "pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s",
         name,
         100 * correct / (steps_per_epoch * batch_size),
         time.perf_counter() - start,
-        output,
     )
 
 
