@@ -16,10 +16,9 @@ saves, under "state_dict" (DDP's `module.` prefix or not):
 q2l's Query2Label with norm="post" computes the same forward (post-norm layers, positions added
 to the encoder's queries and keys and to the decoder's memory keys, decoder queries starting at
 zero with the label embedding as their position, a final decoder norm), so only names and packing
-change: each
-nn.MultiheadAttention's packed q/k/v projection is split into q_proj/k_proj/v_proj, `linear1`/
-`linear2` become `ffn.0`/`ffn.3`, and the backbone goes through timm's own conversion of that
-architecture's original weights (q2l.models.backbone.convert_state_dict).
+change: each nn.MultiheadAttention's packed q/k/v projection is split into q_proj/k_proj/v_proj,
+`linear1`/`linear2` become `ffn.0`/`ffn.3`, and the backbone goes through timm's own conversion of
+that architecture's original weights (q2l.models.backbone.convert_state_dict).
 """
 
 from __future__ import annotations
