@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.throughput import CASES, build_case_model, compose_config, q2l_state
 from benchmarks.timing import Row
-from q2l.config import construct
+from q2l.build import construct
 from q2l.engine import train_one_epoch
 
 WARMUP_STEPS = 3

@@ -29,9 +29,9 @@ from torch import nn
 from benchmarks import official
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from q2l.amp import autocast, resolve_precision
-from q2l.config import CONFIG_DIR, build_model
+from q2l.build import build_model, build_state, step_options
+from q2l.config import CONFIG_DIR
 from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
-from q2l.train import build_state, step_options
 
 CPU = torch.device("cpu")
 OFFICIAL_TARGET = 2.0  # q2l at its defaults, training and inference, against the official code

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from q2l.config import BACKBONES, CONFIG_DIR, build_model
+from q2l.build import build_model
+from q2l.config import BACKBONES, CONFIG_DIR
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
 
 CONF = Path(CONFIG_DIR)

@@ -198,15 +198,15 @@ def test_hide_labels_keeps_a_seeded_share_of_each_row():
 
 
 def test_partial_labels_hide_train_labels_only(tiny_cfg):
-    from q2l.train import _build_datasets
+    from q2l.build import build_datasets
 
-    full_train, full_val = _build_datasets(tiny_cfg(), (0.5,) * 3, (0.5,) * 3)
+    full_train, full_val = build_datasets(tiny_cfg(), (0.5,) * 3, (0.5,) * 3)
     cfg = tiny_cfg("dataset.partial.keep_ratio=0.5", "loss=partial_asl")
-    train_set, val_set = _build_datasets(cfg, (0.5,) * 3, (0.5,) * 3)
+    train_set, val_set = build_datasets(cfg, (0.5,) * 3, (0.5,) * 3)
     assert (train_set.labels == -1).mean() == pytest.approx(0.5, abs=0.01)
     assert np.array_equal(val_set.labels, full_val.labels) and not (full_train.labels == -1).any()
     with pytest.raises(ValueError, match="unknown \\(-1\\) entries, which loss=asl"):
-        _build_datasets(tiny_cfg("dataset.partial.keep_ratio=0.5"), (0.5,) * 3, (0.5,) * 3)
+        build_datasets(tiny_cfg("dataset.partial.keep_ratio=0.5"), (0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.mark.slow

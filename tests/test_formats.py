@@ -18,7 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
-from q2l.config import instantiate_allowed
+from q2l.build import instantiate_allowed
 from q2l.data import DATASETS
 from q2l.data.table import TableMultiLabel
 from q2l.data.validate import DataValidationError, validate_splits

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from q2l.config import CONFIG_DIR, build_model
+from q2l.build import build_model
+from q2l.config import CONFIG_DIR
 from q2l.models import HEAD_CLASSES, HEADS, GlobalPoolLinear, MLDecoder, Query2Label, TimmBackbone
 from q2l.models.ml_decoder import GroupFullyConnected
 from q2l.optim import build_adamw

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from q2l.config import build_model
+from q2l.build import build_model
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.query2label import GroupWiseLinear

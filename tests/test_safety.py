@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import q2l.atomic as atomic_module
 import q2l.train as train_module
 from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
-from q2l.config import ConfigValueError
+from q2l.checks import ConfigValueError
 from q2l.data.validate import main as validate_main
 from q2l.demo.owned import FolderNotOursError
 from q2l.losses import AsymmetricLoss
@@ -379,7 +379,7 @@ def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(
 def test_8_impossible_values_fail_at_start_naming_the_key(
     tiny_cfg, tmp_path, monkeypatch, override
 ):
-    monkeypatch.setattr(train_module, "_build_datasets", lambda *a: pytest.fail("data was read"))
+    monkeypatch.setattr(train_module, "build_datasets", lambda *a: pytest.fail("data was read"))
     key = override.split("=")[0]
     with pytest.raises(ConfigValueError, match=f"{key}="):
         train(tiny_cfg(override), tmp_path / "run")
@@ -532,7 +532,7 @@ def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
     read_only(run_dir / "checkpoints")
-    monkeypatch.setattr(train_module, "_build_datasets", lambda *a: pytest.fail("data was read"))
+    monkeypatch.setattr(train_module, "build_datasets", lambda *a: pytest.fail("data was read"))
     with pytest.raises(RunDirError, match=r"checkpoints is not writable"):
         train(tiny_cfg("trainer.epochs=2", "resume=auto", "allow_config_change=true"), run_dir)
 

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from q2l import dist
 from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-from q2l.config import CONFIG_DIR, check_values
+from q2l.checks import check_values
+from q2l.config import CONFIG_DIR
 from q2l.data.dataset import load_rgb
 from q2l.data.transforms import build_eval_transform
 from q2l.drawing import captioned, grid, heatmap_overlay

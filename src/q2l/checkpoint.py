@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 `torch.load(weights_only=True)`: nothing in it is pickled code, and the config it carries is a
-plain container that is only rebuilt through allowlists (q2l.config.instantiate_allowed).
+plain container that is only rebuilt through allowlists (q2l.build.instantiate_allowed).
 
 Keys: format_version, q2l_version, torch_version; the TrainState (model, ema, optimizer,
 scheduler, scaler, loss, step, rng); progress (the loop's position), epoch, best_metric,
@@ -185,7 +185,7 @@ def model_from_checkpoint(
     Returns:
         (model on CPU in eval mode, "model" or "ema": which weights were loaded).
     """
-    from q2l.config import build_model  # config imports the model zoo; only this needs it here
+    from q2l.build import build_model  # build imports the model zoo; only this needs it here
 
     chosen = (
         checkpoint.get("eval_weights", "model")

@@ -10,7 +10,6 @@ defaults, so each default lives in one place, the code. YAML files only state wh
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import inspect
 import os
 import types
@@ -22,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
-from torch import nn
+from omegaconf import MISSING, OmegaConf
 
 from q2l import losses, optim
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
-from q2l.models import HEAD_CLASSES, MODEL_TARGETS, TimmBackbone
+from q2l.models import HEAD_CLASSES, TimmBackbone
+from q2l.rundir import run_time
 
 # conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
 CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -392,76 +389,7 @@ class AttentionConf:
     device: str = "auto"
 
 
-class ConfigValueError(ValueError):
-    """Config values that cannot work, each named as `key=value: why`."""
-
-
-# Values a type cannot rule out. Checked by `check_values` at the start of every command, before
-# anything is read or written; keys absent from a config (another data set's options) are skipped.
-_ABSENT = object()
-_AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
-_OPTIONAL_AT_LEAST_1 = (lambda v: v is None or v >= 1, "must be at least 1 (or null for no limit)")
-_FRACTION = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
-_OPEN_FRACTION = (lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
-_NON_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
-VALUE_RULES = {
-    "trainer.epochs": _AT_LEAST_1,
-    "trainer.limit_train_batches": _OPTIONAL_AT_LEAST_1,
-    "trainer.limit_val_batches": _OPTIONAL_AT_LEAST_1,
-    "trainer.log_every_n_steps": _AT_LEAST_1,
-    "trainer.checkpoint_every_steps": _OPTIONAL_AT_LEAST_1,
-    "trainer.keep_last": _AT_LEAST_1,
-    "trainer.accumulate_grad_batches": _AT_LEAST_1,
-    "trainer.early_stop_patience": _OPTIONAL_AT_LEAST_1,
-    "trainer.max_consecutive_skipped_steps": _NON_NEGATIVE,
-    "trainer.ema_decay": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 turns the EMA off)"),
-    "trainer.grad_clip_norm": (
-        lambda v: v is None or v > 0,
-        "must be positive (or null for no clipping)",
-    ),
-    "trainer.threshold": _OPEN_FRACTION,
-    "dataset.batch_size": _AT_LEAST_1,
-    "dataset.image_size": _AT_LEAST_1,
-    "dataset.num_workers": _NON_NEGATIVE,
-    "dataset.max_bad_fraction": _FRACTION,
-    "dataset.partial.keep_ratio": (
-        lambda v: 0.0 < v <= 1.0,
-        "must be in (0, 1] (1 keeps every label)",
-    ),
-    "dataset.val_fraction": _OPEN_FRACTION,
-    "optimizer.lr": _NON_NEGATIVE,
-    "optimizer.weight_decay": _NON_NEGATIVE,
-    "schedule.pct_start": _OPEN_FRACTION,
-    "schedule.warmup_epochs": _NON_NEGATIVE,
-    # eval.yaml
-    "batch_size": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the run's own)"),
-    "num_workers": (lambda v: v is None or v >= 0, "must be 0 or more (or null for the run's own)"),
-    "limit_val_batches": _OPTIONAL_AT_LEAST_1,
-    "threshold": (
-        lambda v: v is None or 0.0 < v < 1.0,
-        "must be in (0, 1) (or null for the run's own)",
-    ),
-    # predict.yaml, export.yaml, attention.yaml
-    "top_k": _AT_LEAST_1,
-    "alpha": _FRACTION,
-    "tolerance": (lambda v: v > 0, "must be positive"),
-}
-
-
-def check_values(cfg: DictConfig) -> None:
-    """Raise ConfigValueError naming every key of `cfg` whose value `VALUE_RULES` rejects."""
-    problems = []
-    for key, (accept, why) in VALUE_RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
-            continue
-        if isinstance(value, str) or not accept(value):
-            problems.append(f"{key}={value}: {why}")
-    if problems:
-        raise ConfigValueError("invalid config value(s):\n  " + "\n  ".join(problems))
-
-
-# What every head receives when it is built (q2l.config.build_model), so no config field.
+# What every head receives when it is built (q2l.build.build_model), so no config field.
 HEAD_RUNTIME = ("backbone", "num_classes")
 
 
@@ -516,84 +444,6 @@ def register_configs() -> None:
         node = BackboneConf(name=timm_name, timm_kwargs={})
         store.store(group="backbone", name=option, node=node)
 
-
-def construct(node: Any, **runtime: Any) -> Any:
-    """`hydra.utils.instantiate`, raising the target's own error (ValueError, OSError, ...) rather
-    than Hydra's wrapper around it, so the user reads which file or value is wrong."""
-    try:
-        return instantiate(node, **runtime)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, (ValueError, OSError, RuntimeError)):
-            raise error.__cause__ from None
-        raise
-
-
-def instantiate_allowed(node: dict[str, Any], allowed: dict[str, Callable], **runtime: Any) -> Any:
-    """`hydra.utils.instantiate` for config read from a file (a checkpoint): every `_target_` in
-    `node` must be in `allowed`, so nothing a file names is imported or called otherwise."""
-    for target in _targets(node):
-        if target not in allowed:
-            raise ValueError(
-                f"the checkpoint's config names {target!r}, which q2l does not rebuild from a "
-                "file; "
-                ""
-                f"known: {sorted(allowed)}"
-            )
-    return construct(node, **runtime)
-
-
-def build_model(
-    config: dict[str, Any], num_classes: int, pretrained: bool | None = None, trusted: bool = True
-) -> nn.Module:
-    """The model `config` (a resolved train config) describes: its backbone under its head.
-
-    Args:
-        pretrained: overrides `backbone.pretrained` (False when a checkpoint supplies every weight).
-        trusted: False for a checkpoint's config, whose `_target_`s must be in MODEL_TARGETS.
-    Returns:
-        a module mapping images (B, 3, H, W) to logits (B, K), K = num_classes.
-    """
-    backbone = {"_target_": "q2l.models.backbone.TimmBackbone", **config["backbone"]}
-    if "kwargs" in backbone:  # checkpoints of q2l 0.1
-        backbone["timm_kwargs"] = backbone.pop("kwargs")
-    backbone.pop("prepare", None)
-    if pretrained is not None:
-        backbone["pretrained"] = pretrained
-
-    def make(node: dict[str, Any], **runtime: Any) -> Any:
-        return (
-            construct(node, **runtime)
-            if trusted
-            else instantiate_allowed(node, MODEL_TARGETS, **runtime)
-        )
-
-    head = dict(config["model"])
-    if "norm" not in head and head.get("_target_", "").endswith("Query2Label"):
-        head["norm"] = "post"  # configs from before the option describe the official layout
-    body = make(backbone, image_size=config["dataset"]["image_size"])
-    return make(head, backbone=body, num_classes=num_classes)
-
-
-def _targets(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        own = [node["_target_"]] if "_target_" in node else []
-        return own + [t for value in node.values() for t in _targets(value)]
-    if isinstance(node, list):
-        return [t for value in node for t in _targets(value)]
-    return []
-
-
-def run_time() -> datetime.datetime:
-    """This run's start time, for run directory names: Q2L_RUN_TIME (ISO) when set, so that every
-    process of a distributed run names the same directory; else the first call's time."""
-    global _RUN_TIME
-    if _RUN_TIME is None:
-        stamp = os.environ.get("Q2L_RUN_TIME")
-        _RUN_TIME = datetime.datetime.fromisoformat(stamp) if stamp else datetime.datetime.now()
-    return _RUN_TIME
-
-
-_RUN_TIME: datetime.datetime | None = None
 
 # Registered on import: anything that composes q2l configs (entry points, tests, notebooks using
 # hydra.compose) imports this module first.

@@ -36,9 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist, reports
 from q2l.amp import resolve_precision
+from q2l.build import instantiate_allowed
 from q2l.calibration import f1_thresholds, per_class_counts
 from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-from q2l.config import CONFIG_DIR, check_values, instantiate_allowed
+from q2l.checks import check_values
+from q2l.config import CONFIG_DIR
 from q2l.data import DATASETS
 from q2l.data.loader import build_loader
 from q2l.data.transforms import build_eval_transform

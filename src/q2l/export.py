@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-from q2l.config import CONFIG_DIR, check_values
+from q2l.checks import check_values, choice
+from q2l.config import CONFIG_DIR
 from q2l.inference import exporters
 from q2l.inference.model_info import ModelInfo, read_thresholds, thresholds_path
 
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export `cfg.ckpt` as `cfg.format` into `cfg.output`; returns what was written and checked."""
-    fmt = str(getattr(cfg.format, "value", cfg.format))
+    fmt = choice(cfg.format)
     output = _output_path(cfg, fmt)
     checkpoint_path = Path(cfg.ckpt)
     checkpoint = load_checkpoint(checkpoint_path)

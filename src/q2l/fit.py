@@ -27,6 +27,7 @@ from q2l.checkpoint import (
     save_checkpoint,
     training_payload,
 )
+from q2l.checks import choice
 from q2l.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.metrics import compute_metrics
 from q2l.preemption import StopRequest
@@ -147,7 +148,7 @@ def _finish_epoch(
     if _early_stop(record, progress, trainer):
         log.info(
             "early stop (%s rule): no better %s for %d epochs",
-            _text(trainer.early_stop_rule),
+            choice(trainer.early_stop_rule),
             record["monitor"],
             trainer.early_stop_patience,
         )
@@ -182,7 +183,7 @@ def _early_stop(record: dict[str, Any], progress: Progress, trainer: DictConfig)
     patience = trainer.early_stop_patience
     if patience is None:
         return False
-    if _text(trainer.early_stop_rule) == "best":
+    if choice(trainer.early_stop_rule) == "best":
         return progress.epoch - progress.best_epoch >= patience
     monitor = record["monitor"]
     has_ema = f"{monitor}_ema" in record
@@ -190,11 +191,6 @@ def _early_stop(record: dict[str, Any], progress: Progress, trainer: DictConfig)
     best = progress.best_ema_metric if has_ema else progress.best_raw_metric
     since = progress.epoch - max(progress.best_epoch, progress.best_raw_epoch)
     return progress.best_epoch >= 1 and since > patience and progress.epoch > 1 and last < best
-
-
-def _text(value: Any) -> str:
-    """A config choice as a string: typed configs hold Enum members, plain ones strings."""
-    return str(getattr(value, "value", value))
 
 
 def _preempted(stop: StopRequest, state: TrainState, progress: Progress, loop: Loop) -> str:
@@ -308,7 +304,7 @@ def _validate(
             record.update({f"{key}{suffix}": value for key, value in metrics.items()})
             results[suffix] = scores, targets
     if dist.is_main_process():
-        monitor = _text(trainer.monitor)
+        monitor = choice(trainer.monitor)
         for metric in ("mAP", "mAP_voc"):
             ema_better = record.get(f"{metric}_ema", -math.inf) > record[metric]
             record[f"{metric}_best"] = record[f"{metric}_ema"] if ema_better else record[metric]

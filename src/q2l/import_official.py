@@ -24,8 +24,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from q2l.build import build_model
 from q2l.checkpoint import load_strict, save_checkpoint
-from q2l.config import CONFIG_DIR, build_model, check_values
+from q2l.checks import check_values
+from q2l.config import CONFIG_DIR
 from q2l.data.coco import COCO_CLASSES
 from q2l.data.label_lists import read_class_file
 from q2l.models.official import (

@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from q2l.config import CONFIG_DIR, check_values
+from q2l.checks import check_values
+from q2l.config import CONFIG_DIR
 from q2l.data.transforms import build_eval_transform
 from q2l.inference.inputs import ImageFiles, collate, resolve_inputs
 from q2l.inference.model_info import choose_thresholds

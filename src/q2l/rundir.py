@@ -13,6 +13,7 @@ earlier run exactly as it was. A new run starts at once, so even its early failu
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
 import json
@@ -189,3 +190,16 @@ def _split(override: str) -> tuple[str, str]:
     """('trainer.epochs', '5') from 'trainer.epochs=5', '+trainer.epochs=5' or '~trainer.epochs'."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
+
+
+def run_time() -> datetime.datetime:
+    """This run's start time, for run directory names: Q2L_RUN_TIME (ISO) when set, so that every
+    process of a distributed run names the same directory; else the first call's time."""
+    global _RUN_TIME
+    if _RUN_TIME is None:
+        stamp = os.environ.get("Q2L_RUN_TIME")
+        _RUN_TIME = datetime.datetime.fromisoformat(stamp) if stamp else datetime.datetime.now()
+    return _RUN_TIME
+
+
+_RUN_TIME: datetime.datetime | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -18,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 
 from q2l import dist
 from q2l.amp import resolve_precision
+from q2l.build import build_datasets, build_model, build_state, construct, step_options
 from q2l.checkpoint import (
     find_resumable,
     load_checkpoint,
@@ -34,13 +30,10 @@ from q2l.checkpoint import (
     restore_training,
     resume_changes,
 )
-from q2l.config import CONFIG_DIR, build_model, check_values, construct
+from q2l.checks import check_values, choice
+from q2l.config import CONFIG_DIR
 from q2l.data.loader import build_loader
-from q2l.data.mix import build_batch_transform
-from q2l.data.partial import hide_labels
-from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.data.validate import validate_splits
-from q2l.engine import StepOptions, TrainState
+from q2l.engine import StepOptions
 from q2l.fit import Loop, Progress, fit
 from q2l.models.backbone import TimmBackbone, normalization
 from q2l.preemption import EXIT_PREEMPTED, requeue
@@ -179,7 +172,7 @@ def _train(
     if resume and config["trainer"]["precision"] == "auto":
         # A resumed run keeps the precision it started with, whatever auto would pick here now.
         precision = resume.get("precision", precision)
-    train_set, val_set = _build_datasets(
+    train_set, val_set = build_datasets(
         cfg, *normalization(cfg.backbone.name, cfg.backbone.normalization)
     )
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
@@ -238,7 +231,7 @@ def _train(
         status = fit(state, train_loader, val_loader, cfg.trainer, progress, loop)
     finally:
         run_log.close()
-    monitor = _text(cfg.trainer.monitor)
+    monitor = choice(cfg.trainer.monitor)
     summary = _summary(
         run_log.history, progress, state.step, status, time.perf_counter() - start, monitor
     )
@@ -287,164 +280,6 @@ def _finished(progress: dict[str, Any], epochs: int) -> bool:
     """True when the checkpoint's run ended: early stopped, or `epochs` trained and validated."""
     status = progress.get("status", "running")
     return status == "early_stopped" or (status == "completed" and progress["epoch"] >= epochs)
-
-
-def _build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...]):
-    """Train and val splits with their transforms, normalised as the backbone expects, checked.
-
-    Annotation problems surface here with the format reader's message; dataset.partial then hides
-    training labels, and _validate_data checks the files, all before the model is built.
-    """
-    data = cfg.dataset
-    size = data.image_size
-    augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
-    augment.pop("mix", None)  # a batch transform, not an image one: _build_batch_transform
-    loading = {"on_bad_image": _text(data.on_bad_image), "max_bad_fraction": data.max_bad_fraction}
-    train_set = construct(
-        data.train, transform=build_train_transform(size, mean, std, **augment), **loading
-    )
-    val_set = construct(data.val, transform=build_eval_transform(size, mean, std), **loading)
-    if train_set.class_names != val_set.class_names:
-        raise ValueError(
-            "train and val splits have different classes: "
-            f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}"
-        )
-    if data.partial.keep_ratio < 1.0:
-        train_set.labels = hide_labels(
-            train_set.labels, data.partial.keep_ratio, seed=data.partial.seed
-        )
-        log.info(
-            "partial labels: kept %.0f%% of each training image's labels "
-            "(dataset.partial.keep_ratio=%s)",
-            100 * data.partial.keep_ratio,
-            data.partial.keep_ratio,
-        )
-    dist.on_main(
-        _validate_data, cfg, train_set, val_set
-    )  # reads every file once, not once per rank
-    return train_set, val_set
-
-
-def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
-    """Check both splits' image files (dataset.validate quick/full/off); raise naming every problem.
-
-    With on_bad_image=skip, up to max_bad_fraction of a split may be missing or unreadable
-    (warnings). Unknown (-1) training targets are refused with loss=asl, which would read them as
-    probabilities.
-    """
-    data = cfg.dataset
-    unknown = int((train_set.labels == -1).sum())
-    if unknown and str(cfg.loss.get("_target_", "")).endswith(".AsymmetricLoss"):
-        raise ValueError(
-            f"the training labels hold {unknown} unknown (-1) entries, which loss=asl would read "
-            "as "
-            ""
-            "probabilities; use loss=partial_asl or loss=bce (or, for VOC, "
-            "dataset.difficult=positive)"
-        )
-    level = _text(data.validate)
-    if level == "off":
-        log.warning("dataset.validate=off: image files are not checked before training")
-        return
-    skip = _text(data.on_bad_image) == "skip"
-    report = validate_splits(
-        train_set, val_set, level=level, bad_image_tolerance=data.max_bad_fraction if skip else None
-    )
-    log.info(
-        "data checked (%s, %.1f s): %d train / %d val images, %d classes, no problems",
-        level,
-        report.seconds,
-        len(train_set),
-        len(val_set),
-        train_set.num_classes,
-    )
-    for warning in report.warnings:
-        log.warning("data: %s", warning)
-
-
-def _build_batch_transform(cfg: DictConfig, num_classes: int):
-    """MixUp/CutMix as augment.mix says, or None."""
-    mix = OmegaConf.to_container(cfg.augment.mix, enum_to_str=True)
-    batch_transform = build_batch_transform(
-        mix, num_classes=num_classes, batch_size=cfg.dataset.batch_size
-    )
-    if batch_transform is not None and str(cfg.loss.get("_target_", "")).endswith(
-        ".PartialAsymmetricLoss"
-    ):
-        log.warning(
-            "augment.mix makes soft targets, which loss=partial_asl gives no loss; prefer asl or "
-            "bce"
-        )
-    return batch_transform
-
-
-def _text(value: Any) -> str:
-    """A config choice as a string: typed configs hold Enum members, plain ones strings."""
-    return str(getattr(value, "value", value))
-
-
-def build_state(
-    cfg: DictConfig, model: torch.nn.Module, loss: torch.nn.Module, num_images: int, precision: str
-) -> TrainState:
-    """Optimizer, per-step schedule, grad scaler and weight EMA around `model` (on its device);
-    under several processes the model is wrapped in DistributedDataParallel for the forward."""
-    trainer = cfg.trainer
-    # Each rank trains on its share, whole batches only; one step per `accumulate` batches.
-    batches = num_images // dist.world_size() // cfg.dataset.batch_size
-    if batches == 0:
-        raise ValueError(
-            f"the training split has {num_images} images: fewer than dataset.batch_size="
-            f"{cfg.dataset.batch_size} per process ({dist.world_size()} process(es))"
-        )
-    batches = min(batches, trainer.limit_train_batches or batches)
-    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-    if trainer.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if trainer.sync_bn and dist.is_distributed():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    forward = model
-    if dist.is_distributed():
-        device = next(model.parameters()).device
-        # Wrapping broadcasts rank 0's weights, so every rank (and its EMA) starts from them.
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = instantiate(cfg.optimizer)(model)
-    scheduler = instantiate(cfg.schedule)(
-        optimizer, total_steps=steps_per_epoch * trainer.epochs, steps_per_epoch=steps_per_epoch
-    )
-    ema = None
-    if trainer.ema_decay > 0:
-        ema = ModelEmaV3(model, decay=trainer.ema_decay, use_warmup=trainer.ema_warmup)
-    return TrainState(
-        model=model,
-        loss=loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        # Only fp16 needs loss scaling; for bf16/fp32 the disabled scaler is a pass-through.
-        scaler=torch.amp.GradScaler(
-            next(model.parameters()).device.type, enabled=precision == "fp16"
-        ),
-        ema=ema,
-        forward=torch.compile(forward) if trainer.compile else forward,
-    )
-
-
-def step_options(
-    cfg: DictConfig, device: torch.device, precision: str, num_classes: int
-) -> StepOptions:
-    """How training steps run, as `cfg.trainer` (and `augment.mix`) say."""
-    return StepOptions(
-        device,
-        precision=precision,
-        channels_last=cfg.trainer.channels_last,
-        accumulate=cfg.trainer.accumulate_grad_batches,
-        grad_clip_norm=cfg.trainer.grad_clip_norm,
-        check_finite=cfg.trainer.check_finite,
-        # Collective under DDP, so that every rank stops at the same step.
-        is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
-        batch_transform=_build_batch_transform(cfg, num_classes),
-    )
 
 
 def _summary(

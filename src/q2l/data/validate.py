@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.utils import instantiate
     from omegaconf.errors import OmegaConfBaseException
 
-    from q2l.config import CONFIG_DIR, ConfigValueError, check_values
+    from q2l.checks import ConfigValueError, check_values, choice
+    from q2l.config import CONFIG_DIR
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = compose(config_name="train", overrides=overrides)
         check_values(cfg)
         data = cfg.dataset
-        level = _level_name(data.get("validate", "quick"))
+        level = choice(data.get("validate", "quick"))
     except (HydraException, OmegaConfBaseException, ConfigValueError) as error:
         print(f"q2l-validate-data: {error}", file=sys.stderr)
         return 2
@@ -310,11 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(report.format())
     return 0
-
-
-def _level_name(value: Any) -> str:
-    """The config's validate level as a string (an Enum in typed configs, a str in plain ones)."""
-    return str(getattr(value, "value", value))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class ModelInfo:
 
     thresholds: per-class thresholds (K floats) when calibrated, else None: `threshold` applies.
     model_config: the `backbone`, `model` and `dataset.image_size` entries of the run's config,
-        enough to rebuild the module (q2l.config.build_model, allowlisted).
+        enough to rebuild the module (q2l.build.build_model, allowlisted).
     """
 
     class_names: list[str]

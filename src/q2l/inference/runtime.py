@@ -142,7 +142,7 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     """
     from safetensors.torch import load_file
 
-    from q2l.config import build_model
+    from q2l.build import build_model
 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
