@@ -138,3 +138,13 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
     assert "predict 1/2 (50%)" in done.stdout and "predict done: 2 in" in done.stdout
     assert "\r" not in done.stderr  # no tqdm bar in a log file
     assert len(output.read_text().splitlines()) == 6
+
+
+def test_the_command_line_takes_model_as_the_export_file(exports, photos, tmp_path, cli_env):
+    # `model` is also the head's config group; predict reads model=PATH as model_file=PATH.
+    output = tmp_path / "onnx.csv"
+    command = [sys.executable, "predict.py", f"model={exports['onnx'][0]}", f"input={photos}"]
+    command += [f"output={output}", "num_workers=0"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(output.read_text().splitlines()) == 1 + 6  # header and the six readable images

@@ -1,7 +1,7 @@
 """Prediction entry point: score a folder, glob or list of images with a checkpoint or an export.
 
     python predict.py ckpt=outputs/.../checkpoints/best.pt input=photos/ output=predictions.jsonl
-    q2l-predict model_file=best.onnx input='photos/**/*.jpg' output=predictions.csv
+    q2l-predict model_file=best.onnx input='photos/**/*.jpg' output=predictions.csv  # or model=
 
 Writes one row per readable image: its path, the labels at or above their class's threshold and
 every class's score (q2l.inference.writers). An unreadable image is logged, listed in the closing
@@ -13,6 +13,7 @@ else the run's trainer.threshold; the log says which.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,18 @@ from q2l.progress import track
 log = logging.getLogger("q2l.predict")
 
 
+def main() -> None:
+    """q2l-predict / python predict.py. `model=PATH` is read as `model_file=PATH`: `model` is the
+    head's config group, so Hydra would otherwise refuse it with a message about defaults lists."""
+    sys.argv[1:] = [
+        "model_file=" + arg.partition("=")[2] if arg.startswith("model=") else arg
+        for arg in sys.argv[1:]
+    ]
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     check_values(cfg)
     predict(cfg)
 
