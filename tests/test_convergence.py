@@ -1,9 +1,10 @@
 """Convergence: the default Query2Label head learns at least as well as global pooling + linear.
 
 The first Query2Label head, laid out as the official code (post-norm blocks, a final LayerNorm,
-xavier init), trained from scratch reached 52.9 mAP here where global pooling + linear reached
-74.9. The default head (pre-norm, no output LayerNorm, zero-initialised residual branches) reaches
-78.8. docs/heads.md has the diagnosis and the numbers on real backbones.
+xavier init, dropout 0.1), trained from scratch reached 52.9 mAP here (61.9 with dropout 0) where
+global pooling + linear reached 74.9. The default head (pre-norm, no output LayerNorm,
+zero-initialised residual branches, dropout 0) reaches 79.1. docs/heads.md has the diagnosis and
+the numbers on real backbones.
 """
 
 from __future__ import annotations
@@ -84,5 +85,5 @@ def test_default_query2label_learns_as_well_as_global_pooling_from_scratch(data)
     pooled = val_map(GlobalPoolLinear(TinyConvNet(), 10), data)
     torch.manual_seed(0)
     query2label = val_map(Query2Label(TinyConvNet(), 10, hidden_dim=64, ffn_dim=256), data)
-    # Measured 74.9 and 78.8; the official layout gets 52.9, so a 3-point margin catches it.
+    # Measured 74.9 and 79.1; the official layout gets 52.9-61.9, so a 3-point margin catches it.
     assert query2label >= pooled - 3, (query2label, pooled)

@@ -45,6 +45,8 @@ def test_preset_builds_its_model(compose_config, preset):
     assert config["trainer"]["monitor"] == "mAP_voc"
     assert config["trainer"]["early_stop_rule"] == "official"
     assert config["backbone"]["pretrained"] and config["model"]["input_proj"] is False
+    # The official layout and dropout, which q2l's defaults (pre-norm, dropout 0) differ from.
+    assert (config["model"]["norm"], config["model"]["dropout"]) == ("post", 0.1)
     num_classes = NUM_CLASSES[config["dataset"]["name"]]
     size = config["dataset"]["image_size"]
     with torch.device("meta"):
