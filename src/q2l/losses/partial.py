@@ -1,14 +1,5 @@
-"""Multi-label classification losses: asymmetric loss (ASL), its partial-label variant, and BCE.
-
-- `AsymmetricLoss`: Ridnik et al., ICCV 2021 (arXiv 2009.14119), which Query2Label trains with.
-- `PartialAsymmetricLoss`: ASL for targets 1 / 0 / -1 (not annotated), after Ben-Baruch et al.,
-  CVPR 2022 (arXiv 2110.10955).
-- `BCEWithLogitsLoss`: binary cross-entropy on logits with the same reductions; -1 targets ignored.
-
-Written from the formulas of Alibaba-MIIL/ASL and PartialLabelingCSL; every loss runs in float32
-outside autocast (fp16 underflows ASL's eps into NaN), and `reduction` makes the value independent
-of the batch size. docs/losses.md has the formulas and how they differ from the reference code.
-"""
+"""ASL for partially annotated labels (targets 1 / 0 / -1), after Ben-Baruch et al., CVPR 2022
+(arXiv 2110.10955), and the class-priors files its selective mode reads."""
 
 import csv
 import json
@@ -17,86 +8,22 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from q2l.losses.common import (
+    as_float32,
+    asymmetric_log_likelihoods,
+    autocast_disabled,
+    check_clip,
+    check_non_negative,
+    check_num_classes,
+    check_reduction,
+    focusing_weight,
+    reduce,
+)
 
 log = logging.getLogger(__name__)
 
-_REDUCTIONS = ("sum", "batchmean", "mean")
 _PARTIAL_MODES = ("negative", "ignore", "selective")
-
-
-class AsymmetricLoss(nn.Module):
-    """Asymmetric loss (ASL) on logits.
-
-    With p = sigmoid(x) and the shifted negative probability p_m = max(p - clip, 0), each entry
-    costs
-
-        -[y (1 - p)^gamma_pos log(max(p, eps)) + (1 - y) p_m^gamma_neg log(max(1 - p_m, eps))]
-
-    The focusing weights (1 - p)^gamma_pos and p_m^gamma_neg lower the cost of easy entries. The
-    clip margin sets the cost of negatives with p <= clip to zero. With both gammas and clip at 0
-    this is plain BCE.
-
-    Args:
-        gamma_neg: focusing exponent for negatives (>= 0).
-        gamma_pos: focusing exponent for positives (>= 0).
-        clip: probability margin m subtracted from negatives, in [0, 1); 0 disables it.
-        eps: lower bound inside the logs.
-        disable_focal_grad: treat the focusing weights as constants in backward, as ASL's reference
-            does.
-        reduction: "sum", "batchmean" or "mean" (see the module docstring).
-
-    Shapes:
-        logits: (B, K), any float dtype.
-        targets: (B, K) in [0, 1]; soft targets are allowed. For -1 (unannotated) use
-            `PartialAsymmetricLoss`.
-        returns: float32 scalar.
-    """
-
-    def __init__(
-        self,
-        gamma_neg: float = 4.0,
-        gamma_pos: float = 0.0,
-        clip: float = 0.05,
-        eps: float = 1e-8,
-        disable_focal_grad: bool = True,
-        reduction: str = "batchmean",
-    ) -> None:
-        super().__init__()
-        _check_non_negative(gamma_neg=gamma_neg, gamma_pos=gamma_pos)
-        _check_clip(clip)
-        _check_reduction(reduction)
-        self.gamma_neg = gamma_neg
-        self.gamma_pos = gamma_pos
-        self.clip = clip
-        self.eps = eps
-        self.disable_focal_grad = disable_focal_grad
-        self.reduction = reduction
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
-        with _autocast_disabled(logits):
-            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(
-                logits, clip=self.clip, eps=self.eps
-            )
-            weight_pos = _focusing_weight(
-                1.0 - probs, gamma=self.gamma_pos, eps=self.eps, detach=self.disable_focal_grad
-            )
-            weight_neg = _focusing_weight(
-                neg_probs, gamma=self.gamma_neg, eps=self.eps, detach=self.disable_focal_grad
-            )
-            loss = -(
-                targets * weight_pos * log_pos + (1.0 - targets) * weight_neg * log_neg
-            )  # (B, K)
-            return _reduce(loss, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return (
-            f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
-            f"eps={self.eps}, "
-            ""
-            f"disable_focal_grad={self.disable_focal_grad}, reduction={self.reduction!r}"
-        )
 
 
 class PartialAsymmetricLoss(nn.Module):
@@ -179,7 +106,7 @@ class PartialAsymmetricLoss(nn.Module):
             if class_priors is not None:
                 raise ValueError("give class_priors or class_priors_file, not both")
             self.prior_class_names, class_priors = read_class_priors(class_priors_file)
-        _check_non_negative(
+        check_non_negative(
             gamma_neg=gamma_neg,
             gamma_pos=gamma_pos,
             gamma_unann=gamma_unann,
@@ -188,8 +115,8 @@ class PartialAsymmetricLoss(nn.Module):
             alpha_unann=alpha_unann,
             likelihood_topk=likelihood_topk,
         )
-        _check_clip(clip)
-        _check_reduction(reduction)
+        check_clip(clip)
+        check_reduction(reduction)
         if mode not in _PARTIAL_MODES:
             raise ValueError(f"mode must be one of {_PARTIAL_MODES}, got {mode!r}")
         if prior_threshold is not None and not 0.0 <= prior_threshold <= 1.0:
@@ -240,9 +167,9 @@ class PartialAsymmetricLoss(nn.Module):
         self.prior_class_names = list(class_names)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
-        with _autocast_disabled(logits):
-            probs, neg_probs, log_pos, log_neg = _asymmetric_log_likelihoods(
+        logits, targets = as_float32(logits=logits, targets=targets)  # (B, K) each
+        with autocast_disabled(logits):
+            probs, neg_probs, log_pos, log_neg = asymmetric_log_likelihoods(
                 logits, clip=self.clip, eps=self.eps
             )
             if self.training:
@@ -269,14 +196,14 @@ class PartialAsymmetricLoss(nn.Module):
             )
             base = torch.where(positive, 1.0 - probs, neg_probs)
             log_likelihood = torch.where(positive, log_pos, log_neg)
-            weight = _focusing_weight(
+            weight = focusing_weight(
                 base, gamma=gamma, eps=self.eps, detach=self.disable_focal_grad
             )
 
             loss = -(
                 self._mode_weights(logits, unannotated) * alpha * weight * log_likelihood
             )  # (B, K)
-            return _reduce(loss, reduction=self.reduction)
+            return reduce(loss, reduction=self.reduction)
 
     def _mode_weights(self, logits: Tensor, unannotated: Tensor) -> Tensor:
         """Per-entry weight (B, K) the mode puts on each entry; annotated entries always get 1."""
@@ -289,7 +216,7 @@ class PartialAsymmetricLoss(nn.Module):
         num_classes = logits.shape[1]
         with torch.no_grad():
             if self.prior_threshold is not None and self.class_priors.numel() > 0:
-                _check_num_classes(self.class_priors, num_classes=num_classes)
+                check_num_classes(self.class_priors, num_classes=num_classes)
                 high_prior = self.class_priors > self.prior_threshold  # (K,)
                 weights = weights.masked_fill(unannotated & high_prior, 0.0)
                 self._warn_if_priors_ignore_most(unannotated, high_prior)
@@ -335,7 +262,7 @@ class PartialAsymmetricLoss(nn.Module):
         if self.class_priors.numel() == 0:
             self.class_priors = batch_mean.clone()
             return
-        _check_num_classes(self.class_priors, num_classes=batch_mean.numel())
+        check_num_classes(self.class_priors, num_classes=batch_mean.numel())
         self.class_priors.mul_(self.prior_momentum).add_(
             batch_mean, alpha=1.0 - self.prior_momentum
         )
@@ -414,105 +341,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-class BCEWithLogitsLoss(nn.Module):
-    """Binary cross-entropy on logits, in float32, with the q2l reductions; -1 targets are ignored.
-
-    Unlike `torch.nn.BCEWithLogitsLoss`, the default reduction is "batchmean" (sum over classes,
-    mean over the batch), so the value is on the same scale as `AsymmetricLoss`. Entries with target
-    -1 get weight 0 ("mean" still divides by B*K), so the baseline also runs on partial labels.
-
-    Shapes:
-        logits: (B, K), any float dtype.
-        targets: (B, K) in [0, 1] (soft targets allowed) or -1 for not annotated.
-        returns: float32 scalar.
-    """
-
-    def __init__(self, reduction: str = "batchmean") -> None:
-        super().__init__()
-        _check_reduction(reduction)
-        self.reduction = reduction
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        logits, targets = _as_float32(logits=logits, targets=targets)  # (B, K) each
-        with _autocast_disabled(logits):
-            annotated = targets != -1  # (B, K)
-            loss = F.binary_cross_entropy_with_logits(
-                logits, targets.clamp(min=0.0), reduction="none"
-            )
-            return _reduce(loss * annotated, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
-
-
-def _as_float32(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Check that logits and targets are matching (B, K) tensors and return both as float32."""
-    if logits.ndim != 2 or logits.shape != targets.shape:
-        raise ValueError(
-            f"expected logits and targets of the same shape (B, K), got {tuple(logits.shape)} "
-            f"and {tuple(targets.shape)}"
-        )
-    return logits.float(), targets.float()
-
-
-def _autocast_disabled(logits: Tensor) -> torch.autocast:
-    """Context that turns off autocast on the logits' device, so the loss ops stay in float32."""
-    return torch.autocast(device_type=logits.device.type, enabled=False)
-
-
-def _asymmetric_log_likelihoods(
-    logits: Tensor, clip: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Float32 logits (B, K) -> p, p_m = max(p - clip, 0), log(max(p, eps)), log(max(1 - p_m, eps)).
-
-    The eps clamp also zeroes the gradient where p < eps (logit below about -18.4), as in ASL's
-    reference.
-    """
-    probs = torch.sigmoid(logits)
-    neg_probs = (probs - clip).clamp(min=0.0) if clip > 0 else probs
-    log_pos = torch.log(probs.clamp(min=eps))
-    log_neg = torch.log((1.0 - neg_probs).clamp(min=eps))
-    return probs, neg_probs, log_pos, log_neg
-
-
-def _focusing_weight(base: Tensor, gamma: float | Tensor, eps: float, detach: bool) -> Tensor:
-    """Return base ** gamma (elementwise), detached from the graph if `detach` is set."""
-    # The clamp keeps the pow gradient finite at base == 0 when 0 < gamma < 1. It does not change
-    # the loss:
-    # the log term that the weight multiplies is 0 there.
-    weight = base.clamp(min=eps).pow(gamma)
-    return weight.detach() if detach else weight
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    """Elementwise loss (B, K) to a scalar: "sum", "batchmean" (sum / B) or "mean" (sum / (B*K))."""
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "batchmean":
-        return loss.sum() / max(loss.shape[0], 1)
-    return loss.sum() / max(loss.numel(), 1)
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _check_clip(clip: float) -> None:
-    if not 0.0 <= clip < 1.0:
-        raise ValueError(f"clip must be in [0, 1), got {clip}")
-
-
-def _check_non_negative(**values: float) -> None:
-    for name, value in values.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_num_classes(priors: Tensor, num_classes: int) -> None:
-    if priors.numel() != num_classes:
-        raise ValueError(
-            f"class_priors has {priors.numel()} classes but the logits have {num_classes}"
-        )
