@@ -485,10 +485,8 @@ def test_10_a_lock_held_by_a_killed_process_is_free(tiny_cfg, tmp_path):
             sys.executable,
             "-c",
             (
-                "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, "
-                "fcntl.LOCK_EX); "
-                ""
-                "print('locked', flush=True); time.sleep(60)"
+                "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
             ),
             str(run_dir / LOCK_NAME),
         ],

@@ -77,9 +77,7 @@ class RunDirectory:
         if entries and not self.existing and entries != [LOCK_NAME]:
             raise RunDirError(
                 f"run directory {self.path} holds files that are not a q2l run "
-                f"({and_more(entries, 5)}); "
-                ""
-                "nothing was changed. Pass an empty or new hydra.run.dir"
+                f"({and_more(entries, 5)}); nothing was changed. Pass an empty or new hydra.run.dir"
             )
         self._lock()
         return self

@@ -142,7 +142,6 @@ def build_timm_policy(
         raise ValueError(
             f"augment.auto_augment={policy!r} is not a timm policy string such as "
             "rand-m9-mstd0.5-inc1, "
-            ""
             f"original, v0 or augmix-m5-w3 ({type(error).__name__}: {error})"
         ) from error
 

@@ -115,9 +115,8 @@ def check_replaceable(root: Path, kind: str, hint: str = "") -> None:
     if foreign:
         raise FolderNotOursError(
             f"refusing to write {kind} into {root}: it holds files q2l did not write "
-            f"({and_more(foreign, _SHOWN)}). q2l never "
-            ""
-            "moves, deletes or rewrites a folder it did not create; nothing was changed. "
+            f"({and_more(foreign, _SHOWN)}). q2l never moves, deletes or rewrites a folder it did "
+            "not create; nothing was changed. "
             f"{hint}".rstrip()
         )
 

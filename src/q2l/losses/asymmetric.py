@@ -84,9 +84,8 @@ class AsymmetricLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
-            f"eps={self.eps}, "
-            ""
-            f"disable_focal_grad={self.disable_focal_grad}, reduction={self.reduction!r}"
+            f"eps={self.eps}, disable_focal_grad={self.disable_focal_grad}, "
+            f"reduction={self.reduction!r}"
         )
 
 

@@ -289,11 +289,8 @@ class PartialAsymmetricLoss(nn.Module):
         return (
             f"mode={self.mode!r}, gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, "
             f"gamma_unann={self.gamma_unann}, alpha_pos={self.alpha_pos}, "
-            f"alpha_neg={self.alpha_neg}, "
-            ""
-            f"alpha_unann={self.alpha_unann}, clip={self.clip}, "
+            f"alpha_neg={self.alpha_neg}, alpha_unann={self.alpha_unann}, clip={self.clip}, "
             f"likelihood_topk={self.likelihood_topk}, "
-            ""
             f"prior_threshold={self.prior_threshold}, fixed_priors={self.fixed_priors}, "
             f"reduction={self.reduction!r}"
         )

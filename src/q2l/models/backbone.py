@@ -168,24 +168,16 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
         if not path.is_file():
             raise FileNotFoundError(
                 f"backbone.weights={weights!r}: no such file. Supply the pretrained weights of "
-                f"{name!r} as a "
-                ""
-                f"local .pth/.safetensors state dict ({_where_to_get(name)}), or train from "
-                "scratch with "
-                ""
-                "backbone.pretrained=false"
+                f"{name!r} as a local .pth/.safetensors state dict ({_where_to_get(name)}), or "
+                "train from scratch with backbone.pretrained=false"
             )
     else:
         path = _cached_weights(name)
         if path is None:
             raise FileNotFoundError(
                 f"backbone.pretrained=true but no weights for {name!r} are on this machine, and "
-                "q2l never "
-                ""
-                "downloads. Pass backbone.weights=/path/to/file.pth|.safetensors "
-                f"({_where_to_get(name)}), "
-                ""
-                "or train from scratch with backbone.pretrained=false"
+                "q2l never downloads. Pass backbone.weights=/path/to/file.pth|.safetensors "
+                f"({_where_to_get(name)}), or train from scratch with backbone.pretrained=false"
             )
     state = convert_state_dict(read_state_dict(path), body, name)
     classifier = body.default_cfg.get("classifier")
@@ -255,9 +247,7 @@ def _where_to_get(name: str) -> str:
     where = f"timm takes them from {source}" if source else "e.g. from timm"
     return (
         f"{where}; on a machine with internet, `timm.create_model({name!r}, pretrained=True)` "
-        "fills timm's "
-        ""
-        "cache, which q2l then finds offline"
+        "fills timm's cache, which q2l then finds offline"
     )
 
 

@@ -43,12 +43,8 @@ def load_torch_file(
         culprit = f" (it pickles {found.group(1)})" if found else ""
         raise WeightsFileError(
             f"{what} {path} holds Python objects beyond tensors and plain data{culprit}. q2l loads "
-            "only "
-            ""
-            "tensors, numbers, strings and containers from such files and never runs code stored "
-            "in one; "
-            ""
-            "save a plain state dict (or .safetensors) instead"
+            "only tensors, numbers, strings and containers from such files and never runs code "
+            "stored in one; save a plain state dict (or .safetensors) instead"
         ) from None
     except Exception as error:  # torch raises RuntimeError/EOFError/... depending on the damage
         raise WeightsFileError(
