@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,21 @@ from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    args: list[str], env: dict[str, str], timeout: int = 300, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess:
+    """`python *args` in `cwd` (the repository root, where a user runs train.py / eval.py),
+    capturing text output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_for(*paths: Path, timeout: float = 240.0, process=None) -> None:

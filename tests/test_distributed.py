@@ -21,7 +21,7 @@ from q2l.checkpoint import load_checkpoint
 from q2l.data.loader import EpochSampler
 from q2l.engine import StepOptions, TrainState, train_one_epoch
 
-from .conftest import REPO_ROOT, tiny_overrides, wait_for
+from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
 TRAIN = str(REPO_ROOT / "train.py")
 FAULTY = str(REPO_ROOT / "tests" / "helpers" / "faulty_train.py")
@@ -41,19 +41,11 @@ def _overrides(root: Path, cache: Path, *extra: str) -> list[str]:
     return [*base, "prepare.data.num_val=33", *EXACT, *extra]
 
 
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def _torchrun(script: str, overrides: list[str], cwd: Path, env: dict, timeout: int = 300):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        script,
-        *overrides,
-    ]
-    return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_python([*TORCHRUN, script, *overrides], env, timeout, cwd=cwd)
 
 
 @pytest.fixture
@@ -95,14 +87,7 @@ def test_two_processes_make_one_run_that_single_process_eval_reproduces(
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # plain, unwrapped
 
-    evaluated = subprocess.run(
-        [sys.executable, "eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    evaluated = run_python(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"], env)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     [written] = (run_dir / "checkpoints").glob("eval-best-*/eval.json")
     result = json.loads(written.read_text())
@@ -147,11 +132,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
     run_dir = tmp_path / "run"
     env = {**env, "Q2L_TEST_RECORD": str(tmp_path)}
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN,
         FAULTY,
         *_overrides(
             odd_digits,
@@ -161,7 +142,12 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
         ),
     ]
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *command],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_for(run_dir / "checkpoints" / "last.pt", tmp_path / "pid-1")
     os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)  # rank 1 only
@@ -170,14 +156,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert stopped["progress"]["status"] == "running" and stopped["step"] < 8
 
-    resumed = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env={**env, "Q2L_TEST_RECORD": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_python(command, {**env, "Q2L_TEST_RECORD": ""})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert final["step"] == 8

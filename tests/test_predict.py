@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from q2l.predict import predict
 
-from .conftest import REPO_ROOT
+from .conftest import run_python
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +122,6 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
 ):
     output = tmp_path / "cli.jsonl"
     command = [
-        sys.executable,
         "predict.py",
         f"ckpt={tiny_checkpoint}",
         f"input={photos}",
@@ -133,7 +130,7 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
         "batch_size=4",
     ]
     environment = {**cli_env, "Q2L_PROGRESS_INTERVAL": "0"}  # a line per batch
-    done = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True)
+    done = run_python(command, environment)
     assert done.returncode == 0, done.stderr
     assert "predict 1/2 (50%)" in done.stdout and "predict done: 2 in" in done.stdout
     assert "\r" not in done.stderr  # no tqdm bar in a log file
@@ -143,8 +140,7 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
 def test_the_command_line_takes_model_as_the_export_file(exports, photos, tmp_path, cli_env):
     # `model` is also the head's config group; predict reads model=PATH as model_file=PATH.
     output = tmp_path / "onnx.csv"
-    command = [sys.executable, "predict.py", f"model={exports['onnx'][0]}", f"input={photos}"]
-    command += [f"output={output}", "num_workers=0"]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True)
+    command = ["predict.py", f"model={exports['onnx'][0]}", f"input={photos}"]
+    done = run_python([*command, f"output={output}", "num_workers=0"], cli_env)
     assert done.returncode == 0, done.stderr
     assert len(output.read_text().splitlines()) == 1 + 6  # header and the six readable images

@@ -25,7 +25,7 @@ from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
 from q2l.rundir import RunDirError
 from q2l.train import train
 
-from .conftest import REPO_ROOT, tiny_overrides, wait_for
+from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
 # 64 training images in batches of 16: 4 steps per epoch; 2 epochs; a checkpoint every 3 steps
 # lands mid-epoch.
@@ -120,7 +120,6 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(
 ):
     run_dir = tmp_path / "run"
     command = [
-        sys.executable,
         "train.py",
         *tiny_overrides(digits_root, tmp_path / "cache"),
         *EXACT,
@@ -129,16 +128,18 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(
         f"hydra.run.dir={run_dir}",
     ]
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, *command],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     target = run_dir / "checkpoints" / "step-00000003.pt"
     wait_for(target, process=process)
     process.kill()  # SIGKILL: no handler runs, whatever was being written is left as it is
     process.wait()
     assert target.exists()
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
-    )
+    result = run_python(command, cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in (run_dir / "train.log").read_text()
     reference_dir, _ = uninterrupted

@@ -30,7 +30,7 @@ from q2l.preemption import EXIT_PREEMPTED
 from q2l.rundir import LOCK_NAME, RunDirError
 from q2l.train import train
 
-from .conftest import REPO_ROOT, tiny_overrides, wait_for
+from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
 EXACT = ("trainer.deterministic=true", "model.dropout=0.1")
 
@@ -63,19 +63,14 @@ def finished_run(tmp_path_factory, digits_root):
     base = tmp_path_factory.mktemp("finished")
     run_dir = base / "run"
     env = {**os.environ, "Q2L_CACHE_DIR": str(base / "cache")}
-    result = subprocess.run(
+    result = run_python(
         [
-            sys.executable,
             "train.py",
             *tiny_overrides(digits_root, base / "cache"),
             "trainer.epochs=1",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
@@ -177,19 +172,8 @@ def test_2_a_mistyped_weights_path_fails_and_creates_nothing(tiny_cfg, tmp_path)
 
 def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_env):
     before = _tree(finished_run)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "resume=auto",
-            f"hydra.run.dir={finished_run}",
-            "optimizer.lr=0.5",
-        ],
-        cwd=REPO_ROOT,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_python(
+        ["train.py", "resume=auto", f"hydra.run.dir={finished_run}", "optimizer.lr=0.5"], cli_env
     )
     assert result.returncode != 0
     assert "optimizer.lr: 0.001 -> 0.5" in result.stdout + result.stderr
@@ -205,14 +189,7 @@ def test_4_resume_null_never_trains_over_a_run_with_checkpoints(finished_run, ti
 
 def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env):
     before = _tree(finished_run)
-    result = subprocess.run(
-        [sys.executable, "train.py", "resume=auto", f"hydra.run.dir={finished_run}"],
-        cwd=REPO_ROOT,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(["train.py", "resume=auto", f"hydra.run.dir={finished_run}"], cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "continuing" in result.stderr and "experiment=demo" in result.stderr
     assert "already finished" in result.stdout
@@ -223,8 +200,8 @@ def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env
 
 
 def _cli_run(cli_env, digits_root, base: Path, *extra: str) -> list[str]:
+    """train.py and its arguments for the preemption runs (without the interpreter)."""
     return [
-        sys.executable,
         "train.py",
         *tiny_overrides(digits_root, base / "cache"),
         *EXACT,
@@ -238,14 +215,8 @@ def uninterrupted_cli(tmp_path_factory, digits_root):
     """Final weights of the 2-epoch CLI run the preemption tests interrupt, run without a stop."""
     base = tmp_path_factory.mktemp("uninterrupted")
     env = {**os.environ, "Q2L_CACHE_DIR": str(base / "cache")}
-    subprocess.run(
-        _cli_run(env, digits_root, base, f"hydra.run.dir={base / 'run'}"),
-        cwd=REPO_ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    result = run_python(_cli_run(env, digits_root, base, f"hydra.run.dir={base / 'run'}"), env)
+    assert result.returncode == 0, result.stderr[-2000:]
     return load_checkpoint(base / "run" / "checkpoints" / "last.pt")["model"]
 
 
@@ -259,7 +230,7 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
         cli_env, digits_root, tmp_path, f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"
     )
     process = subprocess.Popen(
-        command,
+        [sys.executable, *command],
         cwd=REPO_ROOT,
         env=cli_env,
         stdout=subprocess.DEVNULL,
@@ -275,14 +246,7 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert stopped["progress"]["status"] == "running"
 
-    resumed = subprocess.run(
-        [*command, "resume=auto"],
-        cwd=REPO_ROOT,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_python([*command, "resume=auto"], cli_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     for key, tensor in uninterrupted_cli.items():
@@ -552,10 +516,7 @@ def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(
 
     before = _tree(checkpoint_dir)
     read_only(checkpoint_dir)
-    command = [sys.executable, "eval.py", f"ckpt={checkpoint_dir / 'best.pt'}"]
-    third = subprocess.run(
-        command, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300
-    )
+    third = run_python(["eval.py", f"ckpt={checkpoint_dir / 'best.pt'}"], cli_env)
     assert third.returncode == 1
     assert "mAP" in third.stdout and "nine" in third.stdout  # the metrics were printed
     assert "could not be written" in third.stdout + third.stderr

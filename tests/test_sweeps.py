@@ -15,7 +15,7 @@ import yaml
 from .conftest import REPO_ROOT, tiny_overrides, wait_for
 
 
-def _sweep(args: list[str], env: dict, timeout: int = 400) -> subprocess.Popen:
+def _sweep(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "train.py", *args],
         cwd=REPO_ROOT,

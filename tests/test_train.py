@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from q2l.checkpoint import load_checkpoint
 from q2l.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
 from q2l.train import train
 
-from .conftest import REPO_ROOT, tiny_overrides
+from .conftest import run_python, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -172,17 +170,6 @@ def test_early_stopping(tiny_cfg, tmp_path):
     assert summary["status"] == "early_stopped" and summary["epochs_run"] == 2
 
 
-def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -192,7 +179,9 @@ def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.Completed
     ],  # forgot dataset=: nothing runs
 )
 def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, message):
-    result = _run(["train.py", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"], cli_env)
+    result = run_python(
+        ["train.py", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"], cli_env
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -202,11 +191,13 @@ def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, messa
 def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(digits_root, tmp_path / "cache")
-    result = _run(["train.py", *overrides, "trainer.epochs=1", f"hydra.run.dir={run_dir}"], cli_env)
+    result = run_python(
+        ["train.py", *overrides, "trainer.epochs=1", f"hydra.run.dir={run_dir}"], cli_env
+    )
     assert result.returncode == 0, result.stderr
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     assert "best mAP" in (run_dir / "train.log").read_text()
-    result = _run(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"], cli_env)
+    result = run_python(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"], cli_env)
     assert result.returncode == 0, result.stderr
     trained = json.loads((run_dir / "metrics.json").read_text())["best"]["mAP"]
     [written] = (run_dir / "checkpoints").glob("eval-best-*/eval.json")
@@ -219,7 +210,7 @@ def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
 def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = tiny_overrides(digits_root, tmp_path / "cache")
-    result = _run(
+    result = run_python(
         [
             "train.py",
             "-m",
