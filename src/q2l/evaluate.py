@@ -219,7 +219,14 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     mean_std = normalization(backbone["name"], backbone.get("normalization", "pretrained"))
     transform = build_eval_transform(image_size, *mean_std)
     dataset = _build_val_split(cfg, dataset_config, transform)
-    _check_classes(dataset.class_names, class_names, cfg.ckpt)
+    check_classes(
+        dataset.class_names,
+        class_names,
+        cfg.ckpt,
+        mismatch=f"the data set's classes do not match checkpoint {cfg.ckpt}",
+        found_in="data",
+        expected_in="checkpoint",
+    )
     loader = build_loader(
         dataset,
         cfg.batch_size or dataset_config["batch_size"],
@@ -365,19 +372,6 @@ def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform)
     if cfg.dataset:
         return instantiate(cfg.dataset.val, transform=transform)
     return instantiate_allowed(dataset_config["val"], DATASETS, transform=transform)
-
-
-def _check_classes(data_classes: list[str], checkpoint_classes: list[str], ckpt: str) -> None:
-    if list(data_classes) == list(checkpoint_classes):
-        return
-    missing = [c for c in checkpoint_classes if c not in data_classes]
-    extra = [c for c in data_classes if c not in checkpoint_classes]
-    detail = (
-        f"only in checkpoint: {missing}; only in data: {extra}"
-        if missing or extra
-        else "same names, other order"
-    )
-    raise ValueError(f"the data set's classes do not match checkpoint {ckpt} ({detail})")
 
 
 if __name__ == "__main__":

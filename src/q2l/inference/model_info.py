@@ -127,15 +127,38 @@ class ModelInfo:
         return cls(**{k: v for k, v in record.items() if k in known})
 
 
-def check_classes(found: list[str], expected: list[str], source: str) -> None:
-    """Raise ValueError naming `source` when its class list differs from the model's."""
-    if list(found) != list(expected):
-        missing = [c for c in expected if c not in found]
-        extra = [c for c in found if c not in expected]
-        raise ValueError(
-            f"{source}: its classes do not match the model's (missing {missing[:10]}, extra "
-            f"{extra[:10]}{', other order' if not missing and not extra else ''})"
-        )
+def check_classes(
+    found: list[str],
+    expected: list[str],
+    source: str,
+    *,
+    mismatch: str | None = None,
+    found_in: str = "file",
+    expected_in: str = "model",
+) -> None:
+    """Raise ValueError when the class list `found` (read from `source`) differs from `expected`.
+
+    The message is `mismatch` (default: "<source>: its classes do not match the model's") and
+    the difference: "only in <expected_in>: [...]; only in <found_in>: [...]" (the first ten
+    names of each) or "same names, other order".
+    """
+    if list(found) == list(expected):
+        return
+    missing = [c for c in expected if c not in found]
+    extra = [c for c in found if c not in expected]
+    detail = (
+        f"only in {expected_in}: {_first_names(missing)}; only in {found_in}: {_first_names(extra)}"
+        if missing or extra
+        else "same names, other order"
+    )
+    if mismatch is None:
+        mismatch = f"{source}: its classes do not match the model's"
+    raise ValueError(f"{mismatch} ({detail})")
+
+
+def _first_names(names: list[str], shown: int = 10) -> str:
+    more = len(names) - shown
+    return f"{names[:shown]}" + (f" and {more} more" if more > 0 else "")
 
 
 def thresholds_path(checkpoint: str | Path) -> Path:
