@@ -54,27 +54,22 @@ RESUME_IGNORED_KEYS = (
     "backbone.weights",
     "backbone.pretrained",
 )
-# Config keys added or retyped after runs were started: (saved, current) value pairs that compute
-# the same, so a run started before them resumes without allow_config_change. "<absent>": the
-# saved config has no such key.
+# Config keys added after runs were started, with the value a run had in effect before: a saved
+# config without the key compares as if it held that value, so such runs resume unchanged.
+ADDED_KEYS_WERE: dict[str, Any] = {
+    "backbone.freeze": "none",
+    "backbone.frozen_bn": False,
+    "backbone.normalization": "pretrained",
+    "model.norm": "post",  # runs from before the option: the official layout
+    "trainer.monitor": "mAP",
+    "trainer.early_stop_rule": "best",
+    "loss.class_priors_file": None,
+    "augment.randaugment_policy": "torchvision",
+}
+# Keys retyped after runs were started: (saved, current) value pairs that compute the same.
 COMPATIBLE_CHANGES: dict[str, set[tuple]] = {
-    "backbone.freeze": {("<absent>", "none")},
-    "backbone.frozen_bn": {("<absent>", False)},
-    "backbone.normalization": {("<absent>", "pretrained")},
     "backbone.timm_kwargs": {(None, "<absent>")},  # None became {} (an empty dict has no leaves)
     "model.decoder_self_attention": {(False, "none"), (True, "all")},
-    "model.norm": {("<absent>", "post")},  # runs from before the option: the official layout
-    "trainer.monitor": {("<absent>", "mAP")},
-    "trainer.early_stop_rule": {("<absent>", "best")},
-    "loss.class_priors_file": {("<absent>", None)},
-    "augment.randaugment_policy": {("<absent>", "torchvision")},
-}
-# The value in effect before a key existed, keyed like COMPATIBLE_CHANGES.
-ADDED_KEYS_WERE = {
-    key: value
-    for key, pairs in COMPATIBLE_CHANGES.items()
-    for was, value in pairs
-    if was == "<absent>"
 }
 # Changes to these make the saved LR schedule stale.
 SCHEDULE_KEYS = (
