@@ -79,10 +79,7 @@ def attention_weights(attention: Attention, query: torch.Tensor, key: torch.Tens
     training, SDPA drops some of them at random).
     """
     batch = key.shape[0]
-    heads = attention.num_heads
-    q = (
-        attention.q_proj(query).float().unflatten(-1, (heads, -1)).transpose(1, 2)
-    )  # (1|B, h, Lq, d)
-    k = attention.k_proj(key).float().unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, Lk, d)
+    q = attention.split_heads(attention.q_proj(query)).float()  # (1|B, h, Lq, d)
+    k = attention.split_heads(attention.k_proj(key)).float()  # (B, h, Lk, d)
     scores = q.expand(batch, -1, -1, -1) @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return scores.softmax(dim=-1)

@@ -19,6 +19,8 @@ Shape legend: B batch, N = H·W image tokens, K label queries, D hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,14 +147,15 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         batch, (length, dim) = key.shape[0], query.shape[1:]
-        q = self._split_heads(self.q_proj(query)).expand(batch, -1, -1, -1)
-        k = self._split_heads(self.k_proj(key))
-        v = self._split_heads(self.v_proj(value))
+        q = self.split_heads(self.q_proj(query)).expand(batch, -1, -1, -1)
+        k = self.split_heads(self.k_proj(key))
+        v = self.split_heads(self.v_proj(value))
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, h, Lq, D/h)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, h, L, D/h)."""
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
@@ -169,7 +172,31 @@ class FeedForward(nn.Sequential):
         )
 
 
-class EncoderLayer(nn.Module):
+def _self_attention(attention: Attention, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Self-attention with positions on the queries and keys only: (B, L, D) -> (B, L, D)."""
+    query_key = x + pos
+    return attention(query_key, query_key, x)
+
+
+class _Sublayers(nn.Module):
+    """What encoder and decoder layers share: one residual sub-layer in either layout."""
+
+    pre_norm: bool
+    dropout: nn.Dropout
+
+    def residual(
+        self,
+        x: torch.Tensor,
+        norm: nn.LayerNorm,
+        branch: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Pre-norm x + f(norm(x)), or post-norm norm(x + f(x)), with dropout on f."""
+        if self.pre_norm:
+            return x + self.dropout(branch(norm(x)))
+        return norm(x + self.dropout(branch(x)))
+
+
+class EncoderLayer(_Sublayers):
     """Pre- or post-norm self-attention + FFN over image tokens: (B, N, D) -> (B, N, D)."""
 
     def __init__(
@@ -184,17 +211,11 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.pre_norm:
-            normed = self.norm1(src)
-            query_key = normed + pos
-            src = src + self.dropout(self.self_attn(query_key, query_key, normed))
-            return src + self.dropout(self.ffn(self.norm2(src)))
-        query_key = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(query_key, query_key, src)))
-        return self.norm2(src + self.dropout(self.ffn(src)))
+        src = self.residual(src, self.norm1, lambda x: _self_attention(self.self_attn, x, pos))
+        return self.residual(src, self.norm2, self.ffn)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Sublayers):
     """Pre- or post-norm [self-attention +] cross-attention + FFN for label queries:
     (B, K, D) -> (B, K, D)."""
 
@@ -226,19 +247,13 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """queries (1|B, K, D), memory_keys = memory + pos (B, N, D), memory (B, N, D),
         query_pos (1, K, D) -> (B, K, D)."""
-        if self.pre_norm:
-            if self.self_attn is not None:
-                normed = self.norm1(queries)
-                query_key = normed + query_pos
-                queries = queries + self.dropout(self.self_attn(query_key, query_key, normed))
-            attended = self.cross_attn(self.norm2(queries) + query_pos, memory_keys, memory)
-            queries = queries + self.dropout(attended)  # (B, K, D)
-            return queries + self.dropout(self.ffn(self.norm3(queries)))
         if self.self_attn is not None:
-            query_key = queries + query_pos
-            queries = self.norm1(
-                queries + self.dropout(self.self_attn(query_key, query_key, queries))
+            queries = self.residual(
+                queries,
+                self.norm1,
+                lambda x: _self_attention(self.self_attn, x, query_pos),
             )
-        attended = self.cross_attn(queries + query_pos, memory_keys, memory)  # (B, K, D)
-        queries = self.norm2(queries + self.dropout(attended))
-        return self.norm3(queries + self.dropout(self.ffn(queries)))
+        queries = self.residual(  # (B, K, D)
+            queries, self.norm2, lambda x: self.cross_attn(x + query_pos, memory_keys, memory)
+        )
+        return self.residual(queries, self.norm3, self.ffn)
