@@ -74,7 +74,7 @@ def init() -> None:
 
         # Each task keeps every GPU visible and picks cuda:LOCAL_RANK (resolve_device).
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+    if not launched_by_torchrun():  # submitit tasks were exported as torchrun's variables above
         return
     cuda = torch.cuda.is_available()
     if cuda:

@@ -244,8 +244,9 @@ def _train_epoch_part(
             )
         if state.step % trainer.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
-            loop.run_log.log_step(state.step, loss=float(loss), lr=lr)
-            bar.set_postfix(loss=float(loss), lr=lr)
+            value = float(loss)  # one host copy for the log and the bar
+            loop.run_log.log_step(state.step, loss=value, lr=lr)
+            bar.set_postfix(loss=value, lr=lr)
         stopped = dist.any_rank(bool(stop))
         periodic = bool(every) and state.step % every == 0
         if stopped or periodic:
