@@ -3,6 +3,8 @@
 Checkpoints, metric summaries and label caches are all written this way: into a temporary file
 beside the target (`.<name>.<random>.tmp`, which a restarted run may delete), flushed to disk, then
 renamed over the target, and the folder flushed so that the rename itself survives a power cut.
+`link_new` instead publishes a finished file under a name that must not exist yet (predictions,
+exports): it never replaces one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         Path(handle.name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def link_new(source: str | Path, target: str | Path, exists_message: str) -> None:
+    """Give `source` the name `target` without ever replacing a file there: a hard link, then
+    `source` removed (or, on a file system without hard links, a rename after a check). Raises
+    FileExistsError(exists_message) if `target` exists; `source` is then left as it was."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise FileExistsError(exists_message) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if Path(target).exists():
+            raise FileExistsError(exists_message) from None
+        os.rename(source, target)
+        return
+    Path(source).unlink()
 
 
 def fsync_dir(directory: Path) -> None:

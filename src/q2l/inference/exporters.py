@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from q2l.atomic import link_new
 from q2l.inference.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,11 @@ def export_safetensors(
         return lambda images: rebuilt(images)
 
     differences = _write_checked(model, info, output, write, score, tolerance)
-    _link_new(_write_text_temporary(sidecar, info.to_json()), sidecar)
+    link_new(
+        _write_text_temporary(sidecar, info.to_json()),
+        sidecar,
+        f"{sidecar} appeared during the export; it was left as it was",
+    )
     return differences
 
 
@@ -149,7 +154,7 @@ def _write_checked(
                 f"{differences['max_abs_score_difference']:.3g} (> tolerance {tolerance}); "
                 f"nothing was written to {output}"
             )
-        _link_new(temporary, output)
+        link_new(temporary, output, f"{output} appeared during the export; it was left as it was")
     finally:
         temporary.unlink(missing_ok=True)
     return differences
@@ -173,25 +178,6 @@ def _images(info: ModelInfo, batch: int, seed: int = 0) -> torch.Tensor:
     """(batch, 3, S, S) normalised-looking random images, reproducible."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, info.image_size, info.image_size, generator=generator)
-
-
-def _link_new(source: Path, target: Path) -> None:
-    """Give `source` the name `target`, failing if `target` exists (a hard link, else a rename
-    after a check)."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{target} appeared during the export; it was left as it was"
-        ) from None
-    except OSError:  # a file system without hard links: check, then rename
-        if target.exists():
-            raise FileExistsError(
-                f"{target} appeared during the export; it was left as it was"
-            ) from None
-        os.rename(source, target)
-        return
-    source.unlink()
 
 
 def _write_text_temporary(target: Path, text: str) -> Path:

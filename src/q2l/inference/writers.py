@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from q2l.atomic import link_new
+
 FORMATS = (".jsonl", ".csv")
 
 
@@ -60,20 +62,9 @@ class PredictionWriter:
     def close(self) -> Path:
         """Publish the rows as `output`; raises FileExistsError (keeping the rows) if it exists."""
         self.handle.close()
-        try:
-            os.link(self.partial, self.output)
-        except FileExistsError:
-            raise FileExistsError(
-                f"{self.output} appeared while predicting; the predictions are kept in "
-                f"{self.partial}"
-            ) from None
-        except OSError:  # a file system without hard links: check, then rename
-            if self.output.exists():
-                raise FileExistsError(
-                    f"{self.output} appeared while predicting; the predictions are kept in "
-                    f"{self.partial}"
-                ) from None
-            os.rename(self.partial, self.output)
-            return self.output
-        self.partial.unlink()
+        link_new(
+            self.partial,
+            self.output,
+            f"{self.output} appeared while predicting; the predictions are kept in {self.partial}",
+        )
         return self.output
