@@ -32,6 +32,7 @@ from torch import nn
 from q2l.models.backbone import convert_state_dict
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.transformer import decoder_self_attention_layers
+from q2l.models.weights import unwrap_state_dict
 
 # (official pattern, q2l replacement), tried in order; the first match renames a key.
 _RENAMES: list[tuple[str, str]] = [
@@ -56,18 +57,12 @@ _POSITION_KEY = "backbone.1.pe"
 def official_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """The model weights of a loaded official checkpoint: its "state_dict" (or "model") entry,
     or the dict itself, with DDP's `module.` prefixes removed."""
-    state = checkpoint
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or "query_embed.weight" not in {
-        k.removeprefix("module.") for k in state
-    }:
+    state = unwrap_state_dict(checkpoint, ("state_dict", "model"))
+    if state is None or "query_embed.weight" not in state:
         raise ValueError(
             "not an official Query2Label checkpoint: no query_embed.weight in its state dict"
         )
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    return state
 
 
 def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:

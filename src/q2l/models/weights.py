@@ -83,13 +83,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsFileError(
                 f"backbone weights file {path} cannot be read ({error})"
             ) from None
-    state = load_torch_file(path, "backbone weights file")
-    for key in ("state_dict", "model", "state_dict_ema"):
+    loaded = load_torch_file(path, "backbone weights file")
+    state = unwrap_state_dict(loaded, ("state_dict", "model", "state_dict_ema"))
+    if state is None:
+        raise WeightsFileError(
+            f"backbone weights file {path} holds a {type(loaded).__name__}, not a state dict"
+        )
+    return state
+
+
+def unwrap_state_dict(obj: Any, containers: tuple[str, ...]) -> dict[str, Any] | None:
+    """The state dict in a loaded weights file: the first of `containers` that `obj` holds as a
+    dict (e.g. "state_dict", "model"), else `obj` itself, with DDP's `module.` prefixes removed;
+    None when that is not a dict."""
+    state = obj
+    for key in containers:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise WeightsFileError(
-            f"backbone weights file {path} holds a {type(state).__name__}, not a state dict"
-        )
+        return None
     return {k.removeprefix("module."): v for k, v in state.items()}
