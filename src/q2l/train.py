@@ -35,7 +35,7 @@ from q2l.config import CONFIG_DIR
 from q2l.data.loader import build_loader
 from q2l.engine import StepOptions
 from q2l.fit import Loop, Progress, fit
-from q2l.models.backbone import TimmBackbone, normalization
+from q2l.models.backbone import normalization, pretrained_weights_path
 from q2l.preemption import EXIT_PREEMPTED, requeue
 from q2l.run_log import NullRunLog, RunLog, write_json
 from q2l.rundir import RunDirectory, RunDirError, with_saved_overrides
@@ -90,10 +90,11 @@ def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> di
     start = time.perf_counter()
     run = RunDirectory(run_dir)
     try:
-        plan = dist.on_main(_open_run, cfg, run, hydra)
+        loaded: dict[str, Any] = {}  # what rank 0 read while checking: kept, never broadcast
+        plan = dist.on_main(_open_run, cfg, run, hydra, loaded)
         if plan["finished"] is not None:
             return plan["finished"]
-        return _train(cfg, run, plan["resume"], plan["changes"], start)
+        return _train(cfg, run, plan["resume"], plan["changes"], start, loaded)
     except Exception as error:
         if run.started:
             _record_failure(run.path, error)
@@ -102,11 +103,14 @@ def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> di
         run.close()
 
 
-def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> dict[str, Any]:
+def _open_run(
+    cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None, loaded: dict[str, Any]
+) -> dict[str, Any]:
     """Rank 0's start checks, before any data is read; returns what every rank needs to know.
 
     Returns {"resume": checkpoint path or None, "changes": accepted config changes,
-    "finished": the summary of a run that has nothing left to do, or None}.
+    "finished": the summary of a run that has nothing left to do, or None}. What it reads on the
+    way (the loss, the init_from and resume checkpoints) goes into `loaded`, for rank 0's _train.
     """
     run.open()
     if not run.existing:
@@ -114,9 +118,9 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
     check_values(cfg)
     run.preflight()
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    construct(cfg.loss)  # checks the loss's own arguments
+    loaded["loss"] = construct(cfg.loss)  # checks the loss's own arguments
     if cfg.init_from:
-        load_checkpoint(cfg.init_from)  # readable, and a q2l checkpoint
+        loaded["init_from"] = load_checkpoint(cfg.init_from)  # readable, and a q2l checkpoint
     resume = _find_resume(cfg, run.path)
     if not cfg.resume and run.existing and list((run.path / "checkpoints").glob("*.pt")):
         raise RunDirError(
@@ -151,6 +155,7 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
             )
             return plan
         plan["resume"] = str(source)
+        loaded["resume"] = checkpoint
     run.remove_temporaries()
     if not run.started:
         run.start(cfg, hydra)
@@ -162,10 +167,18 @@ def _open_run(cfg: DictConfig, run: RunDirectory, hydra: DictConfig | None) -> d
 
 
 def _train(
-    cfg: DictConfig, run: RunDirectory, resume_path: str | None, changes: list[str], start: float
+    cfg: DictConfig,
+    run: RunDirectory,
+    resume_path: str | None,
+    changes: list[str],
+    start: float,
+    loaded: dict[str, Any],
 ) -> dict[str, Any]:
+    """Build everything and fit; `loaded`: what _open_run already read (rank 0), reused."""
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    resume = None if resume_path is None else load_checkpoint(resume_path)
+    resume = None
+    if resume_path is not None:
+        resume = loaded.pop("resume", None) or load_checkpoint(resume_path)
     dist.seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     device = dist.resolve_device(cfg.trainer.device)
     precision = resolve_precision(config["trainer"]["precision"], device)
@@ -178,8 +191,11 @@ def _train(
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     if cfg.init_from:
-        load_matching_weights(model, load_checkpoint(cfg.init_from), Path(cfg.init_from))
-    loss = construct(cfg.loss)
+        init = loaded.pop("init_from", None) or load_checkpoint(cfg.init_from)
+        load_matching_weights(model, init, Path(cfg.init_from))
+    loss = loaded.pop("loss", None)
+    if loss is None:  # ranks other than 0 build their own
+        loss = construct(cfg.loss)
     if hasattr(loss, "align_priors"):  # class priors read with names: the data set's order
         loss.align_priors(train_set.class_names)
     state = build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
@@ -266,14 +282,8 @@ def _find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
 
 def _check_weights_file(backbone: DictConfig) -> None:
     """Fail now, not after the data check, when `backbone.weights` names no file."""
-    if (
-        backbone.pretrained
-        and backbone.weights
-        and not Path(backbone.weights).expanduser().is_file()
-    ):
-        TimmBackbone(
-            backbone.name, pretrained=True, weights=backbone.weights
-        )  # raises, saying how to fix it
+    if backbone.pretrained and backbone.weights:
+        pretrained_weights_path(backbone.name, backbone.weights)  # raises, saying how to fix it
 
 
 def _finished(progress: dict[str, Any], epochs: int) -> bool:

@@ -158,8 +158,8 @@ def _token_grid(body: nn.Module, image_hw: torch.Size, num_tokens: int) -> tuple
     return side, side
 
 
-def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
-    """Load backbone weights from a local file or timm's offline cache; never download.
+def pretrained_weights_path(name: str, weights: str | None) -> Path:
+    """The weights file for timm `name`: `weights`, or timm's offline cache when it is empty.
 
     A missing file gives an error that says how to supply one.
     """
@@ -179,6 +179,12 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
                 "q2l never downloads. Pass backbone.weights=/path/to/file.pth|.safetensors "
                 f"({_where_to_get(name)}), or train from scratch with backbone.pretrained=false"
             )
+    return path
+
+
+def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
+    """Load backbone weights from a local file or timm's offline cache; never download."""
+    path = pretrained_weights_path(name, weights)
     state = convert_state_dict(read_state_dict(path), body, name)
     classifier = body.default_cfg.get("classifier")
     state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
