@@ -35,7 +35,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist, reports
-from q2l.amp import resolve_precision
 from q2l.build import instantiate_allowed
 from q2l.calibration import f1_thresholds, per_class_counts
 from q2l.checkpoint import load_checkpoint, model_from_checkpoint
@@ -51,6 +50,7 @@ from q2l.inference.model_info import (
     thresholds_path,
     write_thresholds,
 )
+from q2l.inference.runtime import run_settings
 from q2l.metrics import average_precision, compute_metrics, threshold_metrics
 from q2l.models.backbone import normalization
 from q2l.progress import track
@@ -205,14 +205,9 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     )
     image_size = dataset_config["image_size"]
     model, weights = model_from_checkpoint(checkpoint, cfg.weights, image_size)
-    # The precision the run trained (and validated) with, so the mAP it recorded is reproduced.
-    precision = (
-        checkpoint.get("precision", "fp32") if cfg.precision == "checkpoint" else cfg.precision
-    )
-    channels_last = run_config["trainer"].get("channels_last", False)
-    options = StepOptions(
-        device, precision=resolve_precision(precision, device), channels_last=channels_last
-    )
+    # precision=checkpoint: the one the run trained (and validated) with, so its mAP is reproduced.
+    precision, channels_last = run_settings(cfg.precision, device, checkpoint)
+    options = StepOptions(device, precision=precision, channels_last=channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
     backbone = run_config["backbone"]

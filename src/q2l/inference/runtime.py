@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,12 +109,11 @@ def load_scorer(
             ".safetensors from q2l-export)"
         )
     torch_device = dist.resolve_device(device)
+    checkpoint = None
     if ckpt:
         checkpoint = load_checkpoint(ckpt)
         module, chosen = model_from_checkpoint(checkpoint, weights)
         info = ModelInfo.from_checkpoint(checkpoint, chosen)
-        recorded = checkpoint.get("precision", "fp32")
-        channels_last = checkpoint["config"]["trainer"].get("channels_last", False)
     else:
         path = Path(model_file).expanduser()
         if not path.is_file():
@@ -127,11 +127,26 @@ def load_scorer(
                 "ckpt= for a checkpoint)"
             )
         module, info = load_safetensors_export(path)
+    chosen_precision, channels_last = run_settings(precision, torch_device, checkpoint)
+    return TorchScorer(module, info, torch_device, chosen_precision, channels_last)
+
+
+def run_settings(
+    precision: str, device: torch.device, checkpoint: dict[str, Any] | None = None
+) -> tuple[str, bool]:
+    """(precision resolved for `device`, channels_last) to run a model in.
+
+    precision "checkpoint" means the one `checkpoint`'s run trained (and validated) with, so the
+    mAP it recorded is reproduced; fp32 for an exported model (`checkpoint` None). channels_last
+    is the run's memory format (False for an exported model).
+    """
+    if checkpoint is None:
         recorded, channels_last = "fp32", False
-    chosen_precision = recorded if precision == "checkpoint" else precision
-    return TorchScorer(
-        module, info, torch_device, resolve_precision(chosen_precision, torch_device), channels_last
-    )
+    else:
+        recorded = checkpoint.get("precision", "fp32")
+        channels_last = checkpoint["config"]["trainer"].get("channels_last", False)
+    chosen = recorded if precision == "checkpoint" else precision
+    return resolve_precision(chosen, device), channels_last
 
 
 def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
