@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +150,12 @@ def write_reports(evaluation: Evaluation, folder: Path, save_scores: bool) -> No
     write_results, so new: nothing earlier is replaced)."""
     result, scores, targets = evaluation.result, evaluation.scores, evaluation.targets
     names = list(result["per_class_AP"])
-    ap = average_precision(scores, targets)
-    at_threshold = per_class_counts(scores, targets, result["threshold"])
+    ap, counts = evaluation.average_precision, evaluation.counts
     calibrated = None
     if evaluation.thresholds is not None:
-        calibrated = (
-            per_class_counts(scores, targets, evaluation.thresholds),
-            evaluation.thresholds,
-        )
+        calibrated = (counts["_calibrated"], evaluation.thresholds)
     reports.write_per_class_csv(
-        folder / "per_class.csv", names, ap, at_threshold, result["threshold"], calibrated
+        folder / "per_class.csv", names, ap, counts[""], result["threshold"], calibrated
     )
     plotted = reports.write_pr_curves(folder / "pr_curves.png", scores, targets, names, ap)
     if plotted < len(names):
@@ -175,17 +171,21 @@ def write_reports(evaluation: Evaluation, folder: Path, save_scores: bool) -> No
 class Evaluation:
     """An evaluation's numbers: `result` (eval.json) and what the report files are made from.
 
-    scores, targets: (N, K); thresholds: (K,) per-class thresholds reported on (calibrated now or
-    read from the file beside the checkpoint), or None; calibration: the thresholds-file record
-    to save when calibrate=f1 chose them.
+    scores, targets: (N, K); average_precision: (K,) per-class AP (fractions); thresholds: (K,)
+    per-class thresholds reported on (calibrated now or read from the file beside the
+    checkpoint), or None; calibration: the thresholds-file record to save when calibrate=f1 chose
+    them; counts: q2l.calibration.per_class_counts at the run's threshold (key "") and at
+    `thresholds` ("_calibrated"), filled by _add_per_class.
     """
 
     result: dict[str, Any]
     scores: torch.Tensor
     targets: torch.Tensor
     image_ids: list[str]
+    average_precision: torch.Tensor
     thresholds: torch.Tensor | None = None
     calibration: dict[str, Any] | None = None
+    counts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
@@ -234,7 +234,8 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     batches = track(itertools.islice(loader, total), total, "eval", enabled=cfg.progress_bar)
     scores, targets = evaluate(model, batches, options)
     threshold = cfg.threshold if cfg.threshold is not None else run_config["trainer"]["threshold"]
-    per_class = average_precision(scores, targets) * 100
+    ap = average_precision(scores, targets)
+    per_class = ap * 100
     result = {
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "weights": weights,
@@ -246,10 +247,10 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
         "trained_mAP": checkpoint["metrics"].get("mAP_best"),
         "metrics": compute_metrics(scores, targets, threshold=threshold),
         "per_class_AP": {
-            name: float(ap) for name, ap in zip(class_names, per_class.tolist(), strict=True)
+            name: float(value) for name, value in zip(class_names, per_class.tolist(), strict=True)
         },
     }
-    evaluation = Evaluation(result, scores, targets, list(dataset.image_ids[: len(targets)]))
+    evaluation = Evaluation(result, scores, targets, list(dataset.image_ids[: len(targets)]), ap)
     if cfg.calibrate is not None:
         split = {"dataset": dataset_config["name"], "num_images": len(targets)}
         _calibrate(evaluation, cfg.ckpt, checkpoint, weights, threshold, split)
@@ -348,6 +349,7 @@ def _add_per_class(evaluation: Evaluation) -> None:
     tables = {"": per_class_counts(scores, targets, result["threshold"])}
     if evaluation.thresholds is not None:
         tables["_calibrated"] = per_class_counts(scores, targets, evaluation.thresholds)
+    evaluation.counts = tables
     per_class = {}
     for k, name in enumerate(result["per_class_AP"]):
         row = {"AP": result["per_class_AP"][name], "positives": int(tables[""]["positives"][k])}
