@@ -120,14 +120,16 @@ def _train_step(
         skip_sync = getattr(state.forward, "no_sync", None)  # DDP: all-reduce once, after the last
         with contextlib.nullcontext() if last or skip_sync is None else skip_sync():
             loss = _forward_loss(state, images, targets, options)
-            if options.check_finite and not options.is_finite(loss):
-                where = f"({loss.item()})" if not torch.isfinite(loss) else "on another process"
-                raise NonFiniteError(
-                    f"loss is not finite at step {step} {where}; stopped before the optimizer step"
-                )
             scaler.scale(loss / len(group)).backward()
         total += loss.detach()
     loss = total / len(group)
+    # Once per step, after every accumulated batch (a non-finite one makes the mean non-finite):
+    # one host sync, and under DDP one collective, rather than one per batch.
+    if options.check_finite and not options.is_finite(loss):
+        where = f"({loss.item()})" if not torch.isfinite(loss) else "on another process"
+        raise NonFiniteError(
+            f"loss is not finite at step {step} {where}; stopped before the optimizer step"
+        )
 
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     if options.grad_clip_norm is not None or (options.check_finite and scale_before is None):
