@@ -92,7 +92,6 @@ class TimmBackbone(nn.Module):
         # Token models keep some leading tokens (class/register) that are not part of the grid.
         self.num_prefix_tokens: int = getattr(self.body, "num_prefix_tokens", 0)
         self.output_fmt: str = getattr(self.body, "output_fmt", "NCHW")
-        self.normalization = normalization
         if pretrained:
             load_pretrained(self.body, name, weights)
         if frozen_bn:

@@ -31,7 +31,7 @@ from torch import nn
 
 from q2l.models.backbone import convert_state_dict
 from q2l.models.position_encoding import SinePositionEncoding
-from q2l.models.transformer import decoder_self_attention_layers
+from q2l.models.transformer import SELF_ATTENTION_CHOICES, decoder_self_attention_layers
 from q2l.models.weights import unwrap_state_dict
 
 # (official pattern, q2l replacement), tried in order; the first match renames a key.
@@ -79,7 +79,7 @@ def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     choice = next(
         (
             name
-            for name in ("none", "first", "rest", "all")
+            for name in SELF_ATTENTION_CHOICES
             if decoder_self_attention_layers(name, len(kept)) == kept
         ),
         None,
