@@ -103,6 +103,28 @@ def training_payload(state: TrainState, rng: list[dict[str, Any]], **extra: Any)
     }
 
 
+def non_finite_parts(state: TrainState) -> list[str]:
+    """Which of the model's weights, the EMA's and the optimizer's state hold inf or NaN (empty
+    when all are finite). One host sync per part, so cheap enough for every save."""
+    parts = {
+        "model weights": state.model.state_dict().values(),
+        "EMA weights": state.ema.module.state_dict().values() if state.ema is not None else [],
+        "optimizer state": (
+            value for entry in state.optimizer.state.values() for value in entry.values()
+        ),
+    }
+    broken = []
+    for name, values in parts.items():
+        flags = [
+            torch.isfinite(value).all()
+            for value in values
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        ]
+        if flags and not bool(torch.stack(flags).all()):
+            broken.append(name)
+    return broken
+
+
 def restore_training(
     state: TrainState,
     checkpoint: dict[str, Any],

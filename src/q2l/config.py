@@ -448,6 +448,10 @@ def register_configs() -> None:
 # Registered on import: anything that composes q2l configs (entry points, tests, notebooks using
 # hydra.compose) imports this module first.
 register_configs()
+# Cached, as Hydra's own `now`: the value is kept in the config's resolver cache, which travels with
+# the config. A sweep's directory is therefore decided once, in the process that submits it, and
+# every job process, requeue and rank that a launcher starts from the pickled config (submitit)
+# resolves the same directory instead of its own start time.
 OmegaConf.register_new_resolver(
-    "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True
+    "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True, use_cache=True
 )

@@ -143,22 +143,26 @@ def on_main(function: Callable[..., T], *args: Any) -> T:
 
     If it raises, rank 0 re-raises the error and the other ranks raise PeerError with its message,
     all at once: a refused start (busy run directory, changed config) never leaves ranks waiting.
+    A BaseException that is not an error (a stop request, KeyboardInterrupt) is raised as the
+    same class on every rank, so that all of them stop the same way.
     """
     result, failure = None, None
     if is_main_process():
         try:
             result = function(*args)
-        except Exception as error:
+        except BaseException as error:
             failure = error
     if not is_distributed():
         if failure is not None:
             raise failure
         return result
-    outcome = broadcast(
-        (result, None if failure is None else f"{type(failure).__name__}: {failure}")
-    )
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    control = None if failure is None or isinstance(failure, Exception) else type(failure)
+    outcome = broadcast((result, message, control))
     if failure is not None:
         raise failure
+    if outcome[2] is not None:
+        raise outcome[2](f"rank 0: {outcome[1]}")
     if outcome[1] is not None:
         raise PeerError(f"rank 0 failed: {outcome[1]}")
     return outcome[0]

@@ -23,6 +23,7 @@ from q2l import dist
 from q2l.checkpoint import (
     capture_rng,
     link_checkpoint,
+    non_finite_parts,
     purge_periodic,
     save_checkpoint,
     training_payload,
@@ -46,6 +47,8 @@ class Progress:
     batches_done: int = 0  # batches of the current epoch this rank has trained on
     samples_done: int = 0  # samples of the current epoch's order consumed by all ranks together
     # The current epoch's totals so far, so that a resumed epoch's record covers the whole epoch.
+    # This process's own: under DDP every process saves its totals into the checkpoint
+    # (`rank_totals`) and gets its own back, so a resumed epoch's record is the uninterrupted one.
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
     epoch_seconds: float = 0.0
@@ -59,13 +62,34 @@ class Progress:
     status: str = "running"  # then completed / early_stopped: a finished run is not trained again
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> Progress:
-        """The saved progress (q2l 0.1 checkpoints predate validated_epoch: all were validated)."""
-        saved = checkpoint["progress"]
+    def from_checkpoint(
+        cls, checkpoint: dict[str, Any], rank: int = 0, world_size: int = 1
+    ) -> Progress:
+        """The saved progress, with this process's own epoch totals (q2l 0.1 checkpoints predate
+        validated_epoch: all were validated).
+
+        Checkpoints hold every process's totals in `progress["rank_totals"]`; resumed on another
+        number of processes, rank 0 carries the whole sum so far and the others start from 0.
+        """
+        saved = dict(checkpoint["progress"])
         known = {f.name for f in fields(cls)}
-        return cls(
+        progress = cls(
             **{"validated_epoch": saved["epoch"], **{k: v for k, v in saved.items() if k in known}}
         )
+        totals = saved.get("rank_totals")
+        if totals is not None:
+            if len(totals) == world_size:
+                mine = totals[rank]
+            else:
+                mine = [sum(column) for column in zip(*totals, strict=True)] if rank == 0 else None
+            progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = (
+                mine if mine is not None else (0.0, 0, 0.0)
+            )
+        return progress
+
+    def totals(self) -> tuple[float, int, float]:
+        """This process's epoch totals so far: (loss sum, images, seconds)."""
+        return self.epoch_loss_sum, self.epoch_images, self.epoch_seconds
 
 
 @dataclass
@@ -81,31 +105,57 @@ class Loop:
 
 
 def fit(
-    state: TrainState, train_loader, val_loader, trainer: DictConfig, progress: Progress, loop: Loop
+    state: TrainState,
+    train_loader,
+    val_loader,
+    trainer: DictConfig,
+    progress: Progress,
+    loop: Loop,
+    stop: StopRequest,
 ) -> str:
     """Train and validate up to `trainer.epochs`, an early stop or a stop request; return status.
 
-    Every decision is taken by all ranks together: a stop request on any rank stops all of them
-    at the same step, and every rank gets the validation record rank 0 computed.
+    `stop` is polled at every step (its handlers only set a flag inside `fit`). Every decision is
+    taken by all ranks together: a stop request on any rank stops all of them at the same step,
+    and every rank gets the validation record rank 0 computed.
     """
-    with StopRequest() as stop:
-        while True:
-            if progress.validated_epoch < progress.epoch:
-                # Under DDP the ranks' shards differ by a batch at most, so validation cannot stop
-                # in the middle in step; a stop request is then honoured right after it.
-                local_stop = None if dist.is_distributed() else (lambda: bool(stop))
-                record = _validate(state, val_loader, trainer, loop, should_stop=local_stop)
-                if record is None or dist.any_rank(bool(stop)):
-                    return _preempted(stop, state, progress, loop)
-                status = _finish_epoch(record, train_loader, state, trainer, progress, loop)
-                if status is not None:
-                    return status
-            if progress.epoch >= trainer.epochs:
-                progress.status = "completed"
-                return progress.status
-            if _train_epoch_part(state, train_loader, trainer, progress, loop, stop):
+    try:
+        with stop.deferred():
+            return _epochs(state, train_loader, val_loader, trainer, progress, loop, stop)
+    except NonFiniteError as error:
+        # Every checkpoint is checked finite before it is written, so last.pt is a good one.
+        last = loop.run_dir / "checkpoints" / "last.pt"
+        kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
+        raise NonFiniteError(f"{error}; nothing was saved from this step; {kept}") from None
+
+
+def _epochs(
+    state: TrainState,
+    train_loader,
+    val_loader,
+    trainer: DictConfig,
+    progress: Progress,
+    loop: Loop,
+    stop: StopRequest,
+) -> str:
+    """fit's loop: validate what was trained, then train the next epoch, until the end."""
+    while True:
+        if progress.validated_epoch < progress.epoch:
+            # Under DDP the ranks' shards differ by a batch at most, so validation cannot stop
+            # in the middle in step; a stop request is then honoured right after it.
+            local_stop = None if dist.is_distributed() else (lambda: bool(stop))
+            record = _validate(state, val_loader, trainer, loop, should_stop=local_stop)
+            if record is None or dist.any_rank(bool(stop)):
                 return _preempted(stop, state, progress, loop)
-            progress.epoch += 1  # batches_done keeps the epoch's count until its record is written
+            status = _finish_epoch(record, train_loader, state, trainer, progress, loop)
+            if status is not None:
+                return status
+        if progress.epoch >= trainer.epochs:
+            progress.status = "completed"
+            return progress.status
+        if _train_epoch_part(state, train_loader, trainer, progress, loop, stop):
+            return _preempted(stop, state, progress, loop)
+        progress.epoch += 1  # batches_done keeps the epoch's count until its record is written
 
 
 def _finish_epoch(
@@ -215,8 +265,11 @@ def _train_epoch_part(
     batch_size = train_loader.batch_size
     train_loader.sampler.set_epoch(progress.epoch, start=progress.samples_done)
     batches_at_start, samples_at_start = progress.batches_done, progress.samples_done
-    totals_at_start = (progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds)
-    loss_sum = torch.zeros(())  # on the loss's device once the first step adds to it
+    images_at_start, seconds_at_start = progress.epoch_images, progress.epoch_seconds
+    # float64, continuing from the saved sum: a resumed epoch adds the same numbers in the same
+    # order as an uninterrupted one, so its loss is bitwise the same. On the loss's device once
+    # the first step adds to it (no host sync per step).
+    loss_sum = torch.tensor(progress.epoch_loss_sum, dtype=torch.float64)
     started = time.perf_counter()
     done = 0
     stopped = False
@@ -224,13 +277,14 @@ def _train_epoch_part(
 
     def sync_totals() -> None:
         """Bring the epoch totals in `progress` up to date (one host sync: at saves and the end)."""
-        progress.epoch_loss_sum = totals_at_start[0] + float(loss_sum)
-        progress.epoch_images = totals_at_start[1] + done * batch_size
-        progress.epoch_seconds = totals_at_start[2] + time.perf_counter() - started
+        progress.epoch_loss_sum = float(loss_sum)
+        progress.epoch_images = images_at_start + done * batch_size
+        progress.epoch_seconds = seconds_at_start + time.perf_counter() - started
 
     def on_step(loss: torch.Tensor, skipped: bool, batches: int) -> bool:
         nonlocal loss_sum, done, stopped
-        loss_sum = loss_sum.to(loss.device) + loss * batches  # loss is the mean over the batches
+        # loss is the mean over the step's batches
+        loss_sum = loss_sum.to(loss.device) + (loss * batches).double()
         done += batches
         progress.batches_done = batches_at_start + done
         progress.samples_done = samples_at_start + done * batch_size * dist.world_size()
@@ -259,12 +313,7 @@ def _train_epoch_part(
     if trainer.limit_train_batches is not None:
         remaining = min(remaining, max(trainer.limit_train_batches - batches_at_start, 0))
     bar = _progress_bar(itertools.islice(train_loader, remaining), remaining, "train", trainer)
-    try:
-        train_one_epoch(state, bar, loop.options, on_step)
-    except NonFiniteError as error:
-        last = loop.run_dir / "checkpoints" / "last.pt"
-        saved = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
-        raise NonFiniteError(f"{error}; nothing was saved from this step; {saved}") from None
+    train_one_epoch(state, bar, loop.options, on_step)
     sync_totals()
     return stopped
 
@@ -347,17 +396,27 @@ def _save(
 ) -> None:
     """Write checkpoints/last.pt (and step-N.pt if periodic); point best.pt at it on improvement.
 
-    Called on every rank: each rank's random streams go into rank 0's checkpoint.
+    Called on every rank: each rank's random streams and epoch totals go into rank 0's
+    checkpoint. Weights or optimizer state that stopped being finite are never saved: every rank
+    raises NonFiniteError, and the checkpoints already written (all finite) stay as they were.
     """
-    rng = dist.gather_objects(capture_rng())
+    checkpoints = loop.run_dir / "checkpoints"
+    broken = non_finite_parts(state)
+    if dist.any_rank(bool(broken)):
+        raise NonFiniteError(
+            f"after step {state.step} the {' and '.join(broken) or 'state on another process'} "
+            "hold non-finite values (the update diverged: lower the learning rate or clip "
+            "gradients, trainer.grad_clip_norm)"
+        )
+    rank_state = dist.gather_objects((capture_rng(), progress.totals()))
     if not dist.is_main_process():
         return
     history = loop.run_log.history
     latest = record or (history[-1] if history else {})
     payload = training_payload(
         state,
-        rng,
-        progress=asdict(progress),
+        [rng for rng, _ in rank_state],
+        progress={**asdict(progress), "rank_totals": [totals for _, totals in rank_state]},
         epoch=progress.epoch,
         best_metric=progress.best_metric,
         best_epoch=progress.best_epoch,
@@ -369,7 +428,6 @@ def _save(
         precision=loop.options.precision,
         world_size=dist.world_size(),
     )
-    checkpoints = loop.run_dir / "checkpoints"
     if periodic:
         save_checkpoint(payload, checkpoints / f"step-{state.step:08d}.pt")
         purge_periodic(checkpoints, loop.config["trainer"]["keep_last"])

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from q2l.atomic import atomic_write
 from q2l.messages import and_more
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,14 @@ class RunDirectory:
         if not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} is not a folder")
         entries = sorted(entry.name for entry in self.path.iterdir())
-        # Runs of q2l 0.1 have no marker; their config.yaml, .hydra/ and checkpoints/ identify them.
-        self.existing = RUN_MARKER in entries or {"config.yaml", ".hydra", "checkpoints"} <= set(
-            entries
-        )
+        # Only q2l's own marker makes a folder a q2l run: another Hydra project's run (config.yaml,
+        # .hydra/, checkpoints/) looks the same from outside and must not be written into.
+        self.existing = RUN_MARKER in entries
         if entries and not self.existing and entries != [LOCK_NAME]:
             raise RunDirError(
-                f"run directory {self.path} holds files that are not a q2l run "
-                f"({and_more(entries, 5)}); nothing was changed. Pass an empty or new hydra.run.dir"
+                f"run directory {self.path} holds files but no {RUN_MARKER} marker, so it is not "
+                f"a q2l run ({and_more(entries, 5)}); nothing was changed. Pass an empty or new "
+                "hydra.run.dir"
             )
         self._lock()
         return self
@@ -107,14 +108,18 @@ class RunDirectory:
         config.yaml is the resolved config; .hydra/ holds what Hydra composed, its own config and
         the command's overrides, as Hydra itself would write them.
         """
-        (self.path / RUN_MARKER).write_text(json.dumps({"created_by": "q2l"}) + "\n")
-        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Each file is written whole or not at all (a stop signal may arrive at any moment); the
+        # marker last, so a folder holding it holds the rest.
+        files = {self.path / "config.yaml": OmegaConf.to_yaml(cfg, resolve=True)}
         if hydra is not None:
             hydra_dir = self.path / ".hydra"
-            hydra_dir.mkdir(exist_ok=True)
-            OmegaConf.save(cfg, hydra_dir / "config.yaml")
-            OmegaConf.save(OmegaConf.create({"hydra": hydra}), hydra_dir / "hydra.yaml")
-            OmegaConf.save(hydra.overrides.task, hydra_dir / "overrides.yaml")
+            files[hydra_dir / "config.yaml"] = OmegaConf.to_yaml(cfg)
+            files[hydra_dir / "hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra}))
+            files[hydra_dir / "overrides.yaml"] = OmegaConf.to_yaml(hydra.overrides.task)
+        files[self.path / RUN_MARKER] = json.dumps({"created_by": "q2l"}) + "\n"
+        for path, text in files.items():
+            with atomic_write(path, "w") as handle:
+                handle.write(text)
         self._log_handler = logging.FileHandler(self.path / LOG_NAME)
         self._log_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         logging.getLogger().addHandler(self._log_handler)

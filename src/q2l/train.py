@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist
@@ -33,74 +35,138 @@ from q2l.checkpoint import (
 from q2l.checks import check_values, choice
 from q2l.config import CONFIG_DIR
 from q2l.data.loader import build_loader
-from q2l.engine import StepOptions
+from q2l.engine import StepOptions, TrainState
 from q2l.fit import Loop, Progress, fit
 from q2l.models.backbone import normalization, pretrained_weights_path
-from q2l.preemption import EXIT_PREEMPTED, requeue
+from q2l.preemption import EXIT_PREEMPTED, StopRequest, StopRequested, requeue
 from q2l.run_log import NullRunLog, RunLog, write_json
 from q2l.rundir import RunDirectory, RunDirError, with_saved_overrides
+from q2l.sweep import with_saved_sweep_overrides, write_sweep_summary
 
 log = logging.getLogger("q2l.train")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
-    """Run one training job; returns its best mAP (what sweepers optimise)."""
-    dist.init()  # the tasks of a SLURM job join here; torchrun's processes already did in main()
-    dist.quiet_other_ranks()  # after Hydra set up logging
+    """Run one training job; returns its best mAP (what sweepers optimise).
+
+    A job stopped by a signal (during start-up, training, or before it began: a sweep whose
+    process was asked to stop) ends the process with EXIT_PREEMPTED, after the sweep summary is
+    brought up to date and, under SLURM, the job requeued.
+    """
+    stop = _stop_request()
+    stop.immediate = False  # each part of the job chooses (q2l.preemption)
     hydra_config = HydraConfig.get()
-    summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
+    try:
+        with stop.immediately():  # joining the process group waits for the other tasks
+            dist.init()  # the tasks of a SLURM job join here; torchrun's processes did in main()
+        dist.quiet_other_ranks()  # after Hydra set up logging
+        summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config, stop=stop)
+    except StopRequested:
+        summary = {"status": "preempted"}
     if summary["status"] == "preempted":
-        if cfg.trainer.slurm_requeue:
-            requeue()
-        sys.exit(EXIT_PREEMPTED)
+        _end_preempted(cfg, hydra_config, stop)
     return summary["best"]["value"]
 
 
 def main() -> None:
     """`python train.py` / `q2l-train` / `torchrun ... train.py`.
 
-    `resume=auto hydra.run.dir=X` reuses X's saved overrides. Under torchrun the processes join
-    the process group before Hydra starts, and rank 0's start time names the one run directory
-    they all use.
+    `resume=auto hydra.run.dir=X` reuses X's saved overrides, and `-m hydra.sweep.dir=X` a sweep's
+    (continuing it). Under torchrun the processes join the process group before Hydra starts, and
+    rank 0's start time names the one run directory they all use.
     """
-    argv = with_saved_overrides(sys.argv[1:])
-    if dist.launched_by_torchrun():
-        if {"-m", "--multirun"} & set(argv):
-            sys.exit(
-                "q2l: a sweep (-m) cannot run inside torchrun; sweep with hydra/launcher=slurm "
-                "(one DDP job per sweep point), or run torchrun once per setting"
-            )
-        dist.init()
-        os.environ["Q2L_RUN_TIME"] = dist.broadcast(datetime.datetime.now().isoformat())
-    sys.argv[1:] = argv
+    stop = _stop_request()
     try:
+        argv = with_saved_sweep_overrides(with_saved_overrides(sys.argv[1:]))
+        if dist.launched_by_torchrun():
+            if {"-m", "--multirun"} & set(argv):
+                sys.exit(
+                    "q2l: a sweep (-m) cannot run inside torchrun; sweep with hydra/launcher=slurm "
+                    "(one DDP job per sweep point), or run torchrun once per setting"
+                )
+            dist.init()
+            os.environ["Q2L_RUN_TIME"] = dist.broadcast(datetime.datetime.now().isoformat())
+        sys.argv[1:] = argv
         _hydra_main()
+    except StopRequested as stopped:
+        log.warning("%s received before training started: stopping", stopped)
+        sys.exit(EXIT_PREEMPTED)
     finally:
+        stop.immediate = False
         dist.destroy()
 
 
-def train(cfg: DictConfig, run_dir: Path, hydra: DictConfig | None = None) -> dict[str, Any]:
+_STOP: StopRequest | None = None
+
+
+def _stop_request() -> StopRequest:
+    """The process's stop request, installed on first use and kept for the process's life (a
+    sweep's jobs share it: a stop during one job also stops the sweep). It starts immediate: a
+    signal before the first job reaches its training loop ends the command at once."""
+    global _STOP
+    if _STOP is None:
+        _STOP = StopRequest(immediate=True).__enter__()
+    return _STOP
+
+
+def _end_preempted(cfg: DictConfig, hydra_config: DictConfig, stop: StopRequest) -> None:
+    """Exit with EXIT_PREEMPTED, the sweep summary (in a sweep) up to date, requeued if asked."""
+    if hydra_config.mode == RunMode.MULTIRUN and dist.is_main_process():
+        # The launcher never reaches its end of sweep: the summary is written now, listing the
+        # jobs not run yet too. Rerunning with hydra.sweep.dir=<this sweep> continues it.
+        write_sweep_summary(Path(hydra_config.sweep.dir))
+    if cfg.trainer.slurm_requeue:
+        requeue(stop)
+    sys.exit(EXIT_PREEMPTED)
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    hydra: DictConfig | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
     """Train as `cfg` says, writing everything into `run_dir`; returns the metrics.json summary.
 
     An existing run in `run_dir` is written to only once the start is accepted (values valid,
     folders writable, resume config unchanged): a refused start leaves it as it was. With
     several processes, rank 0 alone checks, decides and writes; the others follow its decisions.
+
+    `stop`: the process's stop request (q2l.preemption); without one, handlers are installed for
+    the call. A stop signal during start-up raises StopRequested (the run, if it had started, is
+    marked preempted: nothing of it was lost); during training it ends the loop with a checkpoint
+    and the summary's status "preempted".
     """
+    if stop is None:
+        with StopRequest() as own:
+            return train(cfg, run_dir, hydra, own)
     start = time.perf_counter()
     run = RunDirectory(run_dir)
     try:
         loaded: dict[str, Any] = {}  # what rank 0 read while checking: kept, never broadcast
-        plan = dist.on_main(_open_run, cfg, run, hydra, loaded)
+        plan = dist.on_main(_interruptible, stop, _open_run, cfg, run, hydra, loaded)
         if plan["finished"] is not None:
             return plan["finished"]
-        return _train(cfg, run, plan["resume"], plan["changes"], start, loaded)
+        return _train(cfg, run, plan["resume"], plan["changes"], start, loaded, stop)
+    except StopRequested:
+        if run.started:
+            _record_end(run.path, "preempted", "stopped by a signal before training began")
+        raise
     except Exception as error:
         if run.started:
-            _record_failure(run.path, error)
+            log.error("run failed: %s: %s", type(error).__name__, error)
+            _record_end(run.path, "failed", f"{type(error).__name__}: {error}")
         raise
     finally:
         run.close()
+
+
+def _interruptible(stop: StopRequest, function, *args: Any) -> Any:
+    """Run `function` where a stop signal raises StopRequested at once (rank 0's start checks:
+    the other processes wait for it in q2l.dist.on_main, which hands them the stop)."""
+    with stop.immediately():
+        return function(*args)
 
 
 def _open_run(
@@ -173,8 +239,43 @@ def _train(
     changes: list[str],
     start: float,
     loaded: dict[str, Any],
+    stop: StopRequest,
 ) -> dict[str, Any]:
-    """Build everything and fit; `loaded`: what _open_run already read (rank 0), reused."""
+    """Build everything and fit; `loaded`: what _open_run already read (rank 0), reused.
+
+    Start-up is interrupted at once by a stop signal in a single process; under several processes
+    all of them stop together at the next milestone (`stop.check()`), so none waits in a
+    collective for a process that left.
+    """
+    with stop.immediately() if not dist.is_distributed() else stop.deferred():
+        parts = _build(cfg, resume_path, changes, loaded, stop)
+    with stop.deferred():
+        return _fit(cfg, run, parts, start, stop)
+
+
+@dataclass
+class _Parts:
+    """What _build makes for _fit."""
+
+    state: TrainState
+    train_loader: Any
+    val_loader: Any
+    progress: Progress
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    class_names: list[str]
+    options: StepOptions
+    eval_options: StepOptions
+
+
+def _build(
+    cfg: DictConfig,
+    resume_path: str | None,
+    changes: list[str],
+    loaded: dict[str, Any],
+    stop: StopRequest,
+) -> _Parts:
+    """Data, model, training state, loaders and the loop's position."""
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = None
     if resume_path is not None:
@@ -188,6 +289,7 @@ def _train(
     train_set, val_set = build_datasets(
         cfg, *normalization(cfg.backbone.name, cfg.backbone.normalization)
     )
+    stop.check()
     # Resuming, the checkpoint supplies every weight: the backbone's weights file is not needed.
     model = build_model(config, train_set.num_classes, pretrained=False if resume else None)
     if cfg.init_from:
@@ -198,6 +300,7 @@ def _train(
         loss = construct(cfg.loss)
     if hasattr(loss, "align_priors"):  # class priors read with names: the data set's order
         loss.align_priors(train_set.class_names)
+    stop.check()
     state = build_state(cfg, model.to(device), loss.to(device), len(train_set), precision)
     train_loader, val_loader = (
         build_loader(
@@ -215,7 +318,7 @@ def _train(
     progress = Progress()
     if resume:
         restore_training(state, resume, Path(resume_path), changes, dist.rank(), dist.world_size())
-        progress = Progress.from_checkpoint(resume)
+        progress = Progress.from_checkpoint(resume, dist.rank(), dist.world_size())
         progress.status = "running"  # allow_config_change may have given a finished run more epochs
         log.info(
             "resumed from %s at epoch %d, step %d (%d batches into the epoch)",
@@ -224,15 +327,9 @@ def _train(
             state.step,
             progress.batches_done,
         )
-    history = resume.get("history", []) if resume else []
-    run_log = RunLog(run.path, history) if dist.is_main_process() else NullRunLog()
-    options = step_options(cfg, device, precision, train_set.num_classes)
-    eval_options = StepOptions(device, precision=precision, channels_last=cfg.trainer.channels_last)
-    loop = Loop(run.path, config, train_set.class_names, run_log, options, eval_options)
     log.info(
-        "run dir %s | %d train / %d val images, %d classes | device %s | %s | %d process(es), "
+        "%d train / %d val images, %d classes | device %s | %s | %d process(es), "
         "global batch %d (%d per process x %d accumulated)",
-        run.path,
         len(train_set),
         len(val_set),
         train_set.num_classes,
@@ -243,8 +340,34 @@ def _train(
         cfg.dataset.batch_size,
         cfg.trainer.accumulate_grad_batches,
     )
+    stop.check()
+    return _Parts(
+        state=state,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        progress=progress,
+        history=resume.get("history", []) if resume else [],
+        config=config,
+        class_names=train_set.class_names,
+        options=step_options(cfg, device, precision, train_set.num_classes),
+        eval_options=StepOptions(
+            device, precision=precision, channels_last=cfg.trainer.channels_last
+        ),
+    )
+
+
+def _fit(
+    cfg: DictConfig, run: RunDirectory, parts: _Parts, start: float, stop: StopRequest
+) -> dict[str, Any]:
+    """Train to the end (or a stop), then write metrics.json; returns its summary."""
+    run_log = RunLog(run.path, parts.history) if dist.is_main_process() else NullRunLog()
+    loop = Loop(
+        run.path, parts.config, parts.class_names, run_log, parts.options, parts.eval_options
+    )
+    log.info("run dir %s", run.path)
+    progress, state = parts.progress, parts.state
     try:
-        status = fit(state, train_loader, val_loader, cfg.trainer, progress, loop)
+        status = fit(state, parts.train_loader, parts.val_loader, cfg.trainer, progress, loop, stop)
     finally:
         run_log.close()
     monitor = choice(cfg.trainer.monitor)
@@ -331,15 +454,15 @@ def _summary(
     }
 
 
-def _record_failure(run_dir: Path, error: Exception) -> None:
-    """Mark metrics.json failed, with the reason, keeping what it held (sweep summaries list it)."""
-    log.error("run failed: %s: %s", type(error).__name__, error)
+def _record_end(run_dir: Path, status: str, reason: str) -> None:
+    """Mark metrics.json `status` ("failed", "preempted") with the reason, keeping what it held
+    (sweep summaries list it)."""
     path = run_dir / "metrics.json"
     try:
         summary = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         summary = {}
-    summary.update(status="failed", error=f"{type(error).__name__}: {error}")
+    summary.update(status=status, error=reason)
     try:
         write_json(path, summary)
     except OSError:
