@@ -186,7 +186,34 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
             f"resume=auto: continuing {run_dir} with its saved overrides: {' '.join(kept)}",
             file=sys.stderr,
         )
-    return kept + argv
+    return add_overrides(argv, kept)
+
+
+# Hydra's command-line options that take a value (`--cfg job`); `--info` takes one optionally.
+_OPTIONS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name"}
+_OPTIONS_WITH_VALUE |= {"-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def add_overrides(argv: list[str], before: list[str], flags: list[str] = ()) -> list[str]:
+    """`argv` with the overrides `before` ahead of its own (which win) and `flags` (e.g. `-m`)
+    added: options first, then all overrides together, as Hydra's parser needs them."""
+    options, overrides = [], []
+    arguments = iter(argv)
+    for argument in arguments:
+        if not argument.startswith("-"):
+            overrides.append(argument)
+            continue
+        options.append(argument)
+        if argument in _OPTIONS_WITH_VALUE:
+            options.append(next(arguments, ""))
+        elif argument in ("--info", "-i"):
+            following = next(arguments, None)
+            if following in _INFO_VALUES:
+                options.append(following)
+            elif following is not None:
+                overrides.append(following)
+    return [*options, *flags, *before, *overrides]
 
 
 def _split(override: str) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist
 from q2l.atomic import atomic_write
+from q2l.rundir import add_overrides
 
 SAVED_SWEEP = "multirun.yaml"  # what Hydra's sweepers (and q2l's Optuna sweeper) save at the root
 # Overrides that say where or how a sweep runs, not what it computes: never compared or reused.
@@ -321,4 +322,4 @@ def with_saved_sweep_overrides(argv: list[str]) -> list[str]:
             f"continuing sweep {sweep_dir} with its saved arguments: {' '.join(kept)}",
             file=sys.stderr,
         )
-    return flags + kept + argv
+    return add_overrides(argv, kept, flags)

@@ -90,7 +90,7 @@ def main() -> None:
         sys.argv[1:] = argv
         _hydra_main()
     except StopRequested as stopped:
-        log.warning("%s received before training started: stopping", stopped)
+        log.warning("%s received before training started: stopping, nothing to save yet", stopped)
         sys.exit(EXIT_PREEMPTED)
     finally:
         stop.immediate = False
@@ -149,7 +149,8 @@ def train(
         if plan["finished"] is not None:
             return plan["finished"]
         return _train(cfg, run, plan["resume"], plan["changes"], start, loaded, stop)
-    except StopRequested:
+    except StopRequested as stopped:
+        log.warning("%s received before training started: stopping, nothing to save yet", stopped)
         if run.started:
             _record_end(run.path, "preempted", "stopped by a signal before training began")
         raise
