@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint
 from q2l.engine import NonFiniteError
@@ -318,6 +319,9 @@ def test_4_a_failing_trial_is_recorded_and_the_search_goes_on(digits_root, tmp_p
     trials = _study(sweep_dir).trials
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}
     assert all("not finite" in t.user_attrs["error"] for t in trials if t.state.name == "FAIL")
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"]
+    completed = [float(row["best_mAP"]) for row in rows if row["status"] == "completed"]
+    assert best == pytest.approx(max(completed), abs=1e-3)
 
 
 @pytest.mark.slow

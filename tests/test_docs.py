@@ -60,8 +60,11 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                 ]
                 if "-m" in words:  # a sweep: its first job stands for all of them
                     overrides = [re.sub(r"=([^,\[]*),.*", r"=\1", w) for w in overrides]
-                if "resume=auto" in overrides:
-                    # Composes from the run's saved overrides: test_safety.py runs it for real.
+                if "resume=auto" in overrides or (
+                    overrides and all(o.startswith("hydra.sweep.dir=") for o in overrides)
+                ):
+                    # Composes from the run's (or the sweep's) saved overrides: test_safety.py
+                    # and test_cluster.py run these for real.
                     continue
                 found.append(
                     (f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides)
