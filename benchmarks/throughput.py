@@ -113,7 +113,7 @@ def count_images(batches: list) -> int:
 
 def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
     """The training state and step options `python train.py` builds around `model` from `cfg`
-    (q2l.train's own builders), with a schedule far longer than will run."""
+    (q2l.training.run's own builders), with a schedule far longer than will run."""
     precision = resolve_precision(cfg.trainer.precision.value, CPU)
     long_enough = 1_000_000 * cfg.dataset.batch_size
     state = build_state(cfg, model, loss, long_enough, precision)

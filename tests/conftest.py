@@ -109,7 +109,7 @@ def cli_env(tmp_path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
     """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports)."""
-    from q2l.train import train
+    from q2l.training.run import train
 
     base = tmp_path_factory.mktemp("inference-run")
     overrides = [

@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint
 from q2l.engine import NonFiniteError
-from q2l.preemption import EXIT_PREEMPTED, StopRequested
-from q2l.rundir import LOCK_NAME, RunDirError
-from q2l.sweep import check_continuation, summarize_sweep, to_markdown, write_sweep_summary
-from q2l.train import train
+from q2l.training.checkpoint import CheckpointError, find_resumable, load_checkpoint
+from q2l.training.preemption import EXIT_PREEMPTED, StopRequested
+from q2l.training.run import train
+from q2l.training.rundir import LOCK_NAME, RunDirError
+from q2l.training.sweep import check_continuation, summarize_sweep, to_markdown, write_sweep_summary
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides
 
@@ -375,8 +375,8 @@ def _signal_in(monkeypatch, module, function: str, number=signal.SIGTERM) -> Non
     [
         ("data check", "q2l.build", "validate_splits"),
         ("demo build", "q2l.demo.digits", "build_digits_coco"),
-        ("model build", "q2l.train", "build_model"),
-        ("state build", "q2l.train", "build_state"),
+        ("model build", "q2l.training.run", "build_model"),
+        ("state build", "q2l.training.run", "build_state"),
     ],
 )
 def test_5_a_signal_during_start_up_stops_at_once_and_the_rerun_completes(
@@ -398,7 +398,7 @@ def test_5_a_signal_during_start_up_stops_at_once_and_the_rerun_completes(
 def test_5_a_signal_while_loading_the_checkpoint_to_resume_changes_nothing(
     tiny_cfg, tmp_path, monkeypatch
 ):
-    import q2l.train as train_module
+    import q2l.training.plan as plan_module
     from q2l.losses import AsymmetricLoss
 
     run_dir = tmp_path / "run"
@@ -406,7 +406,7 @@ def test_5_a_signal_while_loading_the_checkpoint_to_resume_changes_nothing(
     assert train(tiny_cfg(), run_dir)["status"] == "preempted"
     monkeypatch.undo()
     before = _tree(run_dir)
-    _signal_in(monkeypatch, train_module, "find_resumable")
+    _signal_in(monkeypatch, plan_module, "find_resumable")
     with pytest.raises(StopRequested):
         train(tiny_cfg(), run_dir)  # resume=auto: it would continue the run
     monkeypatch.undo()

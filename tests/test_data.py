@@ -211,7 +211,7 @@ def test_partial_labels_hide_train_labels_only(tiny_cfg):
 
 @pytest.mark.slow
 def test_partial_asl_trains_end_to_end_on_hidden_labels(tiny_cfg, tmp_path):
-    from q2l.train import train
+    from q2l.training.run import train
 
     summary = train(
         tiny_cfg("loss=partial_asl", "dataset.partial.keep_ratio=0.4", "trainer.epochs=1"), tmp_path

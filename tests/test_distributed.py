@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from q2l.checkpoint import load_checkpoint
 from q2l.data.loader import EpochSampler
 from q2l.engine import StepOptions, TrainState, train_one_epoch
+from q2l.training.checkpoint import load_checkpoint
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
@@ -253,7 +253,7 @@ def test_a_rank_that_dies_takes_the_job_down(odd_digits, tmp_path, env):
 def test_a_two_process_run_resumes_in_one_process(
     two_process_run, compose_config, odd_digits, tmp_path
 ):
-    from q2l.train import train
+    from q2l.training.run import train
 
     run_dir, _ = two_process_run
     cfg = compose_config(

@@ -15,10 +15,10 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.evaluate import evaluate_checkpoint
 from q2l.import_official import import_official, main
-from q2l.train import train
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.training.run import train
 
 from .conftest import tiny_overrides
 from .helpers.layouts import miil_tresnet_layout, randomize

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from q2l.run_log import RunLog, run_hparams
+from q2l.training.run_log import RunLog, run_hparams
 
 
 def _events(folder):

@@ -19,16 +19,21 @@ import torch
 from safetensors.torch import save_file
 
 import q2l.atomic as atomic_module
-import q2l.train as train_module
-from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+import q2l.training.run as train_module
 from q2l.checks import ConfigValueError
 from q2l.data.validate import main as validate_main
 from q2l.demo.owned import FolderNotOursError
 from q2l.losses import AsymmetricLoss
 from q2l.models.weights import WeightsFileError, read_state_dict
-from q2l.preemption import EXIT_PREEMPTED
-from q2l.rundir import LOCK_NAME, RunDirError
-from q2l.train import train
+from q2l.training.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from q2l.training.preemption import EXIT_PREEMPTED
+from q2l.training.run import train
+from q2l.training.rundir import LOCK_NAME, RunDirError
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from q2l.checkpoint import load_checkpoint
 from q2l.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
-from q2l.train import train
+from q2l.training.checkpoint import load_checkpoint
+from q2l.training.run import train
 
 from .conftest import run_python, tiny_overrides
 

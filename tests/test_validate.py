@@ -15,7 +15,7 @@ from q2l.data.loader import build_loader
 from q2l.data.table import TableMultiLabel
 from q2l.data.transforms import build_eval_transform
 from q2l.data.validate import DataValidationError, main, validate_splits
-from q2l.train import train
+from q2l.training.run import train
 
 
 def _table(root: Path, rows: list[tuple[str, str]], name: str = "train.csv") -> Path:

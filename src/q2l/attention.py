@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig
 
 from q2l import dist
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.checks import check_values
 from q2l.config import CONFIG_DIR
 from q2l.data.dataset import load_rgb
@@ -29,6 +28,7 @@ from q2l.data.transforms import build_eval_transform
 from q2l.drawing import captioned, grid, heatmap_overlay
 from q2l.inference.model_info import ModelInfo
 from q2l.models.attention_maps import CrossAttentionMaps
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("q2l.attention")
 

@@ -27,7 +27,7 @@ from q2l import losses, optim
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
 from q2l.models import HEAD_CLASSES, TimmBackbone
-from q2l.rundir import run_time
+from q2l.training.rundir import run_time
 
 # conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
 CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))

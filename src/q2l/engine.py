@@ -1,4 +1,4 @@
-"""The two loops, one training pass and one evaluation pass; q2l.fit owns the epochs."""
+"""The two loops, one training pass and one evaluation pass (q2l.training.trainer owns epochs)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 from q2l import dist, reports
 from q2l.build import instantiate_allowed
 from q2l.calibration import f1_thresholds, per_class_counts
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.checks import check_values
 from q2l.config import CONFIG_DIR
 from q2l.data import DATASETS
@@ -55,7 +54,8 @@ from q2l.metrics import average_precision, compute_metrics, threshold_metrics
 from q2l.models.backbone import normalization
 from q2l.progress import track
 from q2l.reports import format_report
-from q2l.run_log import write_json
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.training.run_log import write_json
 
 log = logging.getLogger("q2l.eval")
 

@@ -17,11 +17,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.checks import check_values, choice
 from q2l.config import CONFIG_DIR
 from q2l.inference import exporters
 from q2l.inference.model_info import ModelInfo, read_thresholds, thresholds_path
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("q2l.export")
 

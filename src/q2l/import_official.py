@@ -25,7 +25,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from q2l.build import build_model
-from q2l.checkpoint import load_strict, save_checkpoint
 from q2l.checks import check_values
 from q2l.config import CONFIG_DIR
 from q2l.data.coco import COCO_CLASSES
@@ -36,6 +35,7 @@ from q2l.models.official import (
     official_state_dict,
 )
 from q2l.models.weights import load_torch_file
+from q2l.training.checkpoint import load_strict, save_checkpoint
 
 log = logging.getLogger("q2l.import")
 
@@ -94,7 +94,7 @@ def import_official(
         {
             "model": model.state_dict(),
             "ema": None,
-            "eval_weights": "model",
+            "eval_weights": "raw",
             "epoch": int(official.get("epoch", 0)),
             "step": 0,
             "metrics": {},

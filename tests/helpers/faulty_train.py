@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import q2l.build
-from q2l import train
+import q2l.training.plan
+import q2l.training.run
+from q2l.cli import train
 from q2l.losses import AsymmetricLoss
 
 RANK = int(os.environ.get("RANK", 0))
@@ -45,8 +47,8 @@ def _inject() -> None:
 # Where each start-up phase can be caught: (module, function name).
 PHASES = {
     "validate": (q2l.build, "validate_splits"),
-    "model": (train, "build_model"),
-    "resume": (train, "find_resumable"),
+    "model": (q2l.training.run, "build_model"),
+    "resume": (q2l.training.plan, "find_resumable"),
 }
 
 

@@ -50,7 +50,7 @@ class ModelInfo:
     model_config: dict[str, Any]
     thresholds: list[float] | None = None
     thresholds_source: dict[str, Any] | None = None
-    weights: str = "model"
+    weights: str = "raw"
     epoch: int | None = None
     step: int | None = None
     input_name: str = "images"
@@ -63,7 +63,7 @@ class ModelInfo:
     def from_checkpoint(
         cls, checkpoint: dict[str, Any], weights: str, image_size: int | None = None
     ) -> ModelInfo:
-        """The record of `checkpoint` with `weights` ("model"/"ema") and no thresholds yet."""
+        """The record of `checkpoint` with `weights` ("raw"/"ema") and no thresholds yet."""
         config = checkpoint["config"]
         size = int(image_size or config["dataset"]["image_size"])
         backbone_config = config["backbone"]

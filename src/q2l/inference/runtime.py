@@ -101,7 +101,7 @@ def load_scorer(
     precision: "checkpoint" (what the run trained with, as eval uses) or auto/fp32/bf16/fp16;
     ONNX models always run in fp32.
     """
-    from q2l.checkpoint import load_checkpoint, model_from_checkpoint
+    from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     if bool(ckpt) == bool(model_file):
         raise ValueError(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from q2l.atomic import atomic_write
+from q2l.training.records import EpochRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,29 @@ class RunLog:
 
     Args:
         run_dir: the run directory; tensorboard/ and the metric files go inside.
-        history: epoch records from an earlier run being resumed; rewritten first so the
-            resumed run directory holds the whole history.
+        history: epoch records from an earlier run being resumed; metrics.jsonl is rewritten
+            with them first (whole, atomically) so the resumed run directory holds the whole
+            history.
     """
 
-    def __init__(self, run_dir: str | Path, history: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, run_dir: str | Path, history: list[EpochRecord] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[EpochRecord] = list(history or [])
         self.jsonl = self.run_dir / "metrics.jsonl"
-        self.jsonl.write_text("")
+        with atomic_write(self.jsonl, "w") as handle:
+            handle.writelines(_line(record) for record in self.history)
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        for record in history or []:
-            self._append(record)
 
-    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+    def log_epoch(self, record: EpochRecord) -> None:
         """One epoch's numbers: a metrics.jsonl line and a TensorBoard scalar each."""
-        self._append(record)
-        for key, value in record.items():
+        self.history.append(record)
+        with self.jsonl.open("a") as handle:
+            handle.write(_line(record))
+        for key, value in record.to_json().items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                self.writer.add_scalar(_tag(key), value, global_step=step)
+                self.writer.add_scalar(_tag(key), value, global_step=record.step)
         self.writer.flush()
 
     def log_step(self, step: int, **scalars: float) -> None:
@@ -132,18 +135,18 @@ class RunLog:
     def close(self) -> None:
         self.writer.close()
 
-    def _append(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        with self.jsonl.open("a") as handle:
-            handle.write(json.dumps(_finite(record)) + "\n")
+
+def _line(record: EpochRecord) -> str:
+    return json.dumps(_finite(record.to_json())) + "\n"
 
 
 class NullRunLog:
     """What ranks other than 0 get: the RunLog interface, writing nothing."""
 
-    history: list[dict[str, Any]] = []
+    def __init__(self) -> None:
+        self.history: list[EpochRecord] = []
 
-    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+    def log_epoch(self, record: EpochRecord) -> None:
         pass
 
     def log_step(self, step: int, **scalars: float) -> None:

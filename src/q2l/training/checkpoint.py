@@ -4,10 +4,12 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads
 `torch.load(weights_only=True)`: nothing in it is pickled code, and the config it carries is a
 plain container that is only rebuilt through allowlists (q2l.build.instantiate_allowed).
 
-Keys: format_version, q2l_version, torch_version; the TrainState (model, ema, optimizer,
-scheduler, scaler, loss, step, rng); progress (the loop's position), epoch, best_metric,
-best_epoch, eval_weights ("model" or "ema": the better on the epoch), metrics, history,
-class_names, config, precision (the resolved autocast precision, which evaluation reuses).
+Keys: format_version (q2l.training.checkpoint_format, which upgrades older files on load),
+q2l_version, torch_version; the TrainState (model: the raw weights, ema, optimizer, scheduler,
+scaler, loss, step, rng: one entry per process); progress (the loop's position: LoopState),
+epoch, best_metric, best_epoch, eval_weights ("raw" or "ema": the better on the epoch), metrics
+(the last epoch's record), history (every epoch's), class_names, config, precision (the resolved
+autocast precision, which evaluation reuses), world_size.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from q2l.atomic import atomic_write, fsync_dir
 from q2l.engine import TrainState
 from q2l.messages import and_more
 from q2l.models.weights import WeightsFileError, load_torch_file
+from q2l.training.checkpoint_format import FORMAT_VERSION, upgrade
 
-FORMAT_VERSION = 1
 PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
 
 log = logging.getLogger(__name__)
@@ -54,23 +56,6 @@ RESUME_IGNORED_KEYS = (
     "backbone.weights",
     "backbone.pretrained",
 )
-# Config keys added after runs were started, with the value a run had in effect before: a saved
-# config without the key compares as if it held that value, so such runs resume unchanged.
-ADDED_KEYS_WERE: dict[str, Any] = {
-    "backbone.freeze": "none",
-    "backbone.frozen_bn": False,
-    "backbone.normalization": "pretrained",
-    "model.norm": "post",  # runs from before the option: the official layout
-    "trainer.monitor": "mAP",
-    "trainer.early_stop_rule": "best",
-    "loss.class_priors_file": None,
-    "augment.randaugment_policy": "torchvision",
-}
-# Keys retyped after runs were started: (saved, current) value pairs that compute the same.
-COMPATIBLE_CHANGES: dict[str, set[tuple]] = {
-    "backbone.timm_kwargs": {(None, "<absent>")},  # None became {} (an empty dict has no leaves)
-    "model.decoder_self_attention": {(False, "none"), (True, "all")},
-}
 # Changes to these make the saved LR schedule stale.
 SCHEDULE_KEYS = (
     "trainer.epochs",
@@ -79,6 +64,10 @@ SCHEDULE_KEYS = (
     "dataset.batch_size",
     "trainer.limit_train_batches",
 )
+
+
+# The state-dict entry of each kind of weights ("raw" weights are the model's own).
+_STATE_KEYS = {"raw": "model", "ema": "ema"}
 
 
 class CheckpointError(RuntimeError):
@@ -154,7 +143,7 @@ def restore_training(
                 state.scheduler.step()
     else:
         state.scheduler.load_state_dict(checkpoint["scheduler"])
-    saved = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]
+    saved = checkpoint["rng"]
     if len(saved) == world_size:
         restore_rng(saved[rank])
     else:
@@ -200,16 +189,12 @@ def model_from_checkpoint(
         weights: "auto" (what scored best on the checkpoint's epoch), "raw" or "ema".
         image_size: for backbones fixed at build time (ViT, Swin); default the run's own.
     Returns:
-        (model on CPU in eval mode, "model" or "ema": which weights were loaded).
+        (model on CPU in eval mode, "raw" or "ema": which weights were loaded).
     """
     from q2l.build import build_model  # build imports the model zoo; only this needs it here
 
-    chosen = (
-        checkpoint.get("eval_weights", "model")
-        if weights == "auto"
-        else {"raw": "model", "ema": "ema"}.get(weights)
-    )
-    if chosen is None or checkpoint.get(chosen) is None:
+    chosen = checkpoint.get("eval_weights", "raw") if weights == "auto" else weights
+    if chosen not in ("raw", "ema") or checkpoint.get(_STATE_KEYS[chosen]) is None:
         raise ValueError(
             f"weights={weights!r}: choose auto, raw or ema (ema only if the run kept one)"
         )
@@ -217,7 +202,7 @@ def model_from_checkpoint(
     if image_size is not None:
         config = {**config, "dataset": {**config["dataset"], "image_size": image_size}}
     model = build_model(config, len(checkpoint["class_names"]), pretrained=False, trusted=False)
-    model.load_state_dict(checkpoint[chosen])
+    model.load_state_dict(checkpoint[_STATE_KEYS[chosen]])
     return model.eval(), chosen
 
 
@@ -319,7 +304,8 @@ def link_checkpoint(source: str | Path, target: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a q2l checkpoint on CPU with weights_only=True; clear errors for bad files."""
+    """Read a q2l checkpoint on CPU with weights_only=True, its checksums verified, in today's
+    format (q2l.training.checkpoint_format.upgrade); clear errors for bad files."""
     path = Path(path)
     try:
         payload = load_torch_file(path, "checkpoint")
@@ -332,7 +318,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} has checkpoint format {payload['format_version']}, newer than this q2l "
             f"understands ({FORMAT_VERSION}); upgrade q2l"
         )
-    return payload
+    return upgrade(payload)
 
 
 def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
@@ -409,17 +395,17 @@ def restore_rng(state: dict[str, Any]) -> None:
 def config_diff(
     saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()
 ) -> list[str]:
-    """Lines `key: saved -> current` for every leaf that differs, keys under `ignore` skipped."""
+    """Lines `key: saved -> current` for every leaf that differs, keys under `ignore` skipped.
+
+    `saved` comes from a loaded (so upgraded) checkpoint: keys added since its run started hold
+    the value it had in effect."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
     lines = []
     for key in sorted(set(flat_saved) | set(flat_current)):
         if any(key == prefix or key.startswith(prefix + ".") for prefix in ignore):
             continue
         before, after = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
-        if before == "<absent>" and after != "<absent>":
-            # A key added since the run started: show the value the run had in effect.
-            before = ADDED_KEYS_WERE.get(key, before)
-        if before != after and (before, after) not in COMPATIBLE_CHANGES.get(key, ()):
+        if before != after:
             lines.append(f"{key}: {before!r} -> {after!r}")
     return lines
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist
 from q2l.atomic import atomic_write
-from q2l.rundir import add_overrides
+from q2l.training.rundir import add_overrides
 
 SAVED_SWEEP = "multirun.yaml"  # what Hydra's sweepers (and q2l's Optuna sweeper) save at the root
 # Overrides that say where or how a sweep runs, not what it computes: never compared or reused.
@@ -68,7 +68,7 @@ class JobRow:
     best: float | None = None  # the monitored score (better of raw and EMA weights)
     best_mAP: float | None = None  # noqa: N815 (the metric's name)
     best_epoch: int | None = None
-    weights: str | None = None  # "model" or "ema": which scored best
+    weights: str | None = None  # "raw" or "ema": which scored best
     error: str | None = None
     run_dir: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -223,13 +223,19 @@ def _split(override: str) -> tuple[str, str]:
 
 
 def run_time() -> datetime.datetime:
-    """This run's start time, for run directory names: Q2L_RUN_TIME (ISO) when set, so that every
-    process of a distributed run names the same directory; else the first call's time."""
+    """This run's start time, which names its directory (`${q2l_now:...}` in
+    conf/hydra/default.yaml): the first call's time, or what `set_run_time` agreed on."""
     global _RUN_TIME
     if _RUN_TIME is None:
-        stamp = os.environ.get("Q2L_RUN_TIME")
-        _RUN_TIME = datetime.datetime.fromisoformat(stamp) if stamp else datetime.datetime.now()
+        _RUN_TIME = datetime.datetime.now()
     return _RUN_TIME
+
+
+def set_run_time(value: datetime.datetime) -> None:
+    """Use `value` as this run's start time: every process of a torchrun job takes rank 0's, so
+    that all of them name the same directory."""
+    global _RUN_TIME
+    _RUN_TIME = value
 
 
 _RUN_TIME: datetime.datetime | None = None
