@@ -138,7 +138,7 @@ class RunDirectory:
 
     def _lock(self) -> None:
         try:
-            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise RunDirError(f"run directory {self.path} is not writable: {error}") from error
         try:
