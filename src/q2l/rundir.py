@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from q2l.messages import and_more
+from q2l.printable import PrintableFormatter
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,8 @@ class RunDirectory:
             OmegaConf.save(cfg, hydra_dir / "config.yaml")
             OmegaConf.save(OmegaConf.create({"hydra": hydra}), hydra_dir / "hydra.yaml")
             OmegaConf.save(hydra.overrides.task, hydra_dir / "overrides.yaml")
-        self._log_handler = logging.FileHandler(self.path / LOG_NAME)
-        self._log_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        self._log_handler = logging.FileHandler(self.path / LOG_NAME, encoding="utf-8")
+        self._log_handler.setFormatter(PrintableFormatter(_LOG_FORMAT))
         logging.getLogger().addHandler(self._log_handler)
         self.started = True
 

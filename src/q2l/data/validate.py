@@ -32,6 +32,7 @@ from PIL import Image
 
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb
 from q2l.messages import and_more
+from q2l.printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -298,18 +299,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             splits[name] = instantiate(data[name])
         except HydraException as error:
             problems.append(f"{name}: {error.__cause__ or error}")
-    print(f"data set {data.name} at {data.get('root')}")
+    print(f"data set {data.name} at {printable(str(data.get('root')))}")
     if problems:
-        print("\n".join(f"PROBLEM: {text}" for text in problems))
+        print(printable("\n".join(f"PROBLEM: {text}" for text in problems)))
         return 1
     try:
         report = validate_splits(
             splits["train"], splits["val"], level="full" if level == "full" else "quick"
         )
     except DataValidationError as error:
-        print(error.report.format())
+        print(printable(error.report.format()))  # file names that are not UTF-8, escaped
         return 1
-    print(report.format())
+    print(printable(report.format()))
     return 0
 
 

@@ -51,7 +51,8 @@ def resolve_inputs(spec: str) -> list[Path]:
 
 def _read_list(path: Path) -> list[Path]:
     entries = []
-    for line in path.read_text().splitlines():
+    # A listed name that is not UTF-8 reads as the same bytes Python's own os calls would give it.
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             entry = Path(line).expanduser()
