@@ -7,8 +7,9 @@
 level="full"), and at the label matrices, and returns a `DataReport` of counts; if anything is
 wrong it raises one `DataValidationError` listing every problem, not the first. Problems: missing
 or unreadable files, an image listed twice in a split, an image in both splits, splits with
-different classes, an empty split. A class without positives in a split is a warning: its AP is
-undefined, and mAP leaves it out.
+different classes, an empty split, a split without a single positive label (`without_positives`:
+nothing to learn from, or no AP to measure). A class without positives in a split is a warning:
+its AP is undefined, and mAP leaves it out.
 
 Annotation-level problems (unknown categories, file names that are absolute or contain '..',
 broken annotation files) are found earlier, when the format reader builds the split; the command
@@ -228,6 +229,8 @@ def _judge_split(
     """Sort one split's findings into problems and warnings."""
     if split.images == 0:
         problems.append(f"{name}: no images")
+    elif split.positives == 0:
+        problems.append(without_positives(name, split.images, split.unknown))
     bad = len(split.missing) + len(split.unreadable)
     tolerated = tolerance is not None and bad <= tolerance * max(split.images, 1)
     sink = warnings if tolerated else problems
@@ -251,6 +254,19 @@ def _judge_split(
             f"{name}: {len(split.classes_without_positives)} class(es) without a positive "
             f"(their AP is undefined): {and_more(split.classes_without_positives)}"
         )
+
+
+def without_positives(split: str, images: int, unknown: int) -> str:
+    """The problem of a split of `images` images in which no image has a single positive label
+    (`unknown` of its entries are -1): the message training refuses with, and validation lists."""
+    kind = "unknown (-1) or negative" if unknown else "negative"
+    return (
+        f"{split}: not one positive label in its {images} images (every entry is {kind}), so "
+        f"{'there is nothing to learn' if split == 'train' else 'no AP or mAP can be measured'}. "
+        "Check that the annotation files are the ones meant for these images and that they "
+        "name the images' classes (dataset.root, the annotation options of dataset=...); "
+        "`q2l-validate-data dataset=...` prints each split's counts"
+    )
 
 
 def _duplicated(values: Sequence[Any]) -> list[str]:
