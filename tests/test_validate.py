@@ -19,6 +19,8 @@ from q2l.data.transforms import build_eval_transform
 from q2l.data.validate import DataValidationError, main, validate_splits
 from q2l.train import train
 
+from .helpers.images import write_huge_png
+
 
 def _table(root: Path, rows: list[tuple[str, str]], name: str = "train.csv") -> Path:
     """A table of `rows` (file name, labels) with a small noisy JPEG for every file name."""
@@ -128,6 +130,19 @@ def test_a_split_without_a_single_positive_label_is_a_problem(tmp_path, capsys):
     ]
     assert main(["dataset=table", *overrides]) == 1
     assert "PROBLEM: train: not one positive label in its 4 images" in capsys.readouterr().out
+
+
+def test_an_image_over_the_pixel_limit_is_reported_unless_the_limit_allows_it(tmp_path, capsys):
+    _table(tmp_path, TRAIN_ROWS + VAL_ROWS)
+    write_huge_png(tmp_path / "c.jpg", 12000, 12000)  # Pillow reads the content, not the name
+    overrides = ["dataset=table", f"dataset.root={tmp_path}", "dataset.val_fraction=0.34"]
+    assert main(overrides) == 1
+    output = capsys.readouterr().out
+    assert "1 unreadable image file(s)" in output
+    assert "c.jpg: image" in output and "is 12000 x 12000 = 144,000,000 pixels" in output
+    assert "dataset.max_image_pixels=89478485" in output
+    assert main([*overrides, "dataset.max_image_pixels=null"]) == 0  # the header check passes
+    assert main([*overrides, "dataset.max_image_pixels=0"]) == 2  # and the value is checked
 
 
 def _without_annotations(digits_root: Path, root: Path, split: str) -> Path:

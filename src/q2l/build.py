@@ -106,7 +106,11 @@ def build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, .
     size = data.image_size
     augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
     augment.pop("mix", None)  # a batch transform, not an image one: _batch_transform
-    loading = {"on_bad_image": choice(data.on_bad_image), "max_bad_fraction": data.max_bad_fraction}
+    loading = {
+        "on_bad_image": choice(data.on_bad_image),
+        "max_bad_fraction": data.max_bad_fraction,
+        "max_image_pixels": data.max_image_pixels,
+    }
     train_set = construct(
         data.train, transform=build_train_transform(size, mean, std, **augment), **loading
     )

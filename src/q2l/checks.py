@@ -49,6 +49,7 @@ VALUE_RULES = {
     "dataset.image_size": _AT_LEAST_1,
     "dataset.num_workers": _NON_NEGATIVE,
     "dataset.max_bad_fraction": _FRACTION,
+    "dataset.max_image_pixels": _OPTIONAL_AT_LEAST_1,
     "dataset.partial.keep_ratio": (
         lambda v: 0.0 < v <= 1.0,
         "must be in (0, 1] (1 keeps every label)",
@@ -67,6 +68,7 @@ VALUE_RULES = {
         "must be in (0, 1) (or null for the run's own)",
     ),
     # predict.yaml, export.yaml, attention.yaml
+    "max_image_pixels": _OPTIONAL_AT_LEAST_1,
     "top_k": _AT_LEAST_1,
     "alpha": _FRACTION,
     "tolerance": (lambda v: v > 0, "must be positive"),

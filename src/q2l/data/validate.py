@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb
+from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb, open_image
 from q2l.messages import and_more
 from q2l.printable import printable
 
@@ -192,8 +192,9 @@ def _check_split(dataset: MultiLabelImageDataset, level: str) -> SplitReport:
             if not has
         ],
     )
+    limit = getattr(dataset, "max_image_pixels", None)
     with ThreadPoolExecutor(_THREADS) as pool:
-        outcomes = pool.map(lambda path: _check_file(path, level), dataset.image_paths)
+        outcomes = pool.map(lambda path: _check_file(path, level, limit), dataset.image_paths)
         for path, outcome in zip(dataset.image_paths, outcomes, strict=True):
             if outcome == "missing":
                 split.missing.append(str(path))
@@ -202,23 +203,23 @@ def _check_split(dataset: MultiLabelImageDataset, level: str) -> SplitReport:
     return split
 
 
-def _check_file(path: Path, level: str) -> str | None:
-    """None if the file reads, "missing", or the decoder's reason."""
+def _check_file(path: Path, level: str, max_pixels: int | None) -> str | None:
+    """None if the file reads, "missing", or the decoder's reason (or that the image is larger
+    than `max_pixels`, the data set's max_image_pixels)."""
     try:
         if level == "full":
-            load_rgb(path)
+            load_rgb(path, max_pixels=max_pixels)
         else:
-            with Image.open(path) as image:
+            with open_image(path, max_pixels) as image:
                 image.verify()
         return None
     except FileNotFoundError:
         return "missing"
     except BadImageError as error:
-        return (
-            "missing"
-            if isinstance(error.__cause__, FileNotFoundError)
-            else str(error.__cause__ or error)
-        )
+        if isinstance(error.__cause__, FileNotFoundError):
+            return "missing"
+        # A decoder's reason already follows the path in the report; the size limit's is whole.
+        return str(error.__cause__) if error.__cause__ is not None else str(error)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
 
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits, problems = {}, []
     for name in ("train", "val"):
         try:
-            splits[name] = instantiate(data[name])
+            splits[name] = instantiate(data[name], max_image_pixels=data.max_image_pixels)
         except HydraException as error:
             problems.append(f"{name}: {error.__cause__ or error}")
     print(f"data set {data.name} at {printable(str(data.get('root')))}")
