@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 from q2l.attention import write_attention_maps
+from q2l.data.dataset import BadImageError
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.attention_maps import CrossAttentionMaps, attention_weights
+
+from .helpers.images import write_huge_png
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +70,16 @@ def test_the_command_writes_image_sized_overlays_for_the_top_labels(
     with pytest.raises(Exception, match="broken.jpg"):
         write_attention_maps(bad)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_image_over_max_image_pixels_is_refused_unread(compose_config, tmp_path):
+    huge = write_huge_png(tmp_path / "huge.png", 12000, 12000)
+    output = tmp_path / "maps"
+    overrides = ["ckpt=/not/read/first.pt", f"image={huge}", f"output={output}"]
+    with pytest.raises(
+        BadImageError, match=r"12000 x 12000 .* more than max_image_pixels=89478485"
+    ):
+        write_attention_maps(compose_config("attention", overrides))
+    with pytest.raises(BadImageError, match=r"more than max_image_pixels=1000"):
+        write_attention_maps(compose_config("attention", [*overrides, "max_image_pixels=1000"]))
+    assert not output.exists()

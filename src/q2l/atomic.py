@@ -5,6 +5,10 @@ beside the target (`.<name>.<random>.tmp`, which a restarted run may delete), fl
 renamed over the target, and the folder flushed so that the rename itself survives a power cut.
 `link_new` instead publishes a finished file under a name that must not exist yet (predictions,
 exports): it never replaces one.
+
+Files written here get the mode any other program's would: `0o666 & ~umask` (the temporary file
+starts as 0600, and a rename keeps the mode; `give_default_mode` does the same for a file a library
+created 0600). Folders are made with `0o777 & ~umask`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -27,6 +32,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     )
     try:
         with handle:
+            give_default_mode(handle.fileno())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -51,6 +57,42 @@ def link_new(source: str | Path, target: str | Path, exists_message: str) -> Non
         os.rename(source, target)
         return
     Path(source).unlink()
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets from open() under this process's umask: 0o666 & ~umask."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status). Elsewhere it is
+    read once, by setting and restoring it, which a thread creating a file meanwhile could see."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def give_default_mode(file: int | str | Path) -> None:
+    """Give a file (path or open descriptor) the mode open() would have created it with
+    (file_mode): for files made 0600 by tempfile or by a library (safetensors' save_file)."""
+    try:
+        os.chmod(file, file_mode())
+    except OSError:
+        pass  # file systems without Unix modes (FAT, some network mounts) refuse; nothing to keep
 
 
 def fsync_dir(directory: Path) -> None:

@@ -45,7 +45,12 @@ def main(cfg: DictConfig) -> None:
 def write_attention_maps(cfg: DictConfig) -> list[Path]:
     """Write the overlays and grid.png for `cfg.image` into `cfg.output`; returns the overlays."""
     folder = _new_folder(cfg.output)
-    image = load_rgb(Path(cfg.image).expanduser())  # BadImageError names an unreadable file
+    # BadImageError names an unreadable file, or one larger than max_image_pixels
+    image = load_rgb(
+        Path(cfg.image).expanduser(),
+        max_pixels=cfg.max_image_pixels,
+        limit_key="max_image_pixels",
+    )
     checkpoint = load_checkpoint(cfg.ckpt)
     model, weights = model_from_checkpoint(checkpoint, cfg.weights)
     info = ModelInfo.from_checkpoint(checkpoint, weights)

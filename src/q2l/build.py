@@ -24,7 +24,7 @@ from q2l.checks import choice
 from q2l.data.mix import build_batch_transform
 from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.data.validate import validate_splits
+from q2l.data.validate import validate_splits, without_positives
 from q2l.engine import StepOptions, TrainState
 from q2l.models import MODEL_TARGETS
 
@@ -106,7 +106,11 @@ def build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, .
     size = data.image_size
     augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
     augment.pop("mix", None)  # a batch transform, not an image one: _batch_transform
-    loading = {"on_bad_image": choice(data.on_bad_image), "max_bad_fraction": data.max_bad_fraction}
+    loading = {
+        "on_bad_image": choice(data.on_bad_image),
+        "max_bad_fraction": data.max_bad_fraction,
+        "max_image_pixels": data.max_image_pixels,
+    }
     train_set = construct(
         data.train, transform=build_train_transform(size, mean, std, **augment), **loading
     )
@@ -137,9 +141,13 @@ def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
 
     With on_bad_image=skip, up to max_bad_fraction of a split may be missing or unreadable
     (warnings). Unknown (-1) training targets are refused with loss=asl, which would read them as
-    probabilities.
+    probabilities. A split without a single positive label is refused whatever dataset.validate
+    says: the run would train on nothing, or end with mAP nan and no best.pt.
     """
     data = cfg.dataset
+    for name, split in (("train", train_set), ("val", val_set)):
+        if len(split) and not (split.labels == 1).any():
+            raise ValueError(without_positives(name, len(split), int((split.labels == -1).sum())))
     unknown = int((train_set.labels == -1).sum())
     if unknown and str(cfg.loss.get("_target_", "")).endswith(".AsymmetricLoss"):
         raise ValueError(

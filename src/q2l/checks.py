@@ -1,11 +1,15 @@
-"""Config values no type can rule out (`trainer.epochs=0`, `dataset.max_bad_fraction=2`), checked
-at the start of every command, before anything is read or written; and reading a choice's name."""
+"""Config values no type can rule out (`trainer.epochs=0`, `dataset.max_bad_fraction=2`,
+`optimizer.lr=inf`), checked at the start of every command, before anything is read or written;
+and reading a choice's name."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 def choice(value: Any) -> str:
@@ -45,6 +49,7 @@ VALUE_RULES = {
     "dataset.image_size": _AT_LEAST_1,
     "dataset.num_workers": _NON_NEGATIVE,
     "dataset.max_bad_fraction": _FRACTION,
+    "dataset.max_image_pixels": _OPTIONAL_AT_LEAST_1,
     "dataset.partial.keep_ratio": (
         lambda v: 0.0 < v <= 1.0,
         "must be in (0, 1] (1 keeps every label)",
@@ -63,6 +68,7 @@ VALUE_RULES = {
         "must be in (0, 1) (or null for the run's own)",
     ),
     # predict.yaml, export.yaml, attention.yaml
+    "max_image_pixels": _OPTIONAL_AT_LEAST_1,
     "top_k": _AT_LEAST_1,
     "alpha": _FRACTION,
     "tolerance": (lambda v: v > 0, "must be positive"),
@@ -70,13 +76,36 @@ VALUE_RULES = {
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Raise ConfigValueError naming every key of `cfg` whose value `VALUE_RULES` rejects."""
-    problems = []
+    """Raise ConfigValueError naming every key of `cfg` whose value is an infinite or NaN number
+    (wherever it is), or whose value `VALUE_RULES` rejects."""
+    non_finite = dict(_non_finite_numbers(cfg))
+    problems = [f"{key}={value}: must be a finite number" for key, value in non_finite.items()]
     for key, (accept, why) in VALUE_RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
+        if value is _ABSENT or key in non_finite:
             continue
         if isinstance(value, str) or not accept(value):
             problems.append(f"{key}={value}: {why}")
     if problems:
         raise ConfigValueError("invalid config value(s):\n  " + "\n  ".join(problems))
+
+
+def _non_finite_numbers(node: Any, name: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every float leaf under `node` that is inf, -inf or nan; a list item's key
+    ends in `[index]`. Values that cannot be read here (missing, or an interpolation that only
+    resolves inside a Hydra run) are not numbers this check could judge, and are passed over."""
+    if isinstance(node, DictConfig):
+        children = [(f"{name}.{key}" if name else str(key), key) for key in node.keys()]
+    elif isinstance(node, ListConfig):
+        children = [(f"{name}[{index}]", index) for index in range(len(node))]
+    else:
+        return
+    for child_name, key in children:
+        try:
+            value = node[key]
+        except OmegaConfBaseException:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            yield child_name, value
+        else:
+            yield from _non_finite_numbers(value, child_name)

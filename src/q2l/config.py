@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from q2l import losses, optim
+from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
 from q2l.models import HEAD_CLASSES, TimmBackbone
@@ -191,6 +192,9 @@ class DatasetConf:
     max_bad_fraction: float = (
         0.01  # with on_bad_image=skip: more bad images than this share stops the run
     )
+    # An image whose header declares more pixels is a bad image (on_bad_image), refused before it
+    # is decoded; Pillow's own default. null: no limit.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     partial: PartialLabelsConf = field(default_factory=PartialLabelsConf)
 
 
@@ -359,6 +363,8 @@ class PredictConf:
     device: str = "auto"
     precision: str = "checkpoint"  # the run's own (as eval); or auto/fp32/bf16/fp16
     progress_bar: bool = True
+    # A larger image (by its header) is skipped unread, as an unreadable one; null: no limit.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class ExportFormat(str, Enum):
@@ -387,6 +393,8 @@ class AttentionConf:
     weights: str = "auto"
     alpha: float = 0.5  # opacity of the coloured map over the image
     device: str = "auto"
+    # A larger image (by its header) is refused unread; null: no limit.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
 # What every head receives when it is built (q2l.build.build_model), so no config field.

@@ -40,6 +40,7 @@ from q2l.calibration import f1_thresholds, per_class_counts
 from q2l.checks import check_values
 from q2l.config import CONFIG_DIR
 from q2l.data import DATASETS
+from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.loader import build_loader
 from q2l.data.transforms import build_eval_transform
 from q2l.engine import StepOptions, evaluate
@@ -366,9 +367,13 @@ def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform)
     Evaluation only reads: a data set's `prepare` step (the demo's builder) is never run here, so a
     checkpoint's config cannot make eval write into a folder.
     """
+    # Runs from before dataset.max_image_pixels get the limit a new run has.
+    limit = dataset_config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     if cfg.dataset:
-        return instantiate(cfg.dataset.val, transform=transform)
-    return instantiate_allowed(dataset_config["val"], DATASETS, transform=transform)
+        return instantiate(cfg.dataset.val, transform=transform, max_image_pixels=limit)
+    return instantiate_allowed(
+        dataset_config["val"], DATASETS, transform=transform, max_image_pixels=limit
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     transform = build_eval_transform(info.image_size, info.mean, info.std)
     loader = DataLoader(
-        ImageFiles(paths, transform, info.image_size),
+        ImageFiles(paths, transform, info.image_size, max_pixels=cfg.max_image_pixels),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=collate,

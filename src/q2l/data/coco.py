@@ -55,7 +55,8 @@ class CocoMultiLabel(MultiLabelImageDataset):
         keep_unannotated: keep images without any annotation as all-negative rows (the official
             Query2Label does; ASL/ML-Decoder drop them, which changes val mAP slightly).
         cache_dir: where the parsed labels are cached; None disables the cache.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(

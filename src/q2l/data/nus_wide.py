@@ -41,7 +41,8 @@ class NusWideMultiLabel(MultiLabelImageDataset):
         unknown_labels: labels outside class_file: "error", or "ignore" (e.g. the 1,006-tag
             zero-shot CSV read with the 81-concept list).
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(

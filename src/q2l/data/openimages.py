@@ -51,7 +51,8 @@ class OpenImagesMultiLabel(MultiLabelImageDataset):
         unknown_labels: rows naming a class outside class_file: "ignore" or "error".
         image_extension: file name suffix of the images.
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(

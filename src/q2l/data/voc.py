@@ -66,7 +66,8 @@ class VocMultiLabel(MultiLabelImageDataset):
         difficult: target of a class present only as difficult objects: "ignore", "positive" or
             "negative".
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from q2l.amp import autocast, resolve_precision
+from q2l.atomic import give_default_mode
 from q2l.demo.digits import split_digit_scans
 from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
@@ -127,6 +128,7 @@ def _pretrain(
     torch.random.set_rng_state(rng_state)  # leave the caller's random stream as it was
     model.reset_classifier(0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output))
+    give_default_mode(output)  # save_file creates the file 0600
     log.info(
         # No path here: `output` is still the temporary folder build_owned_folder renames.
         "pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from q2l.atomic import link_new
+from q2l.atomic import give_default_mode, link_new
 from q2l.inference.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def export_safetensors(
         # Tensors that share memory (none in Query2Label today) would need one copy each.
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path), metadata={"format": "pt"})
+        give_default_mode(path)  # save_file creates the file 0600
 
     def score(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         # The rebuilt module reads the record beside the final name; check with a temporary one.

@@ -52,6 +52,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.slurm_requeue",
     "dataset.num_workers",
     "dataset.validate",
+    "dataset.max_image_pixels",  # raised to let a run past an image it refused
     "dataset.cache_dir",
     "backbone.weights",
     "backbone.pretrained",

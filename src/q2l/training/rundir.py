@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from q2l.atomic import atomic_write
 from q2l.messages import and_more
+from q2l.printable import PrintableFormatter
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ class RunDirectory:
         for path, text in files.items():
             with atomic_write(path, "w") as handle:
                 handle.write(text)
-        self._log_handler = logging.FileHandler(self.path / LOG_NAME)
-        self._log_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        self._log_handler = logging.FileHandler(self.path / LOG_NAME, encoding="utf-8")
+        self._log_handler.setFormatter(PrintableFormatter(_LOG_FORMAT))
         logging.getLogger().addHandler(self._log_handler)
         self.started = True
 
@@ -143,7 +144,7 @@ class RunDirectory:
 
     def _lock(self) -> None:
         try:
-            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise RunDirError(f"run directory {self.path} is not writable: {error}") from error
         try:
