@@ -3,9 +3,9 @@
 Both q2l-model sides build the same model from the same composed config with the same seed. The
 q2l side is q2l as `python train.py` runs it, with nothing overridden but the model case: the
 config's defaults (trainer.precision=auto, trainer.channels_last=true, optimizer.fused=true, the
-weight EMA, the finiteness check) through the real `q2l.engine.train_one_epoch` and
-`q2l.engine.evaluate`, so a change to the engine or to a default shows up here unchanged. The
-plain side is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for
+weight EMA, the finiteness check) through the real `q2l.training.engine.train_one_epoch` and
+`q2l.training.engine.evaluate`, so a change to the engine or to a default shows up here unchanged.
+The plain side is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for
 inference, `torch.optim.AdamW(model.parameters())` with its default implementation, no EMA.
 
 With a checkout of the official Query2Label code (benchmarks/official.py), the paper case also
@@ -28,10 +28,10 @@ from torch import nn
 
 from benchmarks import official
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
-from q2l.amp import autocast, resolve_precision
-from q2l.build import build_model, build_state, step_options
 from q2l.config import CONFIG_DIR
-from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.training.build import build_model, build_state, step_options
+from q2l.training.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.utils.amp import autocast, resolve_precision
 
 CPU = torch.device("cpu")
 OFFICIAL_TARGET = 2.0  # q2l at its defaults, training and inference, against the official code
@@ -193,8 +193,8 @@ def set_adamw_implementation(optimizer: torch.optim.Optimizer, kind: str) -> Non
 def q2l_train(
     state: TrainState, options: StepOptions, batches: list, frozen: list[nn.Parameter] = ()
 ) -> Workload:
-    """q2l's own training loop (`q2l.engine.train_one_epoch`). `frozen` parameters are set to
-    requires_grad=False before each run (and back to True otherwise)."""
+    """q2l's own training loop (`q2l.training.engine.train_one_epoch`). `frozen` parameters are set
+    to requires_grad=False before each run (and back to True otherwise)."""
     trainable = [p for p in state.model.parameters() if p.requires_grad]
 
     def prepare() -> None:
@@ -211,7 +211,7 @@ def q2l_train(
 
 
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
-    """q2l's own evaluation loop (`q2l.engine.evaluate`)."""
+    """q2l's own evaluation loop (`q2l.training.engine.evaluate`)."""
     options = StepOptions(
         options.device, precision=options.precision, channels_last=options.channels_last
     )

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from q2l.amp import resolve_precision
+from q2l.utils.amp import resolve_precision
 
 
 @dataclass

@@ -129,7 +129,7 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
 @pytest.fixture(scope="session")
 def exports(tiny_checkpoint, tmp_path_factory):
     """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
-    from q2l.export import export
+    from q2l.inference.export import export
 
     folder = tmp_path_factory.mktemp("exports")
     names = {

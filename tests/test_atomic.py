@@ -8,11 +8,11 @@ import stat
 
 import pytest
 
-from q2l.atomic import atomic_write, current_umask, file_mode
-from q2l.export import export
-from q2l.predict import predict
+from q2l.inference.export import export
+from q2l.inference.predict import predict
 from q2l.training.run import train
 from q2l.training.rundir import LOCK_NAME, RunDirectory
+from q2l.utils.atomic import atomic_write, current_umask, file_mode
 
 
 @pytest.fixture

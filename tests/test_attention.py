@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from q2l.attention import write_attention_maps
 from q2l.data.dataset import BadImageError
+from q2l.inference.attention import write_attention_maps
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.attention_maps import CrossAttentionMaps, attention_weights
 

@@ -16,7 +16,7 @@ from q2l.data.dataset import MultiLabelImageDataset, load_rgb
 from q2l.data.loader import build_loader
 from q2l.data.mix import MultiLabelMixup, build_batch_transform
 from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.engine import StepOptions, TrainState, train_one_epoch
+from q2l.training.engine import StepOptions, TrainState, train_one_epoch
 
 MEAN = STD = (0.5, 0.5, 0.5)
 EVERYTHING = {

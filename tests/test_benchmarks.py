@@ -20,9 +20,9 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from q2l import metrics
-from q2l.amp import resolve_precision
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.transformer import Transformer
+from q2l.utils.amp import resolve_precision
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import q2l.training.run as train_module
-from q2l import attention, evaluate, export, predict
-from q2l.checks import ConfigValueError, check_values
+from q2l.cli import attention, evaluate, export, predict
+from q2l.cli.validate_data import main as validate_main
 from q2l.config import CONFIG_DIR
-from q2l.data.validate import main as validate_main
+from q2l.config.checks import ConfigValueError, check_values
 from q2l.training.run import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))

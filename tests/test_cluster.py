@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from q2l.engine import NonFiniteError
 from q2l.training.checkpoint import CheckpointError, find_resumable, load_checkpoint
+from q2l.training.engine import NonFiniteError
 from q2l.training.preemption import EXIT_PREEMPTED, StopRequested
 from q2l.training.run import train
 from q2l.training.rundir import LOCK_NAME, RunDirError
@@ -373,7 +373,7 @@ def _signal_in(monkeypatch, module, function: str, number=signal.SIGTERM) -> Non
 @pytest.mark.parametrize(
     ("phase", "module", "function"),
     [
-        ("data check", "q2l.build", "validate_splits"),
+        ("data check", "q2l.training.build", "validate_splits"),
         ("demo build", "q2l.demo.digits", "build_digits_coco"),
         ("model build", "q2l.training.run", "build_model"),
         ("state build", "q2l.training.run", "build_state"),
@@ -481,8 +481,8 @@ def _flip_a_bit(path: Path) -> str:
 def test_7_a_checkpoint_with_flipped_bits_is_refused_everywhere_and_auto_falls_back(
     tiny_cfg, compose_config, tmp_path, caplog
 ):
-    from q2l.evaluate import evaluate_checkpoint
-    from q2l.export import export
+    from q2l.evaluation.evaluate import evaluate_checkpoint
+    from q2l.inference.export import export
 
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1", "trainer.checkpoint_every_steps=3"), run_dir)
@@ -517,7 +517,7 @@ def test_7_predict_and_import_check_the_checksum_too(
     import shutil
 
     from q2l.import_official import import_official
-    from q2l.predict import predict
+    from q2l.inference.predict import predict
 
     copy = tmp_path / "best.pt"
     copy.write_bytes(tiny_checkpoint.read_bytes())

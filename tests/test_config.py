@@ -10,16 +10,17 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from q2l.build import build_model
-from q2l.config import BACKBONES, CONFIG_DIR
+from q2l.config import CONFIG_DIR
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
+from q2l.training.build import build_model
 
 CONF = Path(CONFIG_DIR)
+# backbone=<option>: its timm name, as conf/backbone/<option>.yaml gives it.
+BACKBONES = {p.stem: OmegaConf.load(p).name for p in sorted((CONF / "backbone").glob("*.yaml"))}
 
 
 def _options(group: str) -> list[str]:
-    files = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    return sorted(BACKBONES) if group == "backbone" else files
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(

@@ -204,7 +204,7 @@ def test_hide_labels_keeps_a_seeded_share_of_each_row():
 
 
 def test_partial_labels_hide_train_labels_only(tiny_cfg):
-    from q2l.build import build_datasets
+    from q2l.training.build import build_datasets
 
     full_train, full_val = build_datasets(tiny_cfg(), (0.5,) * 3, (0.5,) * 3)
     cfg = tiny_cfg("dataset.partial.keep_ratio=0.5", "loss=partial_asl")

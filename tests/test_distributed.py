@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from q2l.data.loader import EpochSampler
-from q2l.engine import StepOptions, TrainState, train_one_epoch
 from q2l.training.checkpoint import load_checkpoint
+from q2l.training.engine import StepOptions, TrainState, train_one_epoch
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from q2l.evaluate import run
-from q2l.export import export
-from q2l.predict import predict
+from q2l.evaluation.evaluate import run
+from q2l.inference.export import export
+from q2l.inference.predict import predict
 
 from .test_calibration import _brute_force
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from q2l.export import export
+from q2l.inference.export import export
 from q2l.inference.model_info import ModelInfo
 from q2l.inference.runtime import load_safetensors_export
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint

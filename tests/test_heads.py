@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from q2l.build import build_model
 from q2l.config import CONFIG_DIR
 from q2l.models import HEAD_CLASSES, HEADS, GlobalPoolLinear, MLDecoder, Query2Label, TimmBackbone
 from q2l.models.ml_decoder import GroupFullyConnected
 from q2l.optim import build_adamw
+from q2l.training.build import build_model
 
 SMALL = {
     Query2Label: {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4},

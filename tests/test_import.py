@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from q2l.evaluate import evaluate_checkpoint
+from q2l.evaluation.evaluate import evaluate_checkpoint
 from q2l.import_official import import_official, main
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.training.run import train

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from q2l.build import build_model
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.query2label import GroupWiseLinear
+from q2l.training.build import build_model
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from q2l.predict import predict
+from q2l.inference.predict import predict
 
 from .conftest import run_python
 from .helpers.images import write_huge_png

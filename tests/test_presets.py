@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from q2l.build import build_model
 from q2l.config import CONFIG_DIR
+from q2l.training.build import build_model
 
 PRESETS = sorted(
     p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if p.stem != "demo"

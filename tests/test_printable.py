@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from q2l.inference.inputs import resolve_inputs
-from q2l.printable import PrintableFormatter, is_printable, printable
+from q2l.utils.printable import PrintableFormatter, is_printable, printable
 
 from .conftest import REPO_ROOT, tiny_overrides
 
@@ -131,7 +131,7 @@ def test_train_log_and_console_name_a_bad_image_whose_name_is_not_utf8(
 
 def test_validate_data_reports_the_name_on_a_strict_pipe(digits_with_an_odd_name, tmp_path):
     root = digits_with_an_odd_name
-    command = ["-m", "q2l.data.validate", "experiment=demo", f"dataset.root={root}"]
+    command = ["-m", "q2l.cli.validate_data", "experiment=demo", f"dataset.root={root}"]
     code, output = _run_strict([*command, f"dataset.cache_dir={tmp_path / 'cache'}"])
     assert code == 1, output
     assert "PROBLEM: train: 1 unreadable image file(s)" in output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from q2l.progress import PeriodicLines, progress_mode, track
+from q2l.utils.progress import PeriodicLines, progress_mode, track
 
 
 class _Terminal(io.StringIO):
@@ -28,7 +28,7 @@ def test_mode_follows_the_stream_and_the_switches(monkeypatch):
 def test_non_terminal_gets_periodic_lines_with_the_postfix(monkeypatch, caplog):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="q2l.progress"):
+    with caplog.at_level(logging.INFO, logger="q2l.utils.progress"):
         bar = track(range(5), 5, "train", stream=stream, interval_s=0.0)
         assert isinstance(bar, PeriodicLines)
         for step in bar:
@@ -43,7 +43,7 @@ def test_non_terminal_gets_periodic_lines_with_the_postfix(monkeypatch, caplog):
 def test_a_loop_shorter_than_the_interval_adds_no_line(monkeypatch, caplog):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setenv("Q2L_PROGRESS_INTERVAL", "3600")
-    with caplog.at_level(logging.INFO, logger="q2l.progress"):
+    with caplog.at_level(logging.INFO, logger="q2l.utils.progress"):
         assert list(track(range(4), 4, "eval", stream=io.StringIO())) == [0, 1, 2, 3]
     assert not caplog.records
 
@@ -54,7 +54,7 @@ def test_terminal_gets_a_bar_and_disabled_gets_silence(monkeypatch, caplog):
     assert list(track(range(3), 3, "eval", stream=terminal)) == [0, 1, 2]
     assert "eval" in terminal.getvalue()
     quiet = _Terminal()
-    with caplog.at_level(logging.INFO, logger="q2l.progress"):
+    with caplog.at_level(logging.INFO, logger="q2l.utils.progress"):
         bar = track(range(3), 3, "eval", enabled=False, stream=quiet)
         bar.set_postfix(loss=1.0)  # harmless when off
         assert list(bar) == [0, 1, 2]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import q2l.training.checkpoint as checkpoint_module
-from q2l.engine import NonFiniteError
 from q2l.losses import AsymmetricLoss
 from q2l.training.checkpoint import (
     CheckpointError,
@@ -21,6 +20,7 @@ from q2l.training.checkpoint import (
     purge_periodic,
     save_checkpoint,
 )
+from q2l.training.engine import NonFiniteError
 from q2l.training.preemption import EXIT_PREEMPTED, requeue_slurm_job
 from q2l.training.run import train
 from q2l.training.rundir import RunDirError

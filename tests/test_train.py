@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from q2l.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
+from q2l.evaluation.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
 from q2l.training.checkpoint import load_checkpoint
 from q2l.training.run import train
 

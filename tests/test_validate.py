@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 import q2l.training.run as train_module
+from q2l.cli.validate_data import main
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset
 from q2l.data.loader import build_loader
 from q2l.data.table import TableMultiLabel
 from q2l.data.transforms import build_eval_transform
-from q2l.data.validate import DataValidationError, main, validate_splits
+from q2l.data.validate import DataValidationError, validate_splits
 from q2l.training.run import train
 
 from .helpers.images import write_huge_png

@@ -24,9 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from q2l.build import build_model
-from q2l.checks import check_values
 from q2l.config import CONFIG_DIR
+from q2l.config.checks import check_values
 from q2l.data.coco import COCO_CLASSES
 from q2l.data.label_lists import read_class_file
 from q2l.models.official import (
@@ -35,6 +34,7 @@ from q2l.models.official import (
     official_state_dict,
 )
 from q2l.models.weights import load_torch_file
+from q2l.training.build import build_model
 from q2l.training.checkpoint import load_strict, save_checkpoint
 
 log = logging.getLogger("q2l.import")

@@ -132,7 +132,7 @@ def threshold_metrics(
         scores: (N, K) probabilities (apply the sigmoid before calling).
         targets: (N, K) with values in {-1, 0, 1}; -1 entries are ignored.
         threshold: probability at or above which a class is predicted: one for all classes, or
-            (K,) per class (calibrated thresholds, q2l.calibration).
+            (K,) per class (calibrated thresholds, q2l.evaluation.calibration).
 
     Returns:
         CP, CR, CF1, OP, OR, OF1 as fractions in [0, 1]; see `_counting_metrics` for definitions.

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-import q2l.build
+import q2l.training.build
 import q2l.training.plan
 import q2l.training.run
 from q2l.cli import train
@@ -46,7 +46,7 @@ def _inject() -> None:
 
 # Where each start-up phase can be caught: (module, function name).
 PHASES = {
-    "validate": (q2l.build, "validate_splits"),
+    "validate": (q2l.training.build, "validate_splits"),
     "model": (q2l.training.run, "build_model"),
     "resume": (q2l.training.plan, "find_resumable"),
 }

@@ -17,12 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from q2l import dist
 from q2l.config import CONFIG_DIR
 from q2l.training.preemption import EXIT_PREEMPTED, StopRequest, StopRequested, requeue
 from q2l.training.run import train
 from q2l.training.rundir import set_run_time, with_saved_overrides
 from q2l.training.sweep import with_saved_sweep_overrides, write_sweep_summary
+from q2l.utils import dist
 
 log = logging.getLogger("q2l.train")
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from q2l.atomic import atomic_write
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.atomic import atomic_write
+from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
 

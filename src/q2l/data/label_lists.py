@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from q2l.messages import and_more
+from q2l.utils.messages import and_more
 
 UNLISTED_POLICIES = ("negative", "unknown")
 UNKNOWN_LABEL_POLICIES = ("error", "ignore")

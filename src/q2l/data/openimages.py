@@ -33,7 +33,7 @@ import numpy as np
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.label_lists import UNKNOWN_LABEL_POLICIES, check_class_names
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.messages import and_more
 
 _REQUIRED_COLUMNS = ("ImageID", "LabelName", "Confidence")
 _DESCRIPTIONS_HEADER = ("LabelName", "DisplayName")

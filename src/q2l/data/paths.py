@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from q2l.messages import and_more
+from q2l.utils.messages import and_more
 
 
 def confine_all(

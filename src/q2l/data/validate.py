@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,7 @@ from typing import Any
 from PIL import Image
 
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb, open_image
-from q2l.messages import and_more
-from q2l.printable import printable
+from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
 
@@ -278,58 +276,3 @@ def _shared_images(train_paths: Sequence[Path], val_paths: Sequence[Path]) -> li
     """Files both splits read, compared after resolving symlinks and '.' parts."""
     resolved_train = {os.path.realpath(p) for p in train_paths}
     return sorted({str(p) for p in val_paths if os.path.realpath(p) in resolved_train})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`q2l-validate-data dataset=<name> [dataset.root=...] [dataset.validate=full] [overrides]`.
-
-    Composes the training config (so any dataset option and override works), builds both splits
-    without transforms, checks them and prints the report. Exit status 0: no problems; 1: problems
-    (all printed); 2: the overrides do not compose.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from hydra.utils import instantiate
-    from omegaconf.errors import OmegaConfBaseException
-
-    from q2l.checks import ConfigValueError, check_values, choice
-    from q2l.config import CONFIG_DIR
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(overrides):
-        print(main.__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
-        check_values(cfg)
-        data = cfg.dataset
-        level = choice(data.get("validate", "quick"))
-    except (HydraException, OmegaConfBaseException, ConfigValueError) as error:
-        print(f"q2l-validate-data: {error}", file=sys.stderr)
-        return 2
-    # Only reads: a data set's `prepare` step (the demo's builder) is not run by a check.
-    splits, problems = {}, []
-    for name in ("train", "val"):
-        try:
-            splits[name] = instantiate(data[name], max_image_pixels=data.max_image_pixels)
-        except HydraException as error:
-            problems.append(f"{name}: {error.__cause__ or error}")
-    print(f"data set {data.name} at {printable(str(data.get('root')))}")
-    if problems:
-        print(printable("\n".join(f"PROBLEM: {text}" for text in problems)))
-        return 1
-    try:
-        report = validate_splits(
-            splits["train"], splits["val"], level="full" if level == "full" else "quick"
-        )
-    except DataValidationError as error:
-        print(printable(error.report.format()))  # file names that are not UTF-8, escaped
-        return 1
-    print(printable(report.format()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,7 @@ import numpy as np
 
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.messages import and_more
 
 VOC_CLASSES = (
     "aeroplane",

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from q2l.amp import autocast, resolve_precision
-from q2l.atomic import give_default_mode
 from q2l.demo.digits import split_digit_scans
 from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
+from q2l.utils.amp import autocast, resolve_precision
+from q2l.utils.atomic import give_default_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def pretrain_digits_backbone(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        # bf16 where this CPU has bf16 units (q2l.amp), as the demo's training itself.
+        # bf16 where this CPU has bf16 units (q2l.utils.amp), as the demo's training itself.
         "precision": resolve_precision("auto", torch.device("cpu")),
         "version": 3,
     }

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from q2l.atomic import give_default_mode, link_new
 from q2l.inference.model_info import ModelInfo
+from q2l.utils.atomic import give_default_mode, link_new
 
 log = logging.getLogger(__name__)
 

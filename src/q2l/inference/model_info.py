@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from q2l.atomic import atomic_write
 from q2l.models.backbone import normalization
+from q2l.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ModelInfo:
 
     thresholds: per-class thresholds (K floats) when calibrated, else None: `threshold` applies.
     model_config: the `backbone`, `model` and `dataset.image_size` entries of the run's config,
-        enough to rebuild the module (q2l.build.build_model, allowlisted).
+        enough to rebuild the module (q2l.training.build.build_model, allowlisted).
     """
 
     class_names: list[str]

@@ -2,7 +2,7 @@
 
 One per kind of model file, all with the same call and a `ModelInfo`:
 - `TorchScorer`: a module rebuilt from a q2l checkpoint or from an exported safetensors file,
-  run under the one autocast context (q2l.amp) like evaluation;
+  run under the one autocast context (q2l.utils.amp) like evaluation;
 - `OnnxScorer`: an exported .onnx file under ONNX Runtime (fp32).
 `load_scorer` picks by file.
 """
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from q2l import dist
-from q2l.amp import autocast, resolve_precision
 from q2l.inference.model_info import ModelInfo
+from q2l.utils import dist
+from q2l.utils.amp import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     """
     from safetensors.torch import load_file
 
-    from q2l.build import build_model
+    from q2l.training.build import build_model
 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():

@@ -9,8 +9,8 @@ fails instead of replacing a file that appeared meanwhile.
 
 Both files are UTF-8. A path whose name is not UTF-8 (PEP 383 surrogates in Python) is written
 exactly in JSONL, as JSON's `\\udcff` escape, from which `os.fsencode(json.loads(line)["path"])`
-gives back its bytes; in CSV each of its undecodable bytes is written as `\\xNN` (q2l.printable),
-which the log says once.
+gives back its bytes; in CSV each of its undecodable bytes is written as `\\xNN`
+(q2l.utils.printable), which the log says once.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import logging
 import os
 from pathlib import Path
 
-from q2l.atomic import link_new
-from q2l.printable import is_printable, printable
+from q2l.utils.atomic import link_new
+from q2l.utils.printable import is_printable, printable
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 `torch.load(weights_only=True)`: nothing in it is pickled code, and the config it carries is a
-plain container that is only rebuilt through allowlists (q2l.build.instantiate_allowed).
+plain container that is only rebuilt through allowlists (q2l.training.build.instantiate_allowed).
 
 Keys: format_version (q2l.training.checkpoint_format, which upgrades older files on load),
 q2l_version, torch_version; the TrainState (model: the raw weights, ema, optimizer, scheduler,
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 import q2l
-from q2l.atomic import atomic_write, fsync_dir
-from q2l.engine import TrainState
-from q2l.messages import and_more
 from q2l.models.weights import WeightsFileError, load_torch_file
 from q2l.training.checkpoint_format import FORMAT_VERSION, upgrade
+from q2l.training.engine import TrainState
+from q2l.utils.atomic import atomic_write, fsync_dir
+from q2l.utils.messages import and_more
 
 PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
 
@@ -192,7 +192,9 @@ def model_from_checkpoint(
     Returns:
         (model on CPU in eval mode, "raw" or "ema": which weights were loaded).
     """
-    from q2l.build import build_model  # build imports the model zoo; only this needs it here
+    from q2l.training.build import (
+        build_model,  # build imports the model zoo; only this needs it here
+    )
 
     chosen = checkpoint.get("eval_weights", "raw") if weights == "auto" else weights
     if chosen not in ("raw", "ema") or checkpoint.get(_STATE_KEYS[chosen]) is None:
@@ -243,8 +245,8 @@ def load_matching_weights(model: torch.nn.Module, checkpoint: dict[str, Any], so
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write `payload` to `path` atomically (q2l.atomic): a crash or a full disk during the write
-    leaves the previous file at `path` untouched, and no partial file."""
+    """Write `payload` to `path` atomically (q2l.utils.atomic): a crash or a full disk during the
+    write leaves the previous file at `path` untouched, and no partial file."""
     path = Path(path)
     payload = {
         "format_version": FORMAT_VERSION,

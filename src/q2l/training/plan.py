@@ -1,9 +1,9 @@
 """How a run starts, decided before any data is read: new, resumed (from which checkpoint, with
 which accepted config changes) or already finished; and whether the start is allowed at all.
 
-Rank 0 decides (`plan_run`, through q2l.dist.on_main) and every rank gets the `RunPlan`. A refused
-start (busy or foreign run directory, impossible value, changed config on resume, a weights file
-that is not there) raises before anything is written into an existing run.
+Rank 0 decides (`plan_run`, through q2l.utils.dist.on_main) and every rank gets the `RunPlan`. A
+refused start (busy or foreign run directory, impossible value, changed config on resume, a
+weights file that is not there) raises before anything is written into an existing run.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from q2l.build import construct
-from q2l.checks import check_values
+from q2l.config.checks import check_values
 from q2l.models.backbone import pretrained_weights_path
+from q2l.training.build import construct
 from q2l.training.checkpoint import find_resumable, load_checkpoint, resume_changes
 from q2l.training.records import EpochRecord, run_summary
 from q2l.training.rundir import RunDirectory, RunDirError

@@ -14,8 +14,8 @@ process is doing when the signal arrives:
   written atomically, so the handler raises `StopRequested` at once, from wherever the process is.
 
 Under several processes only the main process's own start-up work is interrupted at once (the
-others wait for it in a collective, q2l.dist.on_main); every other start-up stop is taken by all
-processes together at the next milestone (`StopRequest.check`), so none is left waiting.
+others wait for it in a collective, q2l.utils.dist.on_main); every other start-up stop is taken by
+all processes together at the next milestone (`StopRequest.check`), so none is left waiting.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class StopRequest:
     def check(self) -> None:
         """A start-up milestone: raise StopRequested on every process when any received a stop
         signal (one all-reduce under several processes, nothing otherwise)."""
-        from q2l import dist
+        from q2l.utils import dist
 
         if dist.any_rank(bool(self)):
             raise StopRequested(self.requested or "a stop signal on another process")
@@ -134,7 +134,7 @@ def requeue(stop: StopRequest | None = None) -> None:
     pickles the job and requeues it; it exits rank 0. A plain SLURM job is requeued with
     `scontrol requeue` by rank 0. Elsewhere nothing happens.
     """
-    from q2l import dist
+    from q2l.utils import dist
 
     if "SUBMITIT_FOLDER" in os.environ:
         from submitit import JobEnvironment

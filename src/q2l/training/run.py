@@ -17,19 +17,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from q2l import dist
-from q2l.amp import resolve_precision
-from q2l.build import build_datasets, build_model, build_state, construct, step_options
 from q2l.data.loader import build_loader
-from q2l.engine import StepOptions, TrainState
 from q2l.models.backbone import normalization
+from q2l.training.build import build_datasets, build_model, build_state, construct, step_options
 from q2l.training.checkpoint import load_checkpoint, load_matching_weights, restore_training
+from q2l.training.engine import StepOptions, TrainState
 from q2l.training.plan import Preloaded, RunPlan, plan_run
 from q2l.training.preemption import StopRequest, StopRequested
 from q2l.training.records import EpochRecord, run_summary
 from q2l.training.run_log import NullRunLog, RunLog, write_json
 from q2l.training.rundir import RunDirectory
 from q2l.training.trainer import LoopState, RunOutputs, Trainer, TrainerSettings
+from q2l.utils import dist
+from q2l.utils.amp import resolve_precision
 
 log = logging.getLogger("q2l.train")
 
@@ -91,7 +91,7 @@ def resolved(cfg: DictConfig) -> DictConfig:
 
 def _interruptible(stop: StopRequest, function, *args: Any) -> Any:
     """Run `function` where a stop signal raises StopRequested at once (rank 0's start checks:
-    the other processes wait for it in q2l.dist.on_main, which hands them the stop)."""
+    the other processes wait for it in q2l.utils.dist.on_main, which hands them the stop)."""
     with stop.immediately():
         return function(*args)
 

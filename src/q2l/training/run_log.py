@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from q2l.atomic import atomic_write
 from q2l.training.records import EpochRecord
+from q2l.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (q2l.atomic), so a reader never sees half a file."""
+    """Write JSON atomically (q2l.utils.atomic), so a reader never sees half a file."""
     with atomic_write(path, "w") as handle:
         json.dump(_finite_nested(data), handle, indent=2)
 
@@ -242,7 +242,7 @@ def _prediction_grid(
     """(H, W, 3) uint8 grid of the first IMAGES_IN_GRID val images, captioned with predicted
     (green right, red wrong) and missed labels; None without readable image files."""
     from q2l.data.dataset import BadImageError, load_rgb
-    from q2l.drawing import labelled_images
+    from q2l.utils.drawing import labelled_images
 
     paths = getattr(dataset, "image_paths", None)
     count = min(IMAGES_IN_GRID, len(scores), len(paths or []))

@@ -28,9 +28,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from q2l.atomic import atomic_write
-from q2l.messages import and_more
-from q2l.printable import PrintableFormatter
+from q2l.utils.atomic import atomic_write
+from q2l.utils.messages import and_more
+from q2l.utils.printable import PrintableFormatter
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,20 @@ def _split(override: str) -> tuple[str, str]:
     """('trainer.epochs', '5') from 'trainer.epochs=5', '+trainer.epochs=5' or '~trainer.epochs'."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
+
+
+def register_resolvers() -> None:
+    """`${q2l_now:<strftime pattern>}`: this run's start time, which names its directory
+    (conf/hydra/default.yaml).
+
+    Cached, as Hydra's own `now`: the value is kept in the config's resolver cache, which travels
+    with the config. A sweep's directory is therefore decided once, in the process that submits
+    it, and every job process, requeue and rank that a launcher starts from the pickled config
+    (submitit) resolves the same directory instead of its own start time.
+    """
+    OmegaConf.register_new_resolver(
+        "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True, use_cache=True
+    )
 
 
 def run_time() -> datetime.datetime:

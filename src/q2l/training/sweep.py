@@ -30,9 +30,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from q2l import dist
-from q2l.atomic import atomic_write
 from q2l.training.rundir import add_overrides
+from q2l.utils import dist
+from q2l.utils.atomic import atomic_write
 
 SAVED_SWEEP = "multirun.yaml"  # what Hydra's sweepers (and q2l's Optuna sweeper) save at the root
 # Overrides that say where or how a sweep runs, not what it computes: never compared or reused.

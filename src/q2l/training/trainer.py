@@ -20,10 +20,7 @@ from typing import Any
 
 import torch
 
-from q2l import dist
-from q2l.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.metrics import compute_metrics
-from q2l.progress import track
 from q2l.training.checkpoint import (
     capture_rng,
     link_checkpoint,
@@ -32,9 +29,12 @@ from q2l.training.checkpoint import (
     save_checkpoint,
     training_payload,
 )
+from q2l.training.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.training.preemption import StopRequest
 from q2l.training.records import EpochRecord
 from q2l.training.run_log import RunLog
+from q2l.utils import dist
+from q2l.utils.progress import track
 
 log = logging.getLogger("q2l.train")
 

@@ -19,14 +19,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from q2l import dist
-from q2l.checks import choice
+from q2l.config.checks import choice
 from q2l.data.mix import build_batch_transform
 from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.data.validate import validate_splits, without_positives
-from q2l.engine import StepOptions, TrainState
 from q2l.models import MODEL_TARGETS
+from q2l.training.engine import StepOptions, TrainState
+from q2l.utils import dist
 
 # Messages keep the logger of the command they are part of.
 log = logging.getLogger("q2l.train")

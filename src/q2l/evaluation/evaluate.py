@@ -9,11 +9,11 @@ from a file is never imported), and no preparation step named there is ever run.
 metrics (at the run's threshold and, when there are per-class thresholds, at those) and a
 per-class table, then writes them into a new folder next to the checkpoint
 (`eval-<checkpoint>-<time>/`, or `output=DIR`): eval.json, per_class.csv, pr_curves.png and with
-save_scores=true scores.npz (q2l.reports). An earlier evaluation is never overwritten, and the
-metrics are printed even when they cannot be written.
+save_scores=true scores.npz (q2l.evaluation.reports). An earlier evaluation is never overwritten,
+and the metrics are printed even when they cannot be written.
 
 `calibrate=f1` chooses per-class thresholds of maximum F1 on the evaluated split
-(q2l.calibration) and saves them beside the checkpoint as `<stem>.thresholds.json` (or
+(q2l.evaluation.calibration) and saves them beside the checkpoint as `<stem>.thresholds.json` (or
 `thresholds_file=PATH`), which must not exist yet: checked before evaluating. Without it, an
 existing `<stem>.thresholds.json` is reported on as well.
 """
@@ -29,21 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from q2l import dist, reports
-from q2l.build import instantiate_allowed
-from q2l.calibration import f1_thresholds, per_class_counts
-from q2l.checks import check_values
-from q2l.config import CONFIG_DIR
+from q2l.config.checks import check_values
 from q2l.data import DATASETS
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.loader import build_loader
 from q2l.data.transforms import build_eval_transform
-from q2l.engine import StepOptions, evaluate
+from q2l.evaluation import reports
+from q2l.evaluation.calibration import f1_thresholds, per_class_counts
+from q2l.evaluation.reports import format_report
 from q2l.inference.model_info import (
     check_classes,
     read_thresholds,
@@ -53,17 +50,14 @@ from q2l.inference.model_info import (
 from q2l.inference.runtime import run_settings
 from q2l.metrics import average_precision, compute_metrics, threshold_metrics
 from q2l.models.backbone import normalization
-from q2l.progress import track
-from q2l.reports import format_report
+from q2l.training.build import instantiate_allowed
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.training.engine import StepOptions, evaluate
 from q2l.training.run_log import write_json
+from q2l.utils import dist
+from q2l.utils.progress import track
 
 log = logging.getLogger("q2l.eval")
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float:
-    return run(cfg)
 
 
 def run(cfg: DictConfig) -> float:
@@ -175,7 +169,7 @@ class Evaluation:
     scores, targets: (N, K); average_precision: (K,) per-class AP (fractions); thresholds: (K,)
     per-class thresholds reported on (calibrated now or read from the file beside the
     checkpoint), or None; calibration: the thresholds-file record to save when calibrate=f1 chose
-    them; counts: q2l.calibration.per_class_counts at the run's threshold (key "") and at
+    them; counts: q2l.evaluation.calibration.per_class_counts at the run's threshold (key "") and at
     `thresholds` ("_calibrated"), filled by _add_per_class.
     """
 
@@ -374,7 +368,3 @@ def _build_val_split(cfg: DictConfig, dataset_config: dict[str, Any], transform)
     return instantiate_allowed(
         dataset_config["val"], DATASETS, transform=transform, max_image_pixels=limit
     )
-
-
-if __name__ == "__main__":
-    main()

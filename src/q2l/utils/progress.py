@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("q2l.progress")
+log = logging.getLogger("q2l.utils.progress")
 
 # Seconds between two periodic lines: often enough to see a job move, rare enough for a log file.
 LINE_INTERVAL_S = 30.0

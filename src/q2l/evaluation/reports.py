@@ -3,7 +3,7 @@ the precision-recall curves and, on request, every image's scores).
 
 - per_class.csv: class, AP, positives, then threshold / precision / recall / F1 / predicted at
   the run's threshold and, when there are calibrated thresholds, at those;
-- pr_curves.png: one small precision-recall plot per class (q2l.drawing);
+- pr_curves.png: one small precision-recall plot per class (q2l.utils.drawing);
 - scores.npz (save_scores=true): image_ids (N,), class_names (K,), scores (N, K) float32,
   targets (N, K) int8; plain arrays, `numpy.load(path)` reads it without pickle.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from q2l.atomic import atomic_write
-from q2l.calibration import precision_recall_curve
-from q2l.drawing import precision_recall_grid
+from q2l.evaluation.calibration import precision_recall_curve
+from q2l.utils.atomic import atomic_write
+from q2l.utils.drawing import precision_recall_grid
 
 # Beyond this many classes the PNG would be a poster nobody reads; the CSV still has them all.
 MAX_PLOTTED_CLASSES = 100
@@ -34,8 +34,9 @@ def write_per_class_csv(
     threshold: float,
     calibrated: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """The per-class table. `at_threshold`/`calibrated[0]` are q2l.calibration.per_class_counts
-    results; `calibrated[1]` the (K,) calibrated thresholds. AP and rates in percent."""
+    """The per-class table. `at_threshold`/`calibrated[0]` are
+    q2l.evaluation.calibration.per_class_counts results; `calibrated[1]` the (K,) calibrated
+    thresholds. AP and rates in percent."""
     header = ["class", "AP", "positives", *_columns("")]
     if calibrated is not None:
         header += _columns("_calibrated")

@@ -11,7 +11,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from q2l.amp import autocast
+from q2l.utils.amp import autocast
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -56,7 +56,7 @@ class StepOptions:
     check_finite: raise NonFiniteError before the optimizer step when the loss or gradient norm
         is not finite (one host sync per step). Under fp16 the loss scaler owns inf/NaN gradients
         instead: it skips the step, and `on_step` is told.
-    is_finite: the loss check; under DDP a collective (q2l.dist.any_rank) so that every rank
+    is_finite: the loss check; under DDP a collective (q2l.utils.dist.any_rank) so that every rank
         stops at the same step.
     batch_transform: (images, targets) -> (images, targets) on the device before the forward pass
         (MixUp/CutMix, q2l.data.mix).

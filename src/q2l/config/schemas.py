@@ -1,4 +1,5 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+"""Typed schemas for every config group of training, registered in Hydra's ConfigStore
+(q2l.config.register_configs).
 
 Each YAML option starts from one of these (`defaults: [/schema/<group>/<name>@_here_]`), so a
 misspelled key, a value of the wrong type or an unknown option fails at composition with Hydra's
@@ -11,51 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from q2l import losses, optim
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
 from q2l.models import HEAD_CLASSES, TimmBackbone
-from q2l.training.rundir import run_time
-
-# conf/ beside src/ in a checkout or editable install; Q2L_CONFIG_DIR points elsewhere.
-CONFIG_DIR = os.environ.get("Q2L_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
-
-# backbone=<option>: short names for common timm models (any other: backbone.name=<timm name>).
-BACKBONES = {
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "resnet101": "resnet101",
-    "tresnet_m": "tresnet_m",
-    "tresnet_l": "tresnet_l",
-    "tresnet": "tresnet_l",  # the paper's TResNet
-    "tresnet_xl": "tresnet_xl",
-    "convnext_tiny": "convnext_tiny",
-    "swin_large_384": "swin_large_patch4_window12_384",
-    # The exact weights of the paper presets (conf/experiment/coco_*.yaml):
-    "resnet101_tv": "resnet101.tv_in1k",  # torchvision's ImageNet-1k ResNet-101
-    "tresnet_l_448": "tresnet_l.miil_in1k_448",  # Alibaba-MIIL's tresnet_l_448.pth
-    "tresnet_l_22k": "tresnet_v2_l.miil_in21k",  # Alibaba-MIIL's tresnet_l_v2_miil_21k.pth
-    "swin_large_384_22k": "swin_large_patch4_window12_384.ms_in22k",  # Microsoft's 22k Swin-L
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-}
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 where the device has bf16 units, else fp32 (fp16 on older GPUs): q2l.amp
+    # auto: bf16 where the device has bf16 units, else fp32 (fp16 on older GPUs): q2l.utils.amp
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -317,105 +292,24 @@ class TrainConf:
     init_from: str | None = None  # fine-tune: load only model weights from this checkpoint
 
 
-class Calibrate(str, Enum):
-    f1 = "f1"  # per class, the threshold of maximum F1 (q2l.calibration)
-
-
-@dataclass
-class EvalConf:
-    ckpt: str = MISSING
-    dataset: Any = None  # None: the run's own validation split, from the checkpoint
-    weights: str = "auto"  # auto: what scored best for this checkpoint; or raw / ema
-    batch_size: int | None = None
-    num_workers: int | None = None
-    device: str = "auto"
-    precision: str = (
-        "checkpoint"  # the precision the run trained with (so mAP matches); or auto/fp32/bf16/fp16
-    )
-    threshold: float | None = None  # None: the run's trainer.threshold
-    limit_val_batches: int | None = None
-    output: str | None = (
-        None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
-    )
-    # f1: choose per-class thresholds of maximum F1 on this split; saved beside the checkpoint as
-    # <ckpt stem>.thresholds.json (or thresholds_file), which must not exist yet. Without it, the
-    # metrics at the thresholds of that file (or of thresholds_file) are reported too.
-    calibrate: Calibrate | None = None
-    thresholds_file: str | None = None
-    save_scores: bool = False  # scores.npz: image ids, class names, scores, targets
-    progress_bar: bool = True  # periodic log lines instead when stderr is not a terminal
-
-
-@dataclass
-class PredictConf:
-    input: str = MISSING  # a folder, a glob, a .txt list of paths, or one image
-    output: str = MISSING  # predictions.jsonl or predictions.csv; must not exist
-    ckpt: str | None = None  # a q2l checkpoint ...
-    # ... or an export from q2l-export (.onnx, .safetensors). Not `model=`: that names the config
-    # group of model architectures, which Hydra would try to override.
-    model_file: str | None = None
-    weights: str = "auto"  # with ckpt: auto (what scored best), raw or ema
-    # auto: <ckpt stem>.thresholds.json beside the checkpoint, else thresholds embedded in the
-    # export, else the run's trainer.threshold; or run; or the path of a thresholds file.
-    thresholds: str = "auto"
-    batch_size: int = 32
-    num_workers: int = 2
-    device: str = "auto"
-    precision: str = "checkpoint"  # the run's own (as eval); or auto/fp32/bf16/fp16
-    progress_bar: bool = True
-    # A larger image (by its header) is skipped unread, as an unreadable one; null: no limit.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"  # dynamic batch axis, checked under ONNX Runtime; record in metadata_props
-    torchscript = "torchscript"  # torch.jit.trace, checked; record as extra file q2l.json
-    safetensors = "safetensors"  # weights only, with the record as <output stem>.json
-
-
-@dataclass
-class ExportConf:
-    ckpt: str = MISSING
-    format: ExportFormat = ExportFormat.onnx
-    output: str | None = None  # default: beside the checkpoint, <stem>.onnx|.torchscript.pt|...
-    weights: str = "auto"
-    thresholds: str = "auto"  # auto: <ckpt stem>.thresholds.json if present; none; or a path
-    opset: int | None = None  # ONNX opset; None: the exporter's default
-    tolerance: float = 1e-4  # largest |score difference| to PyTorch accepted by the check
-
-
-@dataclass
-class AttentionConf:
-    ckpt: str = MISSING
-    image: str = MISSING
-    output: str = MISSING  # a new (or empty) folder for the PNGs
-    top_k: int = 3  # maps for the k highest-scoring labels
-    weights: str = "auto"
-    alpha: float = 0.5  # opacity of the coloured map over the image
-    device: str = "auto"
-    # A larger image (by its header) is refused unread; null: no limit.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-
-
-# What every head receives when it is built (q2l.build.build_model), so no config field.
+# What every head receives when it is built (q2l.training.build.build_model), so no config field.
 HEAD_RUNTIME = ("backbone", "num_classes")
 
 
-def register_configs() -> None:
-    """Put every schema where the YAML files' defaults lists expect it, and the backbone options."""
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConf)
-    store.store(name="eval_schema", node=EvalConf)
-    store.store(name="predict_schema", node=PredictConf)
-    store.store(name="export_schema", node=ExportConf)
-    store.store(name="attention_schema", node=AttentionConf)
+def group_schemas() -> list[tuple[str, str, type]]:
+    """(group, name, schema) of every schema a YAML option starts from, stored by
+    q2l.config.register_configs as /schema/<group>/<name>."""
     # Every head's schema, named for its file: /schema/model/<module name> (docs/heads.md).
     heads = [
         ("model", head.__module__.rsplit(".", 1)[-1], schema_for(head, runtime=HEAD_RUNTIME))
         for head in HEAD_CLASSES
     ]
-    for group, name, node in [
+    schedule_runtime = ("optimizer", "total_steps", "steps_per_epoch")
+    return [
         *heads,
+        # An empty timm_kwargs dict rather than None, so `backbone.timm_kwargs={...}` and
+        # `+backbone.timm_kwargs.key=value` merge into it from the command line.
+        ("backbone", "timm", BackboneConf(timm_kwargs={})),
         ("dataset", "coco", CocoDatasetConf),
         ("dataset", "voc", VocDatasetConf),
         ("dataset", "nus_wide", NusWideDatasetConf),
@@ -429,37 +323,11 @@ def register_configs() -> None:
         (
             "schedule",
             "onecycle",
-            schema_for(
-                optim.build_onecycle,
-                runtime=("optimizer", "total_steps", "steps_per_epoch"),
-                partial=True,
-            ),
+            schema_for(optim.build_onecycle, runtime=schedule_runtime, partial=True),
         ),
         (
             "schedule",
             "cosine",
-            schema_for(
-                optim.build_cosine,
-                runtime=("optimizer", "total_steps", "steps_per_epoch"),
-                partial=True,
-            ),
+            schema_for(optim.build_cosine, runtime=schedule_runtime, partial=True),
         ),
-    ]:
-        store.store(group=f"schema/{group}", name=name, node=node)
-    for option, timm_name in BACKBONES.items():
-        # An empty dict rather than None, so `backbone.timm_kwargs={...}` and
-        # `+backbone.timm_kwargs.key=value` merge into it from the command line.
-        node = BackboneConf(name=timm_name, timm_kwargs={})
-        store.store(group="backbone", name=option, node=node)
-
-
-# Registered on import: anything that composes q2l configs (entry points, tests, notebooks using
-# hydra.compose) imports this module first.
-register_configs()
-# Cached, as Hydra's own `now`: the value is kept in the config's resolver cache, which travels with
-# the config. A sweep's directory is therefore decided once, in the process that submits it, and
-# every job process, requeue and rank that a launcher starts from the pickled config (submitit)
-# resolves the same directory instead of its own start time.
-OmegaConf.register_new_resolver(
-    "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True, use_cache=True
-)
+    ]

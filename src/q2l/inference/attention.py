@@ -16,30 +16,21 @@ import logging
 import re
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from q2l import dist
-from q2l.checks import check_values
-from q2l.config import CONFIG_DIR
 from q2l.data.dataset import load_rgb
 from q2l.data.transforms import build_eval_transform
-from q2l.drawing import captioned, grid, heatmap_overlay
 from q2l.inference.model_info import ModelInfo
 from q2l.models.attention_maps import CrossAttentionMaps
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.utils import dist
+from q2l.utils.drawing import captioned, grid, heatmap_overlay
 
-log = logging.getLogger("q2l.attention")
+log = logging.getLogger("q2l.inference.attention")
 
 _GRID_CELL = 256  # longest side of each picture in grid.png
 _INK = (40, 40, 40)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
-def main(cfg: DictConfig) -> None:
-    check_values(cfg)
-    write_attention_maps(cfg)
 
 
 def write_attention_maps(cfg: DictConfig) -> list[Path]:
@@ -105,7 +96,3 @@ def _thumbnail(image):
 def _file_name(label: str) -> str:
     """A label as a safe file name part."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "label"
-
-
-if __name__ == "__main__":
-    main()

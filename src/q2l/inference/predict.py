@@ -13,42 +13,22 @@ else the run's trainer.threshold; the log says which.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from q2l.checks import check_values
-from q2l.config import CONFIG_DIR
 from q2l.data.transforms import build_eval_transform
 from q2l.inference.inputs import ImageFiles, collate, resolve_inputs
 from q2l.inference.model_info import choose_thresholds
 from q2l.inference.runtime import load_scorer
 from q2l.inference.writers import PredictionWriter, check_output
-from q2l.messages import and_more
-from q2l.progress import track
+from q2l.utils.messages import and_more
+from q2l.utils.progress import track
 
-log = logging.getLogger("q2l.predict")
-
-
-def main() -> None:
-    """q2l-predict / python predict.py. `model=PATH` is read as `model_file=PATH`: `model` is the
-    head's config group, so Hydra would otherwise refuse it with a message about defaults lists."""
-    sys.argv[1:] = [
-        "model_file=" + arg.partition("=")[2] if arg.startswith("model=") else arg
-        for arg in sys.argv[1:]
-    ]
-    _hydra_main()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    check_values(cfg)
-    predict(cfg)
+log = logging.getLogger("q2l.inference.predict")
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -107,7 +87,3 @@ def _log_summary(total: int, scored: int, skipped: list[tuple[str, str]], output
             len(skipped),
             and_more((path for path, _ in skipped), separator="; "),
         )
-
-
-if __name__ == "__main__":
-    main()

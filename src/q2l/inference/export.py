@@ -14,24 +14,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from q2l.checks import check_values, choice
-from q2l.config import CONFIG_DIR
+from q2l.config.checks import choice
 from q2l.inference import exporters
 from q2l.inference.model_info import ModelInfo, read_thresholds, thresholds_path
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
-log = logging.getLogger("q2l.export")
+log = logging.getLogger("q2l.inference.export")
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    check_values(cfg)
-    export(cfg)
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -107,7 +99,3 @@ def _thresholds_record(option: str, checkpoint: Path) -> dict[str, Any] | None:
         beside = thresholds_path(checkpoint)
         return read_thresholds(beside) if beside.is_file() else None
     return read_thresholds(option)
-
-
-if __name__ == "__main__":
-    main()

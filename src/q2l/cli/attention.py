@@ -1,0 +1,23 @@
+"""`q2l-attention`: where the top labels of one image looked.
+
+q2l-attention ckpt=outputs/.../checkpoints/best.pt image=photo.jpg output=maps/ [top_k=3]
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from q2l.config import CONFIG_DIR
+from q2l.config.checks import check_values
+from q2l.inference.attention import write_attention_maps
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
+def main(cfg: DictConfig) -> None:
+    check_values(cfg)
+    write_attention_maps(cfg)
+
+
+if __name__ == "__main__":
+    main()
