@@ -16,6 +16,9 @@ from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests never use the network: a backbone with pretrained=true and no weights file would otherwise
+# try the Hugging Face hub (for about 20 s of retries before it fails). Here it fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def run_python(

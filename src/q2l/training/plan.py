@@ -140,6 +140,8 @@ def _finished_summary(run_dir: Path, checkpoint: dict[str, Any]) -> dict[str, An
 
 
 def _check_weights_file(backbone: DictConfig) -> None:
-    """Fail now, not after the data check, when `backbone.weights` names no file."""
-    if backbone.pretrained and backbone.weights:
-        pretrained_weights_path(backbone.name, backbone.weights)  # raises, saying how to fix it
+    """Find (or download) the backbone's pretrained weights now, before the data check, which can
+    take minutes: a missing file fails at once, saying which file to supply and how. Under
+    several processes rank 0 downloads; the others then find the file in the cache."""
+    if backbone.pretrained:
+        pretrained_weights_path(backbone.name, backbone.weights)
