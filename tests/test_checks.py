@@ -58,9 +58,9 @@ def test_a_non_finite_number_anywhere_fails_training_before_the_data(
 @pytest.mark.parametrize(
     ("command", "entry", "override", "shown"),
     [
-        ("eval", evaluate.main, "threshold=nan", "threshold=nan: must be a finite number"),
-        ("export", export.main, "tolerance=inf", "tolerance=inf: must be a finite number"),
-        ("attention", attention.main, "alpha=nan", "alpha=nan: must be a finite number"),
+        ("eval", evaluate._hydra_main, "threshold=nan", "threshold=nan: must be a finite number"),
+        ("export", export._hydra_main, "tolerance=inf", "tolerance=inf: must be a finite number"),
+        ("attention", attention._hydra_main, "alpha=nan", "alpha=nan: must be a finite number"),
         ("predict", predict._hydra_main, "batch_size=0", "batch_size=0: must be at least 1"),
     ],
 )

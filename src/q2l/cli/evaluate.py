@@ -7,15 +7,27 @@ python eval.py ckpt=... calibrate=f1 save_scores=true
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from q2l.cli.help import command_help, help_topic
 from q2l.config import CONFIG_DIR
 from q2l.evaluation.evaluate import run
 
 
+def main() -> None:
+    """The command line: `--help`, else the Hydra app."""
+    topic = help_topic(sys.argv[1:])
+    if topic is not None:
+        print(command_help("eval", topic))
+        return
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     return run(cfg)
 
 

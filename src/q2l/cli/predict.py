@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from q2l.cli.help import command_help, help_topic
 from q2l.config import CONFIG_DIR
 from q2l.config.checks import check_values
 from q2l.inference.predict import predict
@@ -20,6 +21,10 @@ from q2l.inference.predict import predict
 def main() -> None:
     """q2l-predict / python predict.py. `model=PATH` is read as `model_file=PATH`: `model` is the
     head's config group, so Hydra would otherwise refuse it with a message about defaults lists."""
+    topic = help_topic(sys.argv[1:])
+    if topic is not None:
+        print(command_help("predict", topic))
+        return
     sys.argv[1:] = [
         "model_file=" + arg.partition("=")[2] if arg.startswith("model=") else arg
         for arg in sys.argv[1:]

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from q2l.cli.help import command_help, help_topic
 from q2l.config import CONFIG_DIR
 from q2l.training.preemption import EXIT_PREEMPTED, StopRequest, StopRequested, requeue
 from q2l.training.run import train
@@ -32,6 +33,10 @@ def main() -> None:
     `-m hydra.sweep.dir=X` a sweep's (continuing it). Under torchrun the processes join the
     process group before Hydra starts, and rank 0's start time names the one run directory they
     all use."""
+    topic = help_topic(sys.argv[1:])
+    if topic is not None:
+        print(command_help("train", topic))
+        return
     stop = _stop_request()
     try:
         argv = with_saved_sweep_overrides(with_saved_overrides(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""Typed schemas of the commands besides training: eval, predict, export, attention."""
+"""Typed schemas of the commands besides training: eval, predict, export, attention. Each field's
+description is what the command's `--help` prints (q2l.cli.help)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from q2l.config.schemas import option
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+
+_PIXELS = "a larger image (by its header) is skipped unread; null: no limit"
 
 
 class Calibrate(str, Enum):
@@ -17,48 +21,50 @@ class Calibrate(str, Enum):
 
 @dataclass
 class EvalConf:
-    ckpt: str = MISSING
-    dataset: Any = None  # None: the run's own validation split, from the checkpoint
-    weights: str = "auto"  # auto: what scored best for this checkpoint; or raw / ema
-    batch_size: int | None = None
-    num_workers: int | None = None
-    device: str = "auto"
-    precision: str = (
-        "checkpoint"  # the precision the run trained with (so mAP matches); or auto/fp32/bf16/fp16
+    ckpt: str = option(MISSING, "the checkpoint to evaluate (required)")
+    dataset: Any = option(None, "a data set (dataset=<option>); default the run's own val split")
+    weights: str = option("auto", "auto (what scored best for this checkpoint), raw or ema")
+    batch_size: int | None = option(None, "images per batch (null: the run's)")
+    num_workers: int | None = option(None, "DataLoader workers (null: the run's)")
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, ...")
+    precision: str = option(
+        "checkpoint", "checkpoint (the run's own, so its mAP is reproduced), auto, fp32, bf16, fp16"
     )
-    threshold: float | None = None  # None: the run's trainer.threshold
-    limit_val_batches: int | None = None
-    output: str | None = (
-        None  # a new folder for eval.json; default: eval-<ckpt>-<time>/ beside the checkpoint
+    threshold: float | None = option(None, "threshold of CP/CR/CF1/OP/OR/OF1 (null: the run's)")
+    limit_val_batches: int | None = option(None, "evaluate at most n batches")
+    output: str | None = option(
+        None, "a new folder for the results (default: eval-<ckpt>-<time>/ beside the checkpoint)"
     )
-    # f1: choose per-class thresholds of maximum F1 on this split; saved beside the checkpoint as
-    # <ckpt stem>.thresholds.json (or thresholds_file), which must not exist yet. Without it, the
-    # metrics at the thresholds of that file (or of thresholds_file) are reported too.
-    calibrate: Calibrate | None = None
-    thresholds_file: str | None = None
-    save_scores: bool = False  # scores.npz: image ids, class names, scores, targets
-    progress_bar: bool = True  # periodic log lines instead when stderr is not a terminal
+    calibrate: Calibrate | None = option(
+        None, "f1: choose per-class thresholds of maximum F1 here, saved beside the checkpoint"
+    )
+    thresholds_file: str | None = option(
+        None, "where calibrate saves (default <ckpt stem>.thresholds.json), or a file to report on"
+    )
+    save_scores: bool = option(False, "also write scores.npz (ids, classes, scores, targets)")
+    progress_bar: bool = option(True, "a progress bar (periodic log lines when not a terminal)")
 
 
 @dataclass
 class PredictConf:
-    input: str = MISSING  # a folder, a glob, a .txt list of paths, or one image
-    output: str = MISSING  # predictions.jsonl or predictions.csv; must not exist
-    ckpt: str | None = None  # a q2l checkpoint ...
-    # ... or an export from q2l-export (.onnx, .safetensors). Not `model=`: that names the config
-    # group of model architectures, which Hydra would try to override.
-    model_file: str | None = None
-    weights: str = "auto"  # with ckpt: auto (what scored best), raw or ema
-    # auto: <ckpt stem>.thresholds.json beside the checkpoint, else thresholds embedded in the
-    # export, else the run's trainer.threshold; or run; or the path of a thresholds file.
-    thresholds: str = "auto"
-    batch_size: int = 32
-    num_workers: int = 2
-    device: str = "auto"
-    precision: str = "checkpoint"  # the run's own (as eval); or auto/fp32/bf16/fp16
-    progress_bar: bool = True
-    # A larger image (by its header) is skipped unread, as an unreadable one; null: no limit.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    input: str = option(MISSING, "a folder, a glob, a .txt list of paths, or one image")
+    output: str = option(MISSING, "predictions.jsonl or predictions.csv (must not exist)")
+    ckpt: str | None = option(None, "a q2l checkpoint, or ...")
+    model_file: str | None = option(
+        None, "... an export from q2l-export (.onnx, .safetensors); `model=` works too"
+    )
+    weights: str = option("auto", "with ckpt: auto (what scored best), raw or ema")
+    thresholds: str = option(
+        "auto",
+        "auto (calibrated thresholds beside the checkpoint or in the export, else the run's), "
+        "run, or a thresholds file",
+    )
+    batch_size: int = option(32, "images per batch")
+    num_workers: int = option(2, "DataLoader workers")
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, ...")
+    precision: str = option("checkpoint", "checkpoint (the run's own), auto, fp32, bf16, fp16")
+    progress_bar: bool = option(True, "a progress bar (periodic log lines when not a terminal)")
+    max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, _PIXELS)
 
 
 class ExportFormat(str, Enum):
@@ -69,23 +75,26 @@ class ExportFormat(str, Enum):
 
 @dataclass
 class ExportConf:
-    ckpt: str = MISSING
-    format: ExportFormat = ExportFormat.onnx
-    output: str | None = None  # default: beside the checkpoint, <stem>.onnx|.torchscript.pt|...
-    weights: str = "auto"
-    thresholds: str = "auto"  # auto: <ckpt stem>.thresholds.json if present; none; or a path
-    opset: int | None = None  # ONNX opset; None: the exporter's default
-    tolerance: float = 1e-4  # largest |score difference| to PyTorch accepted by the check
+    ckpt: str = option(MISSING, "the checkpoint to export (required)")
+    format: ExportFormat = option(ExportFormat.onnx, "onnx, torchscript or safetensors")
+    output: str | None = option(
+        None, "the file (default beside the checkpoint: <stem>.onnx|.torchscript.pt|...)"
+    )
+    weights: str = option("auto", "auto (what scored best), raw or ema")
+    thresholds: str = option(
+        "auto", "auto (<ckpt stem>.thresholds.json if present), none, or a thresholds file"
+    )
+    opset: int | None = option(None, "ONNX opset (null: the exporter's default)")
+    tolerance: float = option(1e-4, "largest |score difference| to PyTorch the check accepts")
 
 
 @dataclass
 class AttentionConf:
-    ckpt: str = MISSING
-    image: str = MISSING
-    output: str = MISSING  # a new (or empty) folder for the PNGs
-    top_k: int = 3  # maps for the k highest-scoring labels
-    weights: str = "auto"
-    alpha: float = 0.5  # opacity of the coloured map over the image
-    device: str = "auto"
-    # A larger image (by its header) is refused unread; null: no limit.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ckpt: str = option(MISSING, "the checkpoint (required)")
+    image: str = option(MISSING, "the image (required)")
+    output: str = option(MISSING, "a new (or empty) folder for the PNGs (required)")
+    top_k: int = option(3, "maps for the k highest-scoring labels")
+    weights: str = option("auto", "auto (what scored best), raw or ema")
+    alpha: float = option(0.5, "opacity of the coloured map over the image")
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, ...")
+    max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, _PIXELS)

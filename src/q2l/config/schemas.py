@@ -10,8 +10,10 @@ defaults, so each default lives in one place, the code. YAML files only state wh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -26,6 +28,29 @@ from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
 from q2l.models import HEAD_CLASSES, TimmBackbone
+
+
+def option(default: Any, about: str) -> Any:
+    """A schema field with its one-line description: what `--help` prints (q2l.cli.help)."""
+    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": about})
+    return field(default=default, metadata={"help": about})
+
+
+def described(schema: type) -> list[tuple[str, Any, str]]:
+    """(key, default, description) of every field of a schema dataclass, in order."""
+    rows = []
+    for item in dataclasses.fields(schema):
+        if item.name.startswith("_"):
+            continue
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = MISSING
+        rows.append((item.name, default, item.metadata.get("help", "")))
+    return rows
 
 
 class Precision(str, Enum):
@@ -45,12 +70,14 @@ def schema_for(
 ) -> type:
     """A structured-config dataclass with one field per keyword argument of `target`.
 
-    Types and defaults are read from the signature; arguments without a default are MISSING
-    (required). `runtime` arguments are supplied when the node is instantiated (the model for an
-    optimizer, the backbone for a head) and get no field; `partial` adds `_partial_: true`.
+    Types and defaults are read from the signature, descriptions from the `Args:` section of its
+    docstring; arguments without a default are MISSING (required). `runtime` arguments are
+    supplied when the node is instantiated (the model for an optimizer, the backbone for a head)
+    and get no field; `partial` adds `_partial_: true`.
     """
     function = target.__init__ if isinstance(target, type) else target
     hints = typing.get_type_hints(function)
+    about = argument_docs(target)
     qualified = f"{target.__module__}.{target.__qualname__}"
     specs: list[tuple] = []
     if with_target:
@@ -64,16 +91,18 @@ def schema_for(
         ):
             continue
         default = parameter.default
+        metadata = {"help": about.get(parameter.name, "")}
         if default is inspect.Parameter.empty:
-            spec = field(default=MISSING)
+            spec = field(default=MISSING, metadata=metadata)
         elif isinstance(default, (list, dict, tuple)):
             spec = field(
                 default_factory=lambda value=default: (
                     list(value) if isinstance(value, tuple) else value
-                )
+                ),
+                metadata=metadata,
             )
         else:
-            spec = field(default=default)
+            spec = field(default=default, metadata=metadata)
         specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
     name = name or f"{target.__name__[0].upper()}{target.__name__[1:]}Conf"
     schema = dataclasses.make_dataclass(name, specs)
@@ -82,6 +111,33 @@ def schema_for(
     schema.__module__ = __name__
     globals()[name] = schema
     return schema
+
+
+def argument_docs(target: Callable) -> dict[str, str]:
+    """{argument: the first sentence of its description} from the `Args:` section of a Google-style
+    docstring (the class's, else its __init__'s)."""
+    docs = inspect.getdoc(target) or ""
+    if "Args:" not in docs and isinstance(target, type):
+        docs = inspect.getdoc(target.__init__) or ""
+    section = docs.partition("Args:")[2]
+    found: dict[str, str] = {}
+    current = None
+    for line in section.splitlines():
+        if line and not line.startswith(" "):  # the next section ("Returns:", prose)
+            break
+        entry = re.match(r"^    (\w+)(?: \([^)]*\))?: (.*)$", line)
+        if entry:
+            current = entry.group(1)
+            found[current] = entry.group(2).strip()
+        elif current and line.strip():
+            found[current] += " " + line.strip()
+    return {name: _first_sentence(text) for name, text in found.items()}
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first full stop that ends a sentence (not "e.g." or "..." inside one)."""
+    sentence = re.split(r"(?<![.])(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", text, maxsplit=1)[0]
+    return sentence.rstrip(".")
 
 
 def _config_type(annotation: Any) -> Any:
@@ -146,78 +202,95 @@ class UnlistedPolicy(str, Enum):
 
 @dataclass
 class PartialLabelsConf:
-    # Share of each training image's known labels kept; the rest become -1 (unknown). 1.0 = off.
-    keep_ratio: float = 1.0
-    seed: int = 0  # which labels are hidden; independent of the run's seed
+    keep_ratio: float = option(
+        1.0, "share of each training image's known labels kept, the rest hidden (-1); 1: off"
+    )
+    seed: int = option(0, "which labels are hidden (independent of the run's seed)")
 
 
 @dataclass
 class DatasetConf:
-    name: str = MISSING
-    root: str = MISSING
-    image_size: int = 448
-    batch_size: int = 32
-    num_workers: int = 8  # DataLoader worker processes
-    train: Any = MISSING  # `_target_` node; the transform is supplied at run time
-    val: Any = MISSING
-    validate: ValidateLevel = (
-        ValidateLevel.quick
-    )  # checked at train start (q2l-validate-data does the same)
-    on_bad_image: BadImagePolicy = BadImagePolicy.error
-    max_bad_fraction: float = (
-        0.01  # with on_bad_image=skip: more bad images than this share stops the run
+    name: str = option(MISSING, "the data set's name (set by each dataset= option)")
+    root: str = option(MISSING, "the data set's folder (required for every real data set)")
+    image_size: int = option(448, "images are resized to image_size x image_size")
+    batch_size: int = option(32, "images per batch, per process")
+    num_workers: int = option(8, "DataLoader worker processes (at most the usable CPUs)")
+    train: Any = option(MISSING, "the training split: a `_target_` node (format reader)")
+    val: Any = option(MISSING, "the validation split: a `_target_` node")
+    validate: ValidateLevel = option(
+        ValidateLevel.quick, "file check at train start: quick (headers), full (decode), off"
     )
-    # An image whose header declares more pixels is a bad image (on_bad_image), refused before it
-    # is decoded; Pillow's own default. null: no limit.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    partial: PartialLabelsConf = field(default_factory=PartialLabelsConf)
+    on_bad_image: BadImagePolicy = option(
+        BadImagePolicy.error, "an unreadable image: error (stop, naming it) or skip"
+    )
+    max_bad_fraction: float = option(
+        0.01, "with on_bad_image=skip: more bad images than this share stops the run"
+    )
+    max_image_pixels: int | None = option(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "an image declaring more pixels is a bad image, refused unread (null: no limit)",
+    )
+    partial: PartialLabelsConf = option(PartialLabelsConf(), "simulated partial labels")
 
 
 @dataclass
 class CocoDatasetConf(DatasetConf):
-    # The official Q2L keeps val images without annotations (all-negative rows); ASL drops them.
-    keep_unannotated: bool = True
-    cache_dir: str = "${oc.env:Q2L_CACHE_DIR,${oc.env:HOME,.}/.cache/q2l}"
+    keep_unannotated: bool = option(
+        True, "keep images without annotations as all-negative rows (official Q2L; ASL drops)"
+    )
+    cache_dir: str = option(
+        "${oc.env:Q2L_CACHE_DIR,${oc.env:HOME,.}/.cache/q2l}", "where label caches are kept"
+    )
 
 
 @dataclass
 class VocDatasetConf(DatasetConf):
-    # Target of a class present only as objects marked difficult.
-    difficult: DifficultPolicy = DifficultPolicy.ignore
+    difficult: DifficultPolicy = option(
+        DifficultPolicy.ignore,
+        "a class present only as difficult objects: ignore (-1), positive or negative",
+    )
 
 
 @dataclass
 class NusWideDatasetConf(DatasetConf):
-    csv_file: str = MISSING
-    class_file: str | None = None  # None: the sorted labels of the whole CSV
-    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.error
+    csv_file: str = option(MISSING, "the NUS-WIDE CSV (image, labels, split)")
+    class_file: str | None = option(None, "class names, one per line (null: the CSV's labels)")
+    unknown_labels: UnknownLabelPolicy = option(
+        UnknownLabelPolicy.error, "a label outside class_file: error or ignore"
+    )
 
 
 @dataclass
 class OpenImagesDatasetConf(DatasetConf):
-    train_annotations: str = MISSING
-    val_annotations: str = MISSING
-    class_file: str | None = None  # None: every LabelName in both annotation files
-    unknown_labels: UnknownLabelPolicy = (
-        UnknownLabelPolicy.ignore
-    )  # rows of classes outside class_file
-    image_extension: str = ".jpg"
+    train_annotations: str = option(MISSING, "human-verified labels CSV of the training split")
+    val_annotations: str = option(MISSING, "human-verified labels CSV of the validation split")
+    class_file: str | None = option(None, "class list (null: every LabelName in both files)")
+    unknown_labels: UnknownLabelPolicy = option(
+        UnknownLabelPolicy.ignore, "rows of classes outside class_file: ignore or error"
+    )
+    image_extension: str = option(".jpg", "image file name = ImageID + this")
 
 
 @dataclass
 class TableDatasetConf(DatasetConf):
-    train_file: str = MISSING
-    val_file: str | None = None  # None: hold out val_fraction of train_file
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    class_file: str | None = None  # None: the table's own class list or every label it names
-    image_column: str = "image"
-    labels_column: str = "labels"
-    unknown_column: str = "unknown"
-    negatives_column: str = "negatives"
-    label_delimiter: str = "|"
-    unlisted: UnlistedPolicy = UnlistedPolicy.negative  # what a class a row does not mention is
-    unknown_labels: UnknownLabelPolicy = UnknownLabelPolicy.error
+    train_file: str = option(MISSING, "CSV/TSV/JSON/JSONL table of images and labels")
+    val_file: str | None = option(None, "the val table (null: hold out val_fraction of train)")
+    val_fraction: float = option(0.1, "share of train_file held out when val_file is null")
+    split_seed: int = option(0, "which images are held out")
+    class_file: str | None = option(
+        None, "class names, one per line (null: the table's own or every label it names)"
+    )
+    image_column: str = option("image", "column (or key) of the image file name")
+    labels_column: str = option("labels", "column of the positive labels")
+    unknown_column: str = option("unknown", "column of the labels known to be unknown (-1)")
+    negatives_column: str = option("negatives", "column of the labels known to be absent")
+    label_delimiter: str = option("|", "separates labels inside one cell")
+    unlisted: UnlistedPolicy = option(
+        UnlistedPolicy.negative, "a class a row does not mention: negative (0) or unknown (-1)"
+    )
+    unknown_labels: UnknownLabelPolicy = option(
+        UnknownLabelPolicy.error, "a label outside class_file: error or ignore"
+    )
 
 
 # Schemas read from the callables they configure (see schema_for): their defaults are the config's.
@@ -229,67 +302,77 @@ MixConf = schema_for(MultiLabelMixup, runtime=("num_classes",), name="MixConf", 
 class AugmentConf(
     schema_for(build_train_transform, runtime=("image_size", "mean", "std"), with_target=False)
 ):
-    mix: MixConf = field(default_factory=MixConf)  # MixUp/CutMix: a batch transform, off by default
+    mix: MixConf = option(MixConf(), "MixUp/CutMix, a batch transform (off by default)")
 
 
 @dataclass
 class TrainerConf:
-    epochs: int = 40
-    precision: Precision = Precision.auto  # the checkpoint records what auto resolved to
-    device: str = "auto"  # auto = CUDA when present, else CPU
-    grad_clip_norm: float | None = None
-    ema_decay: float = 0.9997  # 0 disables the weight EMA
-    ema_warmup: bool = False  # timm's warm-up: effective decay ramps up over the first steps
-    # The metric that picks best.pt, the weights (raw or EMA) eval.py uses, and early stopping;
-    # both are recorded every epoch, and metrics.json names the monitored one.
-    monitor: Monitor = Monitor.mAP
-    early_stop_patience: int | None = None  # epochs without a better monitored score: stop
-    early_stop_rule: EarlyStopRule = EarlyStopRule.best
-    threshold: float = 0.5  # for CP/CR/CF1/OP/OR/OF1
-    log_every_n_steps: int = 50
-    limit_train_batches: int | None = None  # for smoke tests
-    limit_val_batches: int | None = None
-    channels_last: bool = (
-        True  # NHWC convolutions: faster inference on CPU and GPU, neutral in training
+    epochs: int = option(40, "epochs to train")
+    precision: Precision = option(
+        Precision.auto, "autocast: auto (bf16 where the device computes it fast), fp32, bf16, fp16"
     )
-    compile: bool = False
-    deterministic: bool = False
-    progress_bar: bool = True
-    # Checkpoints: last.pt every epoch; also every N optimizer steps (mid-epoch) when set, with
-    # the newest `keep_last` of those kept as checkpoints/step-N.pt.
-    checkpoint_every_steps: int | None = None
-    keep_last: int = 2
-    # Stop before the optimizer step when the loss or gradient norm is not finite (one host sync
-    # per step); under fp16, stop after this many loss-scaler skips in a row.
-    check_finite: bool = True
-    max_consecutive_skipped_steps: int = 25
-    slurm_requeue: bool = True  # on SIGUSR1/SIGTERM under SLURM, save and requeue the job
-    # Optimizer step every k batches (the DDP all-reduce too): k x batch_size per process per step.
-    accumulate_grad_batches: int = 1
-    sync_bn: bool = False  # under DDP, BatchNorm statistics over all processes (SyncBatchNorm)
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    grad_clip_norm: float | None = option(None, "clip the gradient norm to this (null: never)")
+    ema_decay: float = option(0.9997, "decay of the weight EMA (0: no EMA)")
+    ema_warmup: bool = option(False, "timm's EMA warm-up: the decay ramps up over first steps")
+    monitor: Monitor = option(
+        Monitor.mAP, "the metric that picks best.pt, the weights eval uses and early stopping"
+    )
+    early_stop_patience: int | None = option(
+        None, "stop after this many epochs without a better monitored score (null: never)"
+    )
+    early_stop_rule: EarlyStopRule = option(
+        EarlyStopRule.best, "best (the best is patience epochs old) or official (main_mlc.py's)"
+    )
+    threshold: float = option(0.5, "score threshold of CP/CR/CF1/OP/OR/OF1")
+    log_every_n_steps: int = option(50, "train loss and lr to the logs every n steps")
+    limit_train_batches: int | None = option(None, "train on at most n batches per epoch")
+    limit_val_batches: int | None = option(None, "validate on at most n batches")
+    channels_last: bool = option(True, "NHWC convolutions (faster on CPU and GPU)")
+    compile: bool = option(False, "torch.compile the training forward")
+    deterministic: bool = option(False, "deterministic kernels (bitwise repeatable, slower)")
+    progress_bar: bool = option(True, "a progress bar (periodic log lines when not a terminal)")
+    checkpoint_every_steps: int | None = option(
+        None, "also save every n optimizer steps (mid-epoch), as checkpoints/step-N.pt"
+    )
+    keep_last: int = option(2, "how many step-N.pt checkpoints are kept")
+    check_finite: bool = option(
+        True, "stop before the optimizer step when the loss or gradient is not finite"
+    )
+    max_consecutive_skipped_steps: int = option(
+        25, "under fp16: stop after this many loss-scaler skips in a row"
+    )
+    slurm_requeue: bool = option(True, "under SLURM: requeue the job after a stop signal")
+    accumulate_grad_batches: int = option(1, "one optimizer step every k batches")
+    sync_bn: bool = option(False, "under DDP: BatchNorm statistics over all processes")
 
 
 @dataclass
 class TrainConf:
-    backbone: BackboneConf = MISSING
-    model: Any = MISSING
-    dataset: Any = MISSING
-    augment: AugmentConf = MISSING
-    loss: Any = MISSING
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: TrainerConf = field(default_factory=TrainerConf)
-    experiment: Any = None
-    # `_target_` nodes run in order before anything is built (the demo generates its data and
-    # pretrains its backbone here); a changed entry never blocks a resume.
-    prepare: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    # "auto": continue from this run directory's newest valid checkpoint, or start fresh when it
-    # has none (so a requeued job resumes by itself); a checkpoint path; null: never (a run
-    # directory that already holds checkpoints is then refused, never trained over).
-    resume: str | None = "auto"
-    allow_config_change: bool = False  # resume even though the config differs from the checkpoint's
-    init_from: str | None = None  # fine-tune: load only model weights from this checkpoint
+    backbone: BackboneConf = option(MISSING, "the backbone (backbone=<option>)")
+    model: Any = option(MISSING, "the head (model=<option>)")
+    dataset: Any = option(MISSING, "the data set (dataset=<option>): required")
+    augment: AugmentConf = option(MISSING, "training augmentation (augment=<option>)")
+    loss: Any = option(MISSING, "the loss (loss=<option>)")
+    optimizer: Any = option(MISSING, "the optimizer (optimizer=<option>)")
+    schedule: Any = option(MISSING, "the learning-rate schedule (schedule=<option>)")
+    trainer: TrainerConf = option(TrainerConf(), "how training runs")
+    experiment: Any = option(None, "a preset of overrides (experiment=<option>)")
+    prepare: dict[str, Any] = option(
+        {}, "`_target_` steps run before anything is built (the demo's data and backbone)"
+    )
+    seed: int = option(0, "seeds data order, augmentation and initialisation")
+    resume: str | None = option(
+        "auto",
+        "auto: continue this run directory's newest checkpoint (or start fresh); a checkpoint "
+        "path; null: never",
+    )
+    allow_config_change: bool = option(
+        False, "resume even though the config differs from the checkpoint's"
+    )
+    init_from: str | None = option(
+        None, "fine-tune: load only the model weights (matching names and shapes) of a checkpoint"
+    )
 
 
 # What every head receives when it is built (q2l.training.build.build_model), so no config field.
