@@ -238,9 +238,7 @@ class CocoDatasetConf(DatasetConf):
     keep_unannotated: bool = option(
         True, "keep images without annotations as all-negative rows (official Q2L; ASL drops)"
     )
-    cache_dir: str = option(
-        "${oc.env:Q2L_CACHE_DIR,${oc.env:HOME,.}/.cache/q2l}", "where label caches are kept"
-    )
+    cache_dir: str = option("${paths.cache_dir}", "where label caches are kept")
 
 
 @dataclass
@@ -328,6 +326,9 @@ class TrainerConf:
     log_every_n_steps: int = option(50, "train loss and lr to the logs every n steps")
     limit_train_batches: int | None = option(None, "train on at most n batches per epoch")
     limit_val_batches: int | None = option(None, "validate on at most n batches")
+    overfit_batches: int | None = option(
+        None, "train on the same first n batches every epoch (a debugging check, debug=overfit)"
+    )
     channels_last: bool = option(True, "NHWC convolutions (faster on CPU and GPU)")
     compile: bool = option(False, "torch.compile the training forward")
     deterministic: bool = option(False, "deterministic kernels (bitwise repeatable, slower)")
@@ -348,6 +349,13 @@ class TrainerConf:
 
 
 @dataclass
+class PathsConf:
+    data_dir: str = option("data", "the demo's generated data (and a home for data sets)")
+    output_dir: str = option("outputs", "run and sweep directories")
+    cache_dir: str = option("~/.cache/q2l", "label caches")
+
+
+@dataclass
 class TrainConf:
     backbone: BackboneConf = option(MISSING, "the backbone (backbone=<option>)")
     model: Any = option(MISSING, "the head (model=<option>)")
@@ -357,6 +365,7 @@ class TrainConf:
     optimizer: Any = option(MISSING, "the optimizer (optimizer=<option>)")
     schedule: Any = option(MISSING, "the learning-rate schedule (schedule=<option>)")
     trainer: TrainerConf = option(TrainerConf(), "how training runs")
+    paths: PathsConf = option(PathsConf(), "where q2l reads and writes (paths=<option>)")
     experiment: Any = option(None, "a preset of overrides (experiment=<option>)")
     prepare: dict[str, Any] = option(
         {}, "`_target_` steps run before anything is built (the demo's data and backbone)"

@@ -203,7 +203,7 @@ def build_state(
             f"the training split has {num_images} images: fewer than dataset.batch_size="
             f"{cfg.dataset.batch_size} per process ({dist.world_size()} process(es))"
         )
-    batches = min(batches, trainer.limit_train_batches or batches)
+    batches = min(batches, trainer.overfit_batches or trainer.limit_train_batches or batches)
     steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     if trainer.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -45,6 +45,8 @@ RESUME_IGNORED_KEYS = (
     "allow_config_change",
     "init_from",
     "prepare",
+    "paths",  # where files are, not what is computed
+    "logger",
     "trainer.progress_bar",
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every_steps",

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -235,6 +236,15 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True, use_cache=True
     )
+    OmegaConf.register_new_resolver("q2l_run_name", run_name, replace=True)
+
+
+def run_name(choices: Any) -> str:
+    """What ran, for directory names: the experiment option (else the data set's), the backbone
+    option and the head option (`hydra.runtime.choices`), joined by `_`, file-name safe."""
+    first = choices.get("experiment") or choices.get("dataset")
+    parts = [first, choices.get("backbone"), choices.get("model")]
+    return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts if part)
 
 
 def run_time() -> datetime.datetime:

@@ -109,6 +109,7 @@ class TrainerSettings:
     log_every_n_steps: int = 50
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
+    overfit_batches: int | None = None
     progress_bar: bool = True
     checkpoint_every_steps: int | None = None
     keep_last: int = 2
@@ -194,13 +195,14 @@ class Trainer:
         survive a checkpoint and the epoch's record covers all of it, resumed or not.
         """
         loop, loader = self.loop, self.train_loader
-        loader.sampler.set_epoch(loop.epoch, start=loop.samples_done)
+        # overfit_batches: every epoch takes its batches from the first epoch's order.
+        overfit = self.settings.overfit_batches
+        loader.sampler.set_epoch(0 if overfit else loop.epoch, start=loop.samples_done)
         self._part = _EpochPart(loop, loader.batch_size)
         remaining = len(loader)  # the sampler starts after the samples already consumed
-        if self.settings.limit_train_batches is not None:
-            remaining = min(
-                remaining, max(self.settings.limit_train_batches - loop.batches_done, 0)
-            )
+        limit = overfit or self.settings.limit_train_batches
+        if limit is not None:
+            remaining = min(remaining, max(limit - loop.batches_done, 0))
         self._bar = self._progress_bar(itertools.islice(loader, remaining), remaining, "train")
         self._stopped = False
         train_one_epoch(self.state, self._bar, self.options, self._after_step)
