@@ -11,13 +11,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from q2l.utils.errors import ConfigError
+
 
 def choice(value: Any) -> str:
     """A config choice as a string: typed configs hold Enum members, plain ones strings."""
     return str(getattr(value, "value", value))
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(ConfigError):
     """Config values that cannot work, each named as `key=value: why`."""
 
 

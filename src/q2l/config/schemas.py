@@ -125,13 +125,15 @@ def argument_docs(target: Callable) -> dict[str, str]:
     for line in section.splitlines():
         if line and not line.startswith(" "):  # the next section ("Returns:", prose)
             break
-        entry = re.match(r"^    (\w+)(?: \([^)]*\))?: (.*)$", line)
-        if entry:
+        entry = re.match(r"^    (\w+(?:, \w+)*)(?: \([^)]*\))?: (.*)$", line)
+        if entry:  # "name: ..." or "name_a, name_b: ..." (one description for several)
             current = entry.group(1)
             found[current] = entry.group(2).strip()
         elif current and line.strip():
             found[current] += " " + line.strip()
-    return {name: _first_sentence(text) for name, text in found.items()}
+    return {
+        name: _first_sentence(text) for names, text in found.items() for name in names.split(", ")
+    }
 
 
 def _first_sentence(text: str) -> str:

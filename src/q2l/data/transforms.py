@@ -23,6 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 from q2l.data.randaugment import OfficialRandAugment
+from q2l.utils.errors import ConfigError
 
 # RandomResizedCrop's default aspect-ratio range; its lower end bounds the narrowest crop side.
 _MIN_CROP_ASPECT = 3.0 / 4.0
@@ -89,7 +90,7 @@ def build_train_transform(
     if randaugment:
         policy = str(getattr(randaugment_policy, "value", randaugment_policy))
         if policy not in RANDAUGMENT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.randaugment_policy={policy!r}: choose one of {RANDAUGMENT_POLICIES}"
             )
         steps.append(
@@ -139,7 +140,7 @@ def build_timm_policy(
             return augment_and_mix_transform(policy, {**hparams, "translate_pct": 0.3})
         return auto_augment_transform(policy, hparams)
     except (AssertionError, KeyError, ValueError) as error:  # timm checks its strings with assert
-        raise ValueError(
+        raise ConfigError(
             f"augment.auto_augment={policy!r} is not a timm policy string such as "
             "rand-m9-mstd0.5-inc1, "
             f"original, v0 or augmix-m5-w3 ({type(error).__name__}: {error})"
@@ -154,7 +155,7 @@ class Cutout:
 
     def __init__(self, factor: float = 0.5) -> None:
         if not 0 < factor <= 1:
-            raise ValueError(f"cutout factor must be in (0, 1], got {factor}")
+            raise ConfigError(f"cutout factor must be in (0, 1], got {factor}")
         self.factor = factor
 
     def __call__(self, image: Image.Image) -> Image.Image:

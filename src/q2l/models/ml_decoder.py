@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from q2l.models.transformer import Attention, FeedForward
+from q2l.utils.errors import ConfigError
 
 
 class MLDecoder(nn.Module):
@@ -51,9 +52,9 @@ class MLDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+            raise ConfigError(f"num_groups must be >= 1, got {num_groups}")
         if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
         groups = min(num_classes, num_groups)
         self.backbone = backbone
         self.input_proj = nn.Linear(backbone.num_channels, hidden_dim)

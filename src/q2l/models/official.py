@@ -33,6 +33,7 @@ from q2l.models.backbone import convert_state_dict
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.transformer import SELF_ATTENTION_CHOICES, decoder_self_attention_layers
 from q2l.models.weights import unwrap_state_dict
+from q2l.utils.errors import InputError
 
 # (official pattern, q2l replacement), tried in order; the first match renames a key.
 _RENAMES: list[tuple[str, str]] = [
@@ -59,7 +60,7 @@ def official_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     or the dict itself, with DDP's `module.` prefixes removed."""
     state = unwrap_state_dict(checkpoint, ("state_dict", "model"))
     if state is None or "query_embed.weight" not in state:
-        raise ValueError(
+        raise InputError(
             "not an official Query2Label checkpoint: no query_embed.weight in its state dict"
         )
     return state
@@ -85,7 +86,7 @@ def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         None,
     )
     if choice is None:
-        raise ValueError(f"decoder layers with self-attention {kept}: no official flags give that")
+        raise InputError(f"decoder layers with self-attention {kept}: no official flags give that")
     return {
         "num_classes": int(num_classes),
         "hidden_dim": int(hidden_dim),
@@ -128,7 +129,7 @@ def convert_official_state_dict(
             else:
                 converted[renamed] = value
     if unplaced:
-        raise ValueError(f"official checkpoint keys q2l cannot place: {unplaced[:8]}")
+        raise InputError(f"official checkpoint keys q2l cannot place: {unplaced[:8]}")
     backbone = model.backbone
     body_state = convert_state_dict(backbone_state, backbone.body, backbone.name)
     converted.update({f"backbone.body.{key}": value for key, value in body_state.items()})
@@ -168,7 +169,7 @@ def _check_positions(buffer: torch.Tensor) -> None:
     expected = SinePositionEncoding(buffer.shape[1] // 2)(torch.zeros(1, *buffer.shape[1:]))
     difference = float((buffer[:1].float() - expected).abs().max())
     if difference > 1e-4:
-        raise ValueError(
+        raise InputError(
             f"the official position buffer differs from q2l's sine encoding by {difference:.2g}; "
             "this checkpoint's positions are not the official code's normalised sine ones"
         )

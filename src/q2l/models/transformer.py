@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from q2l.utils.errors import ConfigError
+
 
 class Transformer(nn.Module):
     """Encoder over image tokens, decoder with label queries.
@@ -58,15 +60,15 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm={norm!r}: choose pre or post")
+            raise ConfigError(f"norm={norm!r}: choose pre or post")
         pre = norm == "pre"
         keep_self_attention = decoder_self_attention_layers(
             decoder_self_attention, num_decoder_layers
         )
         if num_decoder_layers < 1:
-            raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
+            raise ConfigError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
         if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
         self.encoder_layers = nn.ModuleList(
             EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout, pre)
             for _ in range(num_encoder_layers)
@@ -121,7 +123,7 @@ def decoder_self_attention_layers(choice: str | bool, num_layers: int) -> list[b
     text = str(choice).lower()
     text = {"true": "all", "false": "none"}.get(text, text)
     if text not in SELF_ATTENTION_CHOICES:
-        raise ValueError(
+        raise ConfigError(
             f"decoder_self_attention={choice!r}: choose one of {', '.join(SELF_ATTENTION_CHOICES)}"
         )
     return [

@@ -31,6 +31,7 @@ from q2l.models.weights import WeightsFileError, load_torch_file
 from q2l.training.checkpoint_format import FORMAT_VERSION, upgrade
 from q2l.training.engine import TrainState
 from q2l.utils.atomic import atomic_write, fsync_dir
+from q2l.utils.errors import InputError, UserError
 from q2l.utils.messages import and_more
 
 PERIODIC_PATTERN = re.compile(r"^step-(\d+)\.pt$")
@@ -73,7 +74,7 @@ SCHEDULE_KEYS = (
 _STATE_KEYS = {"raw": "model", "ema": "ema"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
 
 
@@ -168,7 +169,7 @@ def resume_changes(
     """The config changes since `checkpoint`; refuses (ValueError with the diff) unless allowed."""
     changes = config_diff(checkpoint["config"], config, ignore=RESUME_IGNORED_KEYS)
     if changes and not allow_config_change:
-        raise ValueError(
+        raise InputError(
             f"resume from {source}: the config differs from the checkpoint's:\n  "
             + "\n  ".join(changes)
             + "\nrerun with the original settings, or pass "
@@ -200,7 +201,7 @@ def model_from_checkpoint(
 
     chosen = checkpoint.get("eval_weights", "raw") if weights == "auto" else weights
     if chosen not in ("raw", "ema") or checkpoint.get(_STATE_KEYS[chosen]) is None:
-        raise ValueError(
+        raise InputError(
             f"weights={weights!r}: choose auto, raw or ema (ema only if the run kept one)"
         )
     config = checkpoint["config"]
@@ -222,7 +223,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if mismatched or missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {source} does not fit this model: {len(mismatched)} mismatched "
             f"({and_more(mismatched)}), {len(missing)} missing ({and_more(missing)}), "
             f"{len(unexpected)} unexpected ({and_more(unexpected)})"

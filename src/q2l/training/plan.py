@@ -23,6 +23,7 @@ from q2l.training.checkpoint import find_resumable, load_checkpoint, resume_chan
 from q2l.training.records import EpochRecord, run_summary
 from q2l.training.rundir import RunDirectory, RunDirError
 from q2l.training.trainer import LoopState
+from q2l.utils.errors import InputError
 
 log = logging.getLogger("q2l.train")
 
@@ -82,7 +83,7 @@ def plan_run(
     if found is not None:
         source, checkpoint = found
         if checkpoint.get("optimizer") is None:
-            raise ValueError(
+            raise InputError(
                 f"resume={source}: it holds model weights only (an imported checkpoint), not a "
                 f"training state; start a run from it with init_from={source}"
             )

@@ -30,6 +30,7 @@ from q2l.training.rundir import RunDirectory
 from q2l.training.trainer import LoopState, RunOutputs, Trainer, TrainerSettings
 from q2l.utils import dist
 from q2l.utils.amp import resolve_precision
+from q2l.utils.errors import is_user_error
 
 log = logging.getLogger("q2l.train")
 
@@ -73,8 +74,9 @@ def train(
             _record_end(run.path, "preempted", "stopped by a signal before training began")
         raise
     except Exception as error:
+        kind = "" if is_user_error(error) else f"{type(error).__name__}: "
+        log.error("run failed: %s%s", kind, error)
         if run.started:
-            log.error("run failed: %s: %s", type(error).__name__, error)
             _record_end(run.path, "failed", f"{type(error).__name__}: {error}")
         raise
     finally:

@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from q2l.utils.atomic import atomic_write
+from q2l.utils.errors import UserError
 from q2l.utils.messages import and_more
 from q2l.utils.printable import PrintableFormatter
 
@@ -44,7 +45,7 @@ TEMPORARY_GLOB = ".*.tmp"
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used: foreign, busy or not writable. Nothing was changed."""
 
 
