@@ -177,3 +177,15 @@ def _records(run_dir):
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_small_setup_fits_own_data_on_a_cpu(compose_config):
+    cfg = compose_config(
+        "train", ["dataset=table", "dataset.root=/data/kitchen", "experiment=small"]
+    )
+    assert (cfg.backbone.name, cfg.model.hidden_dim, cfg.dataset.image_size) == (
+        "resnet18",
+        256,
+        224,
+    )
+    assert (cfg.dataset.batch_size, cfg.trainer.epochs, cfg.augment.hflip) == (16, 20, 0.5)

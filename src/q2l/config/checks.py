@@ -38,6 +38,7 @@ VALUE_RULES = {
     "trainer.log_every_n_steps": _AT_LEAST_1,
     "trainer.checkpoint_every_steps": _OPTIONAL_AT_LEAST_1,
     "trainer.keep_last": _AT_LEAST_1,
+    "trainer.save_top_k": _AT_LEAST_1,
     "trainer.accumulate_grad_batches": _AT_LEAST_1,
     "trainer.early_stop_patience": _OPTIONAL_AT_LEAST_1,
     "trainer.max_consecutive_skipped_steps": _NON_NEGATIVE,

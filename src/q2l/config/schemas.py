@@ -339,6 +339,9 @@ class TrainerConf:
         None, "also save every n optimizer steps (mid-epoch), as checkpoints/step-N.pt"
     )
     keep_last: int = option(2, "how many step-N.pt checkpoints are kept")
+    save_top_k: int = option(
+        1, "with k > 1, also keep the k best epochs as top-<score>-epoch<N>.pt (weights only)"
+    )
     check_finite: bool = option(
         True, "stop before the optimizer step when the loss or gradient is not finite"
     )

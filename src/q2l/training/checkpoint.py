@@ -15,10 +15,8 @@ autocast precision, which evaluation reuses), world_size.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ import q2l
 from q2l.models.weights import WeightsFileError, load_torch_file
 from q2l.training.checkpoint_format import FORMAT_VERSION, upgrade
 from q2l.training.engine import TrainState
-from q2l.utils.atomic import atomic_write, fsync_dir
+from q2l.utils.atomic import atomic_write
 from q2l.utils.errors import InputError, UserError
 from q2l.utils.messages import and_more
 
@@ -52,6 +50,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every_steps",
     "trainer.keep_last",
+    "trainer.save_top_k",
     "trainer.slurm_requeue",
     "dataset.num_workers",
     "dataset.validate",
@@ -296,19 +295,6 @@ class _RecordingWriter:
         self.handle.flush()
 
 
-def link_checkpoint(source: str | Path, target: str | Path) -> None:
-    """Make `target` the same checkpoint as `source` (hard link, else copy), atomically."""
-    source, target = Path(source), Path(target)
-    temporary = target.with_name(f".{target.name}.link.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-    fsync_dir(target.parent)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a q2l checkpoint on CPU with weights_only=True, its checksums verified, in today's
     format (q2l.training.checkpoint_format.upgrade); clear errors for bad files."""
@@ -362,6 +348,47 @@ def find_resumable(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
             f"no readable checkpoint in {directory}; unreadable: {', '.join(skipped)}"
         )
     return None
+
+
+# What evaluation, export, prediction and fine-tuning (init_from) need: best.pt and the top-k files
+# hold these only, not the optimizer, scheduler, scaler or random streams that resuming needs.
+WEIGHTS_KEYS = (
+    "model",
+    "ema",
+    "config",
+    "class_names",
+    "eval_weights",
+    "metrics",
+    "history",
+    "epoch",
+    "step",
+    "best_metric",
+    "best_epoch",
+    "precision",
+)
+TOP_PATTERN = re.compile(r"^top-(-?[0-9.]+|nan)-epoch(\d+)\.pt$")
+
+
+def weights_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint that evaluation and fine-tuning use (WEIGHTS_KEYS)."""
+    return {key: payload[key] for key in WEIGHTS_KEYS if key in payload}
+
+
+def top_checkpoint_name(value: float, epoch: int) -> str:
+    """`top-<monitored value>-epoch<N>.pt`: the name carries what ranks it (restart-safe)."""
+    return f"top-{value:08.4f}-epoch{epoch:04d}.pt"
+
+
+def keep_top(directory: str | Path, keep: int) -> None:
+    """Delete all but the `keep` top-*.pt files with the highest values (ties: the earlier epoch
+    stays), found by scanning the folder."""
+    ranked = []
+    for path in Path(directory).glob("top-*.pt"):
+        found = TOP_PATTERN.match(path.name)
+        if found:
+            ranked.append((-float(found.group(1)), int(found.group(2)), path))
+    for _, _, path in sorted(ranked)[keep:]:
+        path.unlink(missing_ok=True)
 
 
 def purge_periodic(directory: str | Path, keep: int) -> None:

@@ -40,7 +40,7 @@ RUN_MARKER = ".q2l-run"
 LOCK_NAME = ".q2l.lock"
 LOG_NAME = "train.log"
 OUTPUT_SUBDIRS = ("checkpoints", "tensorboard")
-# What save_checkpoint and link_checkpoint write before their rename: `.<name>.<random>.tmp`.
+# What save_checkpoint writes before its rename: `.<name>.<random>.tmp`.
 TEMPORARY_GLOB = ".*.tmp"
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
