@@ -248,3 +248,4 @@ def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     assert (sweep_dir / "summary.md").is_file()
     assert "optimizer.lr=-1.0: must be 0 or more" in rows[1]["error"]
     assert result.returncode != 0  # the sweep as a whole reports the failure
+    assert result.stdout.count("sweep summary (") == 1  # once, after the last job

@@ -24,7 +24,11 @@ from q2l.config import CONFIG_DIR
 from q2l.training.preemption import EXIT_PREEMPTED, StopRequest, StopRequested, requeue
 from q2l.training.run import train
 from q2l.training.rundir import set_run_time, with_saved_overrides
-from q2l.training.sweep import with_saved_sweep_overrides, write_sweep_summary
+from q2l.training.sweep import (
+    show_sweep_summary,
+    with_saved_sweep_overrides,
+    write_sweep_summary,
+)
 from q2l.utils import dist
 
 log = logging.getLogger("q2l.train")
@@ -140,7 +144,8 @@ def _end_preempted(cfg: DictConfig, hydra_config: DictConfig, stop: StopRequest)
     if hydra_config.mode == RunMode.MULTIRUN and dist.is_main_process():
         # The launcher never reaches its end of sweep: the summary is written now, listing the
         # jobs not run yet too. Rerunning with hydra.sweep.dir=<this sweep> continues it.
-        write_sweep_summary(Path(hydra_config.sweep.dir))
+        sweep_dir = Path(hydra_config.sweep.dir)
+        show_sweep_summary(sweep_dir, write_sweep_summary(sweep_dir))
     if cfg.trainer.slurm_requeue:
         requeue(stop)
     sys.exit(EXIT_PREEMPTED)
