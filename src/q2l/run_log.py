@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from q2l.atomic import atomic_write
+from q2l.metrics import upgrade_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class RunLog:
         self.jsonl.write_text("")
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         for record in history or []:
-            self._append(record)
+            self._append(upgrade_metric_names(record))  # records of older q2l, today's names
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
         """One epoch's numbers: a metrics.jsonl line and a TensorBoard scalar each."""
