@@ -30,18 +30,46 @@ def build_adamw(
     model's modules declare (`no_weight_decay_names`: a head's label embedding, a ViT's position
     embedding) are put in a group without weight decay.
     """
+    params = _decay_groups(model, weight_decay, no_decay_norm_and_bias)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def build_adam(
+    model: nn.Module,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    no_decay_norm_and_bias: bool = True,
+    fused: bool | None = True,
+) -> torch.optim.Adam:
+    """Adam with L2 weight decay added to the gradients (coupled, unlike AdamW's decoupled decay),
+    over `model`'s trainable parameters: how ASL and ML-Decoder train ("true wd" 1e-4 in their
+    code: `add_weight_decay` groups, then torch's Adam).
+
+    With `no_decay_norm_and_bias`, 1-D parameters (norm scales, biases) and the parameters the
+    model's modules declare (`no_weight_decay_names`) get no weight decay, as ASL's groups leave
+    out 1-D parameters and biases.
+    """
+    return torch.optim.Adam(
+        _decay_groups(model, weight_decay, no_decay_norm_and_bias),
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        fused=fused,
+    )
+
+
+def _decay_groups(
+    model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool
+) -> list[dict]:
+    """Parameter groups of `model`'s trainable parameters, with or without weight decay."""
     if no_decay_norm_and_bias:
-        params = param_groups_weight_decay(
+        return param_groups_weight_decay(
             model, weight_decay, no_weight_decay_list=no_weight_decay_names(model)
         )
-    else:
-        params = [
-            {
-                "params": [p for p in model.parameters() if p.requires_grad],
-                "weight_decay": weight_decay,
-            }
-        ]
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": trainable, "weight_decay": weight_decay}]
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
