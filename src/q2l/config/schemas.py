@@ -417,6 +417,7 @@ def group_schemas() -> list[tuple[str, str, type]]:
         ("loss", "partial_asl", schema_for(losses.PartialAsymmetricLoss)),
         ("loss", "bce", schema_for(losses.BCEWithLogitsLoss)),
         ("optimizer", "adamw", schema_for(optim.build_adamw, runtime=("model",), partial=True)),
+        ("optimizer", "adam", schema_for(optim.build_adam, runtime=("model",), partial=True)),
         (
             "schedule",
             "onecycle",

@@ -65,15 +65,21 @@ def build_train_transform(
     the timm steps follow timm's own order.
 
     Args:
+        hflip: probability of a horizontal flip.
         scale: RandomResizedCrop area range; None resizes the whole image to a square.
+        cutout_factor: Cutout's hole side as a share of the image side (0: no Cutout).
+        randaugment: apply RandAugment (the policy `randaugment_policy` names).
+        randaugment_num_ops: operations per image (randaugment_policy=torchvision).
+        randaugment_magnitude: their strength, 0-30 (randaugment_policy=torchvision).
         randaugment_policy: "torchvision" (T.RandAugment with `randaugment_num_ops` operations at
             `randaugment_magnitude`) or "official": the PyPI `randaugment` 1.0.2 policy the
             official Query2Label and ASL code use (q2l.data.randaugment; two operations at random
             levels, each with probability 0.5; the num_ops/magnitude options do not apply).
         auto_augment: a timm policy string: "rand-m9-mstd0.5-inc1" (RandAugment), "original",
             "originalr", "v0", "v0r" (AutoAugment), "augmix-m5-w3" (AugMix); None for none.
-        random_erasing: probability of timm's RandomErasing; random_erasing_mode is const, rand
-            or pixel, and random_erasing_count the most boxes erased per image.
+        random_erasing: probability of timm's RandomErasing.
+        random_erasing_mode: what fills an erased box: const, rand or pixel.
+        random_erasing_count: the most boxes erased per image.
     """
     steps: list = []
     if scale is not None:

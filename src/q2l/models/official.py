@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from q2l.models.backbone import convert_state_dict
+from q2l.models.official_config import CVT_UNSUPPORTED
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.transformer import SELF_ATTENTION_CHOICES, decoder_self_attention_layers
 from q2l.models.weights import unwrap_state_dict
@@ -64,6 +65,48 @@ def official_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
             "not an official Query2Label checkpoint: no query_embed.weight in its state dict"
         )
     return state
+
+
+# Where each backbone family's weights sit in an official state dict; the first match names it.
+_FAMILY_PREFIXES: list[tuple[str, str]] = [
+    ("backbone.0.body.body.", "tresnet"),  # TResNet under the IntermediateLayerGetter
+    ("backbone.0.body.layer1.", "resnet"),
+    ("backbone.0.layers.0.blocks.", "swin"),
+    ("backbone.0.stage0.", "cvt"),
+]
+# Families whose timm model names start with the family's name (resnet101, tresnet_l, swin_...).
+_TIMM_FAMILIES = ("resnet", "tresnet", "swin")
+
+
+def official_backbone_family(state: dict[str, torch.Tensor]) -> str:
+    """The backbone family of official weights, from where its keys sit: "resnet", "tresnet",
+    "swin", "cvt", or "unknown"."""
+    return next(
+        (family for prefix, family in _FAMILY_PREFIXES if any(k.startswith(prefix) for k in state)),
+        "unknown",
+    )
+
+
+def check_backbone_family(state: dict[str, torch.Tensor], timm_name: str) -> None:
+    """Raise ValueError, saying what to pass, when official weights hold another kind of backbone
+    than timm model `timm_name`, or one q2l cannot build (CvT)."""
+    family = official_backbone_family(state)
+    if family == "cvt":
+        raise ValueError(f"this official checkpoint holds a CvT backbone. {CVT_UNSUPPORTED}")
+    if family not in _TIMM_FAMILIES:
+        return  # an unknown layout: the strict load names whatever does not fit
+    architecture = timm_name.split(".")[0]
+    # resnetv2 is another architecture (and tresnet does not start with "resnet").
+    if not architecture.startswith(family) or architecture.startswith("resnetv2"):
+        examples = {
+            "resnet": "experiment=coco_r101_448 (or backbone=resnet101_tv)",
+            "tresnet": "experiment=coco_tresnetl_448 or coco_tresnetl22k_448",
+            "swin": "experiment=coco_swinl_384 (or backbone=swin_large_384_22k)",
+        }
+        raise ValueError(
+            f"this official checkpoint holds a {family} backbone, but the composed config builds "
+            f"{timm_name}: pass the matching backbone, e.g. {examples[family]}"
+        )
 
 
 def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def _number(value: Any) -> float | None:
 
 
 def _locked(lock_file: Path) -> bool:
-    """Whether a live process holds the run's lock (q2l.rundir): the job is running now."""
+    """Whether a live process holds the run's lock (q2l.training.rundir): the job is running now."""
     try:
         fd = os.open(lock_file, os.O_RDONLY)
     except OSError:
