@@ -10,6 +10,7 @@ from q2l.models import Query2Label, TimmBackbone
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.query2label import GroupWiseLinear
 from q2l.training.build import build_model
+from q2l.utils.errors import InputError
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 
@@ -217,13 +218,13 @@ def test_pretrained_loads_local_file(tmp_path, suffix):
 def test_weights_for_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(TimmBackbone("resnet50", pretrained=False).body.state_dict(), path)
-    with pytest.raises(RuntimeError, match="do not fit resnet18"):
+    with pytest.raises(InputError, match="do not fit resnet18"):
         TimmBackbone("resnet18", pretrained=True, weights=str(path))
 
 
 def test_pretrained_uses_timms_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr("q2l.models.backbone._cached_weights", lambda name: tmp_path / "cached.pth")
+    monkeypatch.setattr("q2l.models.backbone.cached_weights", lambda name: tmp_path / "cached.pth")
     state = {
         k: v.clone()
         for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()
