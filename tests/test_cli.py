@@ -10,7 +10,8 @@ import pytest
 from q2l.cli import attention, evaluate, export, predict, train
 from q2l.cli.help import COMMANDS, command_help
 from q2l.cli.reporting import run_command
-from q2l.config.schemas import described, group_schemas
+from q2l.config.fields import described
+from q2l.config.schemas import group_schemas
 from q2l.training.engine import NonFiniteError
 from q2l.utils.errors import ConfigError
 

@@ -18,10 +18,11 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from q2l.cli.import_official import main
 from q2l.evaluation.evaluate import evaluate_checkpoint
-from q2l.import_official import import_official, main
 from q2l.models.official_config import find_official_config, read_official_config
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.training.importing import import_official
 from q2l.training.run import train
 
 from .conftest import tiny_overrides

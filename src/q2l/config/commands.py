@@ -9,7 +9,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from q2l.config.schemas import PathsConf, option
+from q2l.config.fields import option
+from q2l.config.schemas import PathsConf
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 
 _PIXELS = "a larger image (by its header) is skipped unread; null: no limit"

@@ -19,10 +19,11 @@ from torch import nn
 from q2l.config.checks import check_values
 from q2l.models.backbone import pretrained_weights_path
 from q2l.training.build import construct
-from q2l.training.checkpoint import find_resumable, load_checkpoint, resume_changes
+from q2l.training.checkpoint import find_resumable, load_checkpoint
+from q2l.training.loop_state import LoopState
 from q2l.training.records import EpochRecord, run_summary
+from q2l.training.resume import resume_changes
 from q2l.training.rundir import RunDirectory, RunDirError
-from q2l.training.trainer import LoopState
 from q2l.utils.errors import InputError
 
 log = logging.getLogger("q2l.train")

@@ -1,4 +1,4 @@
-"""`q2l-import`: an official Query2Label release checkpoint as a q2l checkpoint.
+"""An official Query2Label release checkpoint as a q2l checkpoint (the `q2l-import` command).
 
     q2l-import /w/Q2L-R101-448/checkpoint.pkl /w/q2l-r101-448.pt \
         experiment=coco_r101_448 dataset.root=/data/coco
@@ -21,9 +21,7 @@ is never replaced.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,42 +51,6 @@ from q2l.training.build import build_model
 from q2l.training.checkpoint import load_strict, save_checkpoint
 
 log = logging.getLogger("q2l.import")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, import, print where the q2l checkpoint is. Exit status 0 when
-    written, 2 for a problem with the arguments, the config or the files (printed)."""
-    parser = argparse.ArgumentParser(
-        prog="q2l-import",
-        description="Convert an official Query2Label checkpoint (SlongLiu/query2labels) into a "
-        "q2l checkpoint that eval.py and init_from accept.",
-    )
-    parser.add_argument("source", help="official checkpoint (.pkl/.pth.tar with a state_dict)")
-    parser.add_argument("output", help="q2l checkpoint to write (must not exist)")
-    parser.add_argument(
-        "overrides", nargs="*", help="train.py overrides, e.g. experiment=coco_r101_448"
-    )
-    parser.add_argument(
-        "--official-config",
-        help="the official run's JSON config (default: config_new.json, else config.json, beside "
-        "the checkpoint): normalisation, image size, heads, dropout",
-    )
-    parser.add_argument(
-        "--class-file",
-        help="class names, one per line, in the checkpoint's order (default: the data set's, "
-        "or COCO's 80 when its annotations are not at hand)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = import_official(
-            args.source, args.output, args.overrides, args.class_file, args.official_config
-        )
-    except (ValueError, OSError) as error:
-        print(f"q2l-import: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}: evaluate with `python eval.py ckpt={path}`")
-    return 0
 
 
 def import_official(
@@ -362,7 +324,3 @@ def _class_names(cfg: DictConfig, class_file: str | None, num_classes: int) -> l
             f"{len(names)} class names for a checkpoint with {num_classes} label queries"
         )
     return names
-
-
-if __name__ == "__main__":
-    sys.exit(main())
