@@ -71,12 +71,20 @@ def test_training_writes_the_per_class_view_every_epoch(tiny_checkpoint):
 
 def test_a_resumed_history_from_older_q2l_gets_todays_top_k_names(tmp_path):
     """Before the literature's top-k convention, `*_top3` counted all three top classes: a resumed
-    run's earlier epochs keep their numbers under the name that says so (`*_top3_all`)."""
+    run's earlier epochs keep their numbers under the name that says so (`*_top3_all`). Loading
+    the checkpoint upgrades its history (q2l.training.checkpoint_format); RunLog writes it."""
     import json
 
-    old = {"epoch": 1, "mAP": 80.0, "CP_top3": 61.9, "CP_top3_ema": 60.0}
-    log = RunLog(tmp_path, history=[old])
+    import torch
+
+    from q2l.training.checkpoint import load_checkpoint
+    from q2l.training.records import EpochRecord
+
+    old = {"epoch": 1, "mAP": 80.0, "CP_top3": 61.9, "CP_top3_ema": 60.0, "eval_weights": "model"}
+    torch.save({"format_version": 1, "config": {}, "history": [old]}, tmp_path / "old.pt")
+    history = load_checkpoint(tmp_path / "old.pt")["history"]
+    log = RunLog(tmp_path, history=[EpochRecord.from_json(r) for r in history])
     log.close()
-    expected = {"epoch": 1, "mAP": 80.0, "CP_top3_all": 61.9, "CP_top3_all_ema": 60.0}
-    assert log.history == [expected]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == expected
+    written = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert written["CP_top3_all"] == 61.9 and written["CP_top3_all_ema"] == 60.0
+    assert "CP_top3" not in written and written["eval_weights"] == "raw"

@@ -63,7 +63,9 @@ class EpochRecord:
         line: dict[str, Any] = {"epoch": self.epoch, "step": self.step, **self.train, **self.raw}
         if self.ema is not None:
             line.update({f"{key}_ema": value for key, value in self.ema.items()})
-        line.update({f"{metric}_best": self.best(metric) for metric in BEST_OF})
+        line.update(
+            {f"{metric}_best": self.best(metric) for metric in BEST_OF if metric in self.raw}
+        )
         line.update(eval_weights=self.weights, monitor=self.monitor)
         return line
 
