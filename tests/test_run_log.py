@@ -67,3 +67,16 @@ def test_training_writes_the_per_class_view_every_epoch(tiny_checkpoint):
     assert "val/predictions" in events.Tags()["images"]
     assert len(events.PluginTagToContent("pr_curves")) >= 1
     assert events.PluginTagToContent("hparams")  # config.yaml's key settings and the best mAP
+
+
+def test_a_resumed_history_from_older_q2l_gets_todays_top_k_names(tmp_path):
+    """Before the literature's top-k convention, `*_top3` counted all three top classes: a resumed
+    run's earlier epochs keep their numbers under the name that says so (`*_top3_all`)."""
+    import json
+
+    old = {"epoch": 1, "mAP": 80.0, "CP_top3": 61.9, "CP_top3_ema": 60.0}
+    log = RunLog(tmp_path, history=[old])
+    log.close()
+    expected = {"epoch": 1, "mAP": 80.0, "CP_top3_all": 61.9, "CP_top3_all_ema": 60.0}
+    assert log.history == [expected]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == expected

@@ -38,6 +38,7 @@ from q2l.inference.runtime import (
     export_scorer,
     model_file_kind,
 )
+from q2l.utils.errors import InputError
 from q2l.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class Classifier:
         """(B, K) probabilities of preprocessed `images` (B, 3, S, S), on the CPU."""
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"images must be preprocessed (B, {', '.join(map(str, expected))}) tensors "
                 f"(Classifier.preprocess makes them), got {tuple(images.shape)}"
             )
@@ -228,7 +229,7 @@ def load(
         return Classifier(checkpoint_scorer(file, weights, device, precision), thresholds, file)
     scorer = export_scorer(file, device, precision)
     if weights not in ("auto", scorer.info.weights):
-        raise ValueError(
+        raise InputError(
             f"{path} is an export of the {scorer.info.weights} weights; weights={weights} "
             "chooses among a checkpoint's"
         )
@@ -253,7 +254,7 @@ def _items(images: Images) -> list[Path | Image.Image]:
         else:
             items.extend(resolve_inputs(str(item)))
     if not items:
-        raise ValueError("no images to predict on: the list is empty")
+        raise InputError("no images to predict on: the list is empty")
     return items
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from q2l.inference.model_info import ModelInfo
 from q2l.utils import dist
 from q2l.utils.amp import autocast, resolve_precision
+from q2l.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,10 @@ class OnnxScorer:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for a bad file
-            raise ValueError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
+            raise InputError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "q2l" not in metadata:
-            raise ValueError(
+            raise InputError(
                 f"model_file={path} carries no q2l model record; export it with q2l-export"
             )
         self.info = ModelInfo.from_json(metadata["q2l"], str(path))
@@ -106,7 +107,7 @@ def load_scorer(
     auto/fp32/bf16/fp16; ONNX models always run in fp32.
     """
     if bool(ckpt) == bool(model_file):
-        raise ValueError(
+        raise InputError(
             "pass exactly one of ckpt=PATH (a checkpoint) or model_file=PATH (.onnx, "
             ".safetensors or .torchscript.pt from q2l-export)"
         )
@@ -114,7 +115,7 @@ def load_scorer(
         return checkpoint_scorer(ckpt, weights, device, precision)
     path = _existing(model_file, "model_file")
     if model_file_kind(path) == "checkpoint":
-        raise ValueError(
+        raise InputError(
             f"model_file={model_file} is not an export from q2l-export (.onnx, .safetensors, "
             ".torchscript.pt); pass a checkpoint as ckpt="
         )
@@ -205,9 +206,9 @@ def load_torchscript_export(path: Path) -> tuple[nn.Module, ModelInfo]:
         try:
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except RuntimeError as error:
-            raise ValueError(f"{path}: TorchScript cannot load it ({error})") from None
+            raise InputError(f"{path}: TorchScript cannot load it ({error})") from None
     if not extra["q2l.json"]:
-        raise ValueError(f"{path} carries no q2l model record; export it with q2l-export")
+        raise InputError(f"{path} carries no q2l model record; export it with q2l-export")
     return module, ModelInfo.from_json(extra["q2l.json"], str(path))
 
 
@@ -229,5 +230,5 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     try:
         module.load_state_dict(load_file(str(path)))
     except Exception as error:  # safetensors' own errors for a truncated file; shape mismatches
-        raise ValueError(f"{path} does not fit the model its record describes: {error}") from None
+        raise InputError(f"{path} does not fit the model its record describes: {error}") from None
     return module.eval(), info
