@@ -53,7 +53,7 @@ class PredictConf:
     output: str = option(MISSING, "predictions.jsonl or predictions.csv (must not exist)")
     ckpt: str | None = option(None, "a q2l checkpoint, or ...")
     model_file: str | None = option(
-        None, "... an export from q2l-export (.onnx, .safetensors); `model=` works too"
+        None, "... an export from q2l-export (.onnx, .safetensors, .torchscript.pt); `model=` too"
     )
     weights: str = option("auto", "with ckpt: auto (what scored best), raw or ema")
     thresholds: str = option(

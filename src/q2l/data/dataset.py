@@ -183,15 +183,21 @@ def load_rgb(
         with open_image(path, max_pixels, limit_key) as image:
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
-                array = np.asarray(image, dtype=np.float32)
-                peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-                image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise BadImageError(f"cannot read image {path}: {error}") from error
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` (opened or in memory) as RGB, upright according to its EXIF orientation; 16- and
+    32-bit greyscale scaled to 8 bits. What `load_rgb` does after opening a file."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
+        array = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 @contextlib.contextmanager

@@ -152,7 +152,16 @@ def write_reports(evaluation: Evaluation, folder: Path, save_scores: bool) -> No
     reports.write_per_class_csv(
         folder / "per_class.csv", names, ap, counts[""], result["threshold"], calibrated
     )
-    plotted = reports.write_pr_curves(folder / "pr_curves.png", scores, targets, names, ap)
+    figure = reports.write_pr_curves(
+        folder / "pr_curves.png",
+        scores,
+        targets,
+        names,
+        ap,
+        result["threshold"],
+        evaluation.thresholds,
+    )
+    plotted = len(figure.panels)
     if plotted < len(names):
         log.info("pr_curves.png shows the first %d of %d classes", plotted, len(names))
     if save_scores:

@@ -3,7 +3,8 @@ the precision-recall curves and, on request, every image's scores).
 
 - per_class.csv: class, AP, positives, then threshold / precision / recall / F1 / predicted at
   the run's threshold and, when there are calibrated thresholds, at those;
-- pr_curves.png: one small precision-recall plot per class (q2l.utils.drawing);
+- pr_curves.png: one precision-recall plot per class (q2l.utils.drawing), its AP in the title and
+  the operating points at the run's threshold and at the calibrated thresholds marked;
 - scores.npz (save_scores=true): image_ids (N,), class_names (K,), scores (N, K) float32,
   targets (N, K) int8; plain arrays, `numpy.load(path)` reads it without pickle.
 """
@@ -18,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from q2l.evaluation.calibration import precision_recall_curve
+from q2l.evaluation.calibration import per_class_counts, precision_recall_curve
 from q2l.utils.atomic import atomic_write
-from q2l.utils.drawing import precision_recall_grid
+from q2l.utils.precision_recall_plot import OperatingPoint, PrecisionRecallGrid, PRPanel
 
 # Beyond this many classes the PNG would be a poster nobody reads; the CSV still has them all.
 MAX_PLOTTED_CLASSES = 100
@@ -76,19 +77,54 @@ def write_pr_curves(
     targets: torch.Tensor,
     class_names: list[str],
     average_precision: torch.Tensor,
-) -> int:
-    """pr_curves.png for the first MAX_PLOTTED_CLASSES classes; returns how many were plotted."""
+    threshold: float,
+    calibrated_thresholds: torch.Tensor | None = None,
+) -> PrecisionRecallGrid:
+    """pr_curves.png for the first MAX_PLOTTED_CLASSES classes, each curve marked where the run's
+    `threshold` and the (K,) `calibrated_thresholds` (if any) put it; returns the figure drawn
+    (its `panels` are the classes plotted, `point` finds a pixel)."""
     shown = min(len(class_names), MAX_PLOTTED_CLASSES)
-    curves = []
+    run_points = operating_points(scores[:, :shown], targets[:, :shown], threshold)
+    calibrated_points = [None] * shown
+    if calibrated_thresholds is not None:
+        calibrated_points = operating_points(
+            scores[:, :shown], targets[:, :shown], calibrated_thresholds[:shown]
+        )
+    panels = []
     for k in range(shown):
         precision, recall = precision_recall_curve(scores[:, k], targets[:, k])
-        curves.append(
-            (class_names[k], precision.numpy(), recall.numpy(), 100 * float(average_precision[k]))
+        panels.append(
+            PRPanel(
+                name=class_names[k],
+                precision=precision.numpy(),
+                recall=recall.numpy(),
+                average_precision=100 * float(average_precision[k]),
+                run_point=run_points[k],
+                calibrated_point=calibrated_points[k],
+            )
         )
-    image = precision_recall_grid(curves)
+    figure = PrecisionRecallGrid(panels, run_threshold=threshold)
     with atomic_write(path) as handle:
-        image.save(handle, format="PNG")
-    return shown
+        figure.draw().save(handle, format="PNG")
+    return figure
+
+
+def operating_points(
+    scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor | float
+) -> list[OperatingPoint]:
+    """Each class's precision and recall at its threshold (`scores >= threshold` predicted),
+    the numbers per_class.csv reports: (N, K) scores and targets, one or (K,) thresholds."""
+    counts = per_class_counts(scores, targets, thresholds)
+    every = torch.as_tensor(thresholds, dtype=torch.float64).expand(scores.shape[1])
+    return [
+        OperatingPoint(
+            threshold=float(every[k]),
+            precision=float(counts["precision"][k]),
+            recall=float(counts["recall"][k]),
+            predicted=int(counts["predicted"][k]),
+        )
+        for k in range(scores.shape[1])
+    ]
 
 
 def write_scores(

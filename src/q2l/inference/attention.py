@@ -5,9 +5,11 @@
 For each of the `top_k` highest-scoring labels, writes `<rank>-<label>.png`: the last decoder
 layer's cross-attention of that label's query over the feature grid (q2l.models.attention_maps),
 averaged over heads, upsampled to the image's own size (bilinear), coloured and alpha-blended
-over it; and `grid.png` with the image and every overlay, captioned with label and score. The
-model sees the image as prediction does (square resize), so the map covers the whole image.
-`output` must be a new or empty folder.
+over it (kept at the image's size in the top-left corner), with a colour bar of the attention
+weights on its right and the label and score below, in a font sized for the image; and
+`grid.png` with the image and every overlay the same way at thumbnail size. The model sees the
+image as prediction does (square resize), so the map covers the whole image. `output` must be a
+new or empty folder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from q2l.inference.model_info import ModelInfo
 from q2l.models.attention_maps import CrossAttentionMaps
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 from q2l.utils import dist
-from q2l.utils.drawing import captioned, grid, heatmap_overlay
+from q2l.utils.drawing import attention_figure, caption_size, captioned, grid, heatmap_overlay
 
 log = logging.getLogger("q2l.inference.attention")
 
-_GRID_CELL = 256  # longest side of each picture in grid.png
+_GRID_CELL = 320  # longest side of each picture in grid.png
+_GRID_FONT = 17  # caption size in grid.png, in pixels
 _INK = (40, 40, 40)
 
 
@@ -53,17 +56,20 @@ def write_attention_maps(cfg: DictConfig) -> list[Path]:
     maps = capture.maps[0].cpu()  # (K, H', W')
     top = scores.topk(min(cfg.top_k, len(scores)))
     folder.mkdir(parents=True, exist_ok=True)
-    written, cells = [], [captioned(_thumbnail(image), [("input", _INK)])]
+    written, cells = [], [captioned(_thumbnail(image), [("input", _INK)], _GRID_FONT)]
     for rank, (label, score) in enumerate(
         zip(top.indices.tolist(), top.values.tolist(), strict=True), 1
     ):
-        name = info.class_names[label]
-        overlay = heatmap_overlay(image, maps[label].numpy(), cfg.alpha)
+        name, attention = info.class_names[label], maps[label].numpy()
+        overlay = heatmap_overlay(image, attention, cfg.alpha)
+        # The colours span this map's own range (heatmap_overlay); the bar gives its values.
+        low, high = float(attention.min()), float(attention.max())
+        caption = f"{name}  (score {score:.3f})"
         path = folder / f"{rank:02d}-{_file_name(name)}.png"
-        overlay.save(path)
+        attention_figure(overlay, low, high, caption, caption_size(image.size)).save(path)
         written.append(path)
-        cells.append(captioned(_thumbnail(overlay), [(f"{name}  {score:.3f}", _INK)]))
-    grid(cells, columns=min(len(cells), 4)).save(folder / "grid.png")
+        cells.append(attention_figure(_thumbnail(overlay), low, high, caption, _GRID_FONT))
+    grid(cells, columns=min(len(cells), 4), gap=8).save(folder / "grid.png")
     log.info(
         "attention of the top %d labels (%s) over a %dx%d grid -> %s",
         len(written),

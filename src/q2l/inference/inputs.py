@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb
+from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb, upright_rgb
 from q2l.utils.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -64,6 +65,9 @@ def _read_list(path: Path) -> list[Path]:
 class ImageFiles(Dataset):
     """Images for prediction: item i -> (image (3, H, W) float32, i, error).
 
+    `paths` are image files or images already in memory (PIL), which go through the same
+    conversion (`upright_rgb`) and `transform` as a decoded file.
+
     `error` is "" for a readable image; for an unreadable one it is the reason (the file named)
     and the image is zeros, so that one bad file never stops a batch or a DataLoader worker. An
     image whose header declares more than `max_pixels` pixels (None: no limit) is unreadable too,
@@ -72,7 +76,7 @@ class ImageFiles(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Path | Image.Image],
         transform: Callable,
         image_size: int,
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -87,8 +91,12 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         min_size = getattr(self.transform, "min_decode_size", None)
+        item = self.paths[index]
         try:
-            image = load_rgb(self.paths[index], min_size, self.max_pixels, "max_image_pixels")
+            if isinstance(item, Image.Image):
+                image = upright_rgb(item)
+            else:
+                image = load_rgb(item, min_size, self.max_pixels, "max_image_pixels")
             image = self.transform(image)
         except (BadImageError, OSError) as error:
             blank = torch.zeros(3, self.image_size, self.image_size)

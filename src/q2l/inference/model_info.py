@@ -94,7 +94,8 @@ class ModelInfo:
         if record is None:
             return ModelInfo(**{**asdict(self), "thresholds": None, "thresholds_source": None})
         check_classes(record["classes"], self.class_names, record.get("path", "thresholds file"))
-        source = {k: record[k] for k in ("rule", "split", "checkpoint_step", "path") if k in record}
+        keys = ("rule_name", "rule", "split", "checkpoint_step", "path")
+        source = {k: record[k] for k in keys if k in record}
         return ModelInfo(
             **{
                 **asdict(self),
@@ -217,8 +218,9 @@ def choose_thresholds(info: ModelInfo, option: str, ckpt: str | None) -> tuple[M
     if info.thresholds is not None:
         source = info.thresholds_source or {}
         return info, (
-            f"per-class thresholds embedded in the model file ({source.get('rule', 'calibrated')}"
-            f", chosen on {source.get('split', {}).get('dataset', 'an evaluated split')})"
+            f"per-class thresholds embedded in the model file (rule "
+            f"{source.get('rule_name', 'calibrated')}, chosen on "
+            f"{source.get('split', {}).get('dataset', 'an evaluated split')})"
         )
     return info, _run_threshold_note(info, "no calibrated thresholds found")
 
