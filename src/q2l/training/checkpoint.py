@@ -56,6 +56,7 @@ RESUME_IGNORED_KEYS = (
     "dataset.cache_dir",
     "backbone.weights",
     "backbone.pretrained",
+    "logger",
 )
 # Changes to these make the saved LR schedule stale.
 SCHEDULE_KEYS = (
