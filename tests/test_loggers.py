@@ -55,6 +55,8 @@ def test_the_logger_group_composes_one_several_or_none(compose_config):
     assert loggers("logger=none") == loggers("logger=[]") == []
     with pytest.raises(Exception, match="trackin_uri"):
         loggers("logger=mlflow", "logger.mlflow.trackin_uri=x")
+    with pytest.raises(Exception, match="ofline"):
+        loggers("logger=wandb", "logger.wandb.mode=ofline")
 
 
 def test_only_chosen_loggers_are_built(tmp_path, caplog):
@@ -138,6 +140,29 @@ def test_mlflow_holds_option_names_and_every_epoch_in_one_resumed_run(logged_run
     assert [m.value for m in ema] == pytest.approx([r["mAP_ema"] for r in lines])
     assert len(client.get_metric_history(run.info.run_id, "train/step/loss")) == 8  # 2 x 4 steps
     assert run.data.metrics["best/mAP"] == pytest.approx(max(r["mAP_best"] for r in lines))
+
+
+def test_mlflow_run_status_follows_the_outcome_and_a_restart_reopens_it(logged_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from q2l.training.loggers import RunOutcome
+    from q2l.training.loggers.mlflow import MLflowLogger
+
+    uri = logged_run[1]  # the store exists: no second schema migration
+    client = MlflowClient(tracking_uri=uri)
+
+    def run_once(outcome):
+        logger = MLflowLogger(tmp_path, tracking_uri=uri, experiment_name="statuses")
+        logger.start(Hyperparameters({"loss": "bce"}, {"seed": 0}), history=[])
+        logger.finish(outcome)
+        return logger.run_id, client.get_run(logger.run_id).info.status
+
+    failed_id, failed = run_once(None)
+    preempted_id, preempted = run_once(RunOutcome.from_summary({"status": "preempted"}))
+    done_id, done = run_once(RunOutcome.from_summary({"status": "early_stopped"}))
+    assert (failed, preempted, done) == ("FAILED", "KILLED", "FINISHED")
+    assert failed_id == preempted_id == done_id  # one run directory, one MLflow run
+    assert client.get_run(done_id).data.params == {"loss": "bce", "seed": "0"}
 
 
 def test_wandb_offline_run_holds_the_same_and_its_resume_keeps_the_run_id(logged_run):

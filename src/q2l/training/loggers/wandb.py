@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 
 from q2l.training.loggers.backend_runs import BackendRun, save_run, saved_run
@@ -25,6 +26,12 @@ from q2l.training.records import EpochRecord
 log = logging.getLogger(__name__)
 
 STEP = "step"  # every metric's x axis: the optimizer step
+
+
+class WandbMode(str, Enum):
+    online = "online"  # syncs as it runs (wandb login or WANDB_API_KEY)
+    offline = "offline"  # files only, in <run dir>/wandb/; `wandb sync` uploads them later
+    disabled = "disabled"  # W&B does nothing
 
 
 class WandbLogger(RunLogger):
@@ -50,13 +57,14 @@ class WandbLogger(RunLogger):
         run_dir: str | Path,
         project: str = "q2l",
         entity: str | None = None,
-        mode: str | None = None,
+        mode: WandbMode | None = None,
         run_name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.project, self.entity, self.mode = project, entity, mode
+        self.project, self.entity = project, entity
+        self.mode = getattr(mode, "value", mode)  # an Enum member when built from a typed config
         self.run_name = run_name or self.run_dir.name
         self.group = group
         self.tags = list(tags or [])
