@@ -13,7 +13,6 @@ offline folder with the same run id, which `wandb sync` uploads into that run).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -22,8 +21,6 @@ from q2l.training.loggers.backend_runs import BackendRun, save_run, saved_run
 from q2l.training.loggers.base import STEP_LOSS, STEP_LR, RunLogger, RunOutcome, epoch_scalars
 from q2l.training.loggers.hyperparameters import Hyperparameters
 from q2l.training.records import EpochRecord
-
-log = logging.getLogger(__name__)
 
 STEP = "step"  # every metric's x axis: the optimizer step
 
