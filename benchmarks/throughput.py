@@ -55,7 +55,8 @@ CASES = {
     "paper": ModelCase(
         "paper",
         "Q2L resnet50, 224 px, batch 8, paper head (D 2048, FFN 8192, 1 enc/2 dec, 4 heads, "
-        "no decoder self-attention, no input projection): the official code's architecture",
+        "no decoder self-attention, no input projection, post-norm, dropout 0.1): the official "
+        "code's architecture",
         (
             "dataset=coco2014",
             "dataset.root=unused",
@@ -65,6 +66,9 @@ CASES = {
             "backbone.pretrained=false",
             "model=q2l",
             "model.input_proj=false",
+            # The official layout, not q2l's default (pre-norm, dropout 0): the same architecture.
+            "model.norm=post",
+            "model.dropout=0.1",
         ),
         num_classes=80,  # COCO
     ),

@@ -65,12 +65,14 @@ def test_a_non_finite_number_anywhere_fails_training_before_the_data(
     ],
 )
 def test_every_command_checks_before_it_reads_anything(
-    compose_config, command, entry, override, shown
+    compose_config, command, entry, override, shown, capsys
 ):
     # The checkpoint and inputs do not exist: the value check has to come first to be seen.
     cfg = compose_config(command, [*COMMANDS[command], override])
-    with pytest.raises(ConfigValueError, match=shown):
+    with pytest.raises(SystemExit) as stopped:
         entry(cfg)  # hydra.main's entry run on a composed config
+    assert stopped.value.code == 2  # a user error: its message alone, no traceback
+    assert shown in capsys.readouterr().err
 
 
 def test_validate_data_refuses_a_non_finite_number(digits_root, capsys):

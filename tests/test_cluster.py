@@ -516,8 +516,8 @@ def test_7_predict_and_import_check_the_checksum_too(
 ):
     import shutil
 
-    from q2l.import_official import import_official
     from q2l.inference.predict import predict
+    from q2l.training.importing import import_official
 
     copy = tmp_path / "best.pt"
     copy.write_bytes(tiny_checkpoint.read_bytes())

@@ -18,7 +18,7 @@ from q2l.data.partial import hide_labels
 from q2l.data.seeding import SampleKey
 from q2l.data.transforms import Cutout, build_eval_transform, build_train_transform
 from q2l.data.validate import DataValidationError
-from q2l.training.checkpoint import RESUME_IGNORED_KEYS, config_diff
+from q2l.training.resume import RESUME_IGNORED_KEYS, config_diff
 from q2l.training.run import train
 
 from .helpers.images import write_huge_png

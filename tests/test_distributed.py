@@ -83,8 +83,9 @@ def test_two_processes_make_one_run_that_single_process_eval_reproduces(
     assert [r["epoch"] for r in records] == [1, 2] and all(
         r["step"] == 4 * r["epoch"] for r in records
     )
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["world_size"] == 2 and len(last["rng"]) == 2
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # plain, unwrapped
 
     evaluated = run_python(["eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}"], env)

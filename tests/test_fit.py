@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from q2l.training.loop_state import LoopState, early_stop, track_bests
 from q2l.training.records import EpochRecord
 from q2l.training.run import train
-from q2l.training.trainer import LoopState, early_stop, track_bests
 
 
 def _official_epochs_run(scores: list[tuple[float, float]], patience: int) -> int:
@@ -110,8 +110,8 @@ def test_monitor_is_validated(compose_config):
 
 
 def test_runs_started_before_the_new_options_resume_unchanged():
-    from q2l.training.checkpoint import config_diff
     from q2l.training.checkpoint_format import upgrade
+    from q2l.training.resume import config_diff
 
     saved = {
         "backbone": {"name": "resnet18", "timm_kwargs": None},

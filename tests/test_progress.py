@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from q2l.utils.progress import PeriodicLines, progress_mode, track
 
 
@@ -59,3 +61,21 @@ def test_terminal_gets_a_bar_and_disabled_gets_silence(monkeypatch, caplog):
         bar.set_postfix(loss=1.0)  # harmless when off
         assert list(bar) == [0, 1, 2]
     assert quiet.getvalue() == "" and not caplog.records
+
+
+@pytest.mark.slow
+def test_training_progress_names_the_epoch_and_the_running_mean_loss(
+    tiny_cfg, tmp_path, caplog, monkeypatch
+):
+    import logging
+
+    from q2l.training.run import train
+
+    monkeypatch.setenv("Q2L_PROGRESS_INTERVAL", "0")  # a line after every batch
+    with caplog.at_level(logging.INFO):
+        train(tiny_cfg("trainer.progress_bar=true", "trainer.log_every_n_steps=1"), tmp_path / "r")
+    lines = caplog.text
+    assert "epoch 1/2 train 1/4" in lines and "mean_loss=" in lines
+    assert "epoch 2/2 val (ema weights)" in lines
+    epoch_line = next(r.message for r in caplog.records if r.message.startswith("epoch 2/2 |"))
+    assert " mAP raw " in epoch_line and ", EMA " in epoch_line and "mAP_voc raw" in epoch_line

@@ -90,6 +90,26 @@ def test_checkpoint_is_plain_and_complete(trained_run):
     )
 
 
+def test_best_holds_what_evaluation_needs_and_last_what_resuming_needs(trained_run):
+    run_dir, _ = trained_run
+    best, last = run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"
+    kept = torch.load(best, map_location="cpu", weights_only=True)
+    assert {"model", "ema", "config", "class_names", "eval_weights", "metrics"} <= set(kept)
+    assert not {"optimizer", "scheduler", "scaler", "rng", "progress"} & set(kept)
+    assert best.stat().st_size < 0.7 * last.stat().st_size  # no optimizer state
+
+
+def test_top_k_keeps_the_k_best_epochs(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg("trainer.epochs=4", "trainer.save_top_k=2"), tmp_path / "run")
+    tops = sorted((tmp_path / "run" / "checkpoints").glob("top-*.pt"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    best_two = sorted(records, key=lambda r: (-r["mAP_best"], r["epoch"]))[:2]
+    assert sorted(p.name.rsplit("epoch", 1)[1] for p in tops) == sorted(
+        f"{r['epoch']:04d}.pt" for r in best_two
+    )
+    assert summary["best"]["epoch"] == best_two[0]["epoch"]
+
+
 def test_eval_reproduces_training_map(trained_run, compose_config):
     run_dir, summary = trained_run
     best = run_dir / "checkpoints" / "best.pt"
@@ -228,3 +248,4 @@ def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     assert (sweep_dir / "summary.md").is_file()
     assert "optimizer.lr=-1.0: must be 0 or more" in rows[1]["error"]
     assert result.returncode != 0  # the sweep as a whole reports the failure
+    assert result.stdout.count("sweep summary (") == 1  # once, after the last job

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from q2l.cli.help import command_help, help_topic
+from q2l.cli.reporting import run_command
 from q2l.config import CONFIG_DIR
 from q2l.evaluation.evaluate import run
 
@@ -28,7 +29,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float:
-    return run(cfg)
+    return run_command("q2l-eval", run, cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from q2l.cli.help import command_help, help_topic
+from q2l.cli.reporting import run_command
 from q2l.config import CONFIG_DIR
 from q2l.config.checks import check_values
 from q2l.inference.export import export
@@ -27,6 +28,10 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
+    run_command("q2l-export", _checked, cfg)
+
+
+def _checked(cfg: DictConfig) -> None:
     check_values(cfg)
     export(cfg)
 

@@ -19,7 +19,8 @@ from omegaconf import MISSING, OmegaConf
 
 from q2l.config import CONFIG_DIR
 from q2l.config.commands import AttentionConf, EvalConf, ExportConf, PredictConf
-from q2l.config.schemas import DatasetConf, TrainConf, TrainerConf, described, group_schemas
+from q2l.config.fields import described
+from q2l.config.schemas import DatasetConf, TrainConf, TrainerConf, group_schemas
 
 WIDTH = 100
 

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from q2l.cli.help import command_help, help_topic
+from q2l.cli.reporting import run_command
 from q2l.config import CONFIG_DIR
 from q2l.config.checks import check_values
 from q2l.inference.predict import predict
@@ -34,6 +35,10 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
+    run_command("q2l-predict", _checked, cfg)
+
+
+def _checked(cfg: DictConfig) -> None:
     check_values(cfg)
     predict(cfg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,11 +19,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from q2l.cli.help import command_help, help_topic
+from q2l.cli.reporting import run_command
 from q2l.config import CONFIG_DIR
 from q2l.training.preemption import EXIT_PREEMPTED, StopRequest, StopRequested, requeue
 from q2l.training.run import train
 from q2l.training.rundir import set_run_time, with_saved_overrides
-from q2l.training.sweep import with_saved_sweep_overrides, write_sweep_summary
+from q2l.training.sweep import (
+    show_sweep_summary,
+    with_saved_sweep_overrides,
+    write_sweep_summary,
+)
 from q2l.utils import dist
 
 log = logging.getLogger("q2l.train")
@@ -37,6 +43,10 @@ def main() -> None:
     if topic is not None:
         print(command_help("train", topic))
         return
+    global _GIVEN_RUN_DIR
+    given = [arg.partition("=")[2] for arg in sys.argv[1:] if arg.startswith("hydra.run.dir=")]
+    if given and Path(given[-1]).expanduser().is_dir():
+        _GIVEN_RUN_DIR = sorted(Path(given[-1]).expanduser().iterdir())
     stop = _stop_request()
     try:
         argv = with_saved_sweep_overrides(with_saved_overrides(sys.argv[1:]))
@@ -69,19 +79,54 @@ def _hydra_main(cfg: DictConfig) -> float:
     stop = _stop_request()
     stop.immediate = False  # each part of the job chooses (q2l.training.preemption)
     hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
     try:
         with stop.immediately():  # joining the process group waits for the other tasks
             dist.init()  # the tasks of a SLURM job join here; torchrun's processes did in main()
         dist.quiet_other_ranks()  # after Hydra set up logging
-        summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config, stop=stop)
+        summary = run_command("q2l-train", train, cfg, run_dir, hydra_config, stop, logged=True)
     except StopRequested:
         summary = {"status": "preempted"}
+        _discard_failed_start(run_dir, hydra_config, cfg)
+    except BaseException:
+        _discard_failed_start(run_dir, hydra_config, cfg)
+        raise
     if summary["status"] == "preempted":
         _end_preempted(cfg, hydra_config, stop)
     return summary["best"]["value"]
 
 
 _STOP: StopRequest | None = None
+# What hydra.run.dir=X held before this process (None: not given, or not there yet).
+_GIVEN_RUN_DIR: list[Path] | None = None
+
+
+def _discard_failed_start(run_dir: Path, hydra_config: DictConfig, cfg: DictConfig) -> None:
+    """A single run refused or failed before it saved anything: remove what this process made for
+    it, so failed starts leave nothing behind. A run directory it created goes (and its date folder,
+    when that is now empty); a `hydra.run.dir` that was there empty is emptied again.
+
+    Kept: a sweep's job directories (the summary lists their errors), a run that saved a
+    checkpoint, a `hydra.run.dir` that held anything before, and the output root itself.
+    """
+    if hydra_config.mode != RunMode.RUN or not dist.is_main_process():
+        return
+    if not run_dir.is_dir() or any(run_dir.glob("checkpoints/*.pt")):
+        return
+    if _GIVEN_RUN_DIR is not None:
+        if not _GIVEN_RUN_DIR:  # it was empty: all it holds now is this start's
+            for entry in run_dir.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        return
+    root = Path(cfg.paths.output_dir).expanduser().resolve()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("removed %s: the run saved nothing", run_dir)
+    parent = run_dir.resolve().parent
+    if parent != root and parent.is_relative_to(root) and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _stop_request() -> StopRequest:
@@ -99,7 +144,8 @@ def _end_preempted(cfg: DictConfig, hydra_config: DictConfig, stop: StopRequest)
     if hydra_config.mode == RunMode.MULTIRUN and dist.is_main_process():
         # The launcher never reaches its end of sweep: the summary is written now, listing the
         # jobs not run yet too. Rerunning with hydra.sweep.dir=<this sweep> continues it.
-        write_sweep_summary(Path(hydra_config.sweep.dir))
+        sweep_dir = Path(hydra_config.sweep.dir)
+        show_sweep_summary(sweep_dir, write_sweep_summary(sweep_dir))
     if cfg.trainer.slurm_requeue:
         requeue(stop)
     sys.exit(EXIT_PREEMPTED)

@@ -11,13 +11,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from q2l.utils.errors import ConfigError
+
 
 def choice(value: Any) -> str:
     """A config choice as a string: typed configs hold Enum members, plain ones strings."""
     return str(getattr(value, "value", value))
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(ConfigError):
     """Config values that cannot work, each named as `key=value: why`."""
 
 
@@ -36,6 +38,7 @@ VALUE_RULES = {
     "trainer.log_every_n_steps": _AT_LEAST_1,
     "trainer.checkpoint_every_steps": _OPTIONAL_AT_LEAST_1,
     "trainer.keep_last": _AT_LEAST_1,
+    "trainer.save_top_k": _AT_LEAST_1,
     "trainer.accumulate_grad_batches": _AT_LEAST_1,
     "trainer.early_stop_patience": _OPTIONAL_AT_LEAST_1,
     "trainer.max_consecutive_skipped_steps": _NON_NEGATIVE,

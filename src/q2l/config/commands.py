@@ -9,7 +9,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from q2l.config.schemas import option
+from q2l.config.fields import option
+from q2l.config.schemas import PathsConf
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 
 _PIXELS = "a larger image (by its header) is skipped unread; null: no limit"
@@ -43,6 +44,7 @@ class EvalConf:
     )
     save_scores: bool = option(False, "also write scores.npz (ids, classes, scores, targets)")
     progress_bar: bool = option(True, "a progress bar (periodic log lines when not a terminal)")
+    paths: PathsConf = option(PathsConf(), "where a data set's label caches are kept")
 
 
 @dataclass

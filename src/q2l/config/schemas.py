@@ -10,20 +10,14 @@ defaults, so each default lives in one place, the code. YAML files only state wh
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import inspect
-import re
-import types
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
 
 from q2l import losses, optim
+from q2l.config.fields import option, schema_for
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
@@ -34,135 +28,12 @@ from q2l.training.loggers.tensorboard import TensorBoardLogger
 from q2l.training.loggers.wandb import WandbLogger
 
 
-def option(default: Any, about: str) -> Any:
-    """A schema field with its one-line description: what `--help` prints (q2l.cli.help)."""
-    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": about})
-    return field(default=default, metadata={"help": about})
-
-
-def described(schema: type) -> list[tuple[str, Any, str]]:
-    """(key, default, description) of every field of a schema dataclass, in order."""
-    rows = []
-    for item in dataclasses.fields(schema):
-        if item.name.startswith("_"):
-            continue
-        if item.default is not dataclasses.MISSING:
-            default = item.default
-        elif item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:
-            default = MISSING
-        rows.append((item.name, default, item.metadata.get("help", "")))
-    return rows
-
-
 class Precision(str, Enum):
     # auto: bf16 where the device has bf16 units, else fp32 (fp16 on older GPUs): q2l.utils.amp
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-def schema_for(
-    target: Callable,
-    runtime: Sequence[str] = (),
-    partial: bool = False,
-    name: str | None = None,
-    with_target: bool = True,
-) -> type:
-    """A structured-config dataclass with one field per keyword argument of `target`.
-
-    Types and defaults are read from the signature, descriptions from the `Args:` section of its
-    docstring; arguments without a default are MISSING (required). `runtime` arguments are
-    supplied when the node is instantiated (the model for an optimizer, the backbone for a head)
-    and get no field; `partial` adds `_partial_: true`.
-    """
-    function = target.__init__ if isinstance(target, type) else target
-    hints = typing.get_type_hints(function)
-    about = argument_docs(target)
-    qualified = f"{target.__module__}.{target.__qualname__}"
-    specs: list[tuple] = []
-    if with_target:
-        specs.append(("_target_", str, field(default=qualified)))
-    if partial:
-        specs.append(("_partial_", bool, field(default=True)))
-    for parameter in inspect.signature(target).parameters.values():
-        if parameter.name in runtime or parameter.kind in (
-            parameter.VAR_POSITIONAL,
-            parameter.VAR_KEYWORD,
-        ):
-            continue
-        default = parameter.default
-        metadata = {"help": about.get(parameter.name, "")}
-        if default is inspect.Parameter.empty:
-            spec = field(default=MISSING, metadata=metadata)
-        elif isinstance(default, (list, dict, tuple)):
-            spec = field(
-                default_factory=lambda value=default: (
-                    list(value) if isinstance(value, tuple) else value
-                ),
-                metadata=metadata,
-            )
-        else:
-            spec = field(default=default, metadata=metadata)
-        specs.append((parameter.name, _config_type(hints.get(parameter.name, Any)), spec))
-    name = name or f"{target.__name__[0].upper()}{target.__name__[1:]}Conf"
-    schema = dataclasses.make_dataclass(name, specs)
-    # Importable as q2l.config.<name>, so a pickled config (submitit ships jobs pickled) refers
-    # to this very class in the job's process instead of rebuilding a look-alike.
-    schema.__module__ = __name__
-    globals()[name] = schema
-    return schema
-
-
-def argument_docs(target: Callable) -> dict[str, str]:
-    """{argument: the first sentence of its description} from the `Args:` section of a Google-style
-    docstring (the class's, else its __init__'s)."""
-    docs = inspect.getdoc(target) or ""
-    if "Args:" not in docs and isinstance(target, type):
-        docs = inspect.getdoc(target.__init__) or ""
-    section = docs.partition("Args:")[2]
-    found: dict[str, str] = {}
-    current = None
-    for line in section.splitlines():
-        if line and not line.startswith(" "):  # the next section ("Returns:", prose)
-            break
-        entry = re.match(r"^    (\w+)(?: \([^)]*\))?: (.*)$", line)
-        if entry:
-            current = entry.group(1)
-            found[current] = entry.group(2).strip()
-        elif current and line.strip():
-            found[current] += " " + line.strip()
-    return {name: _first_sentence(text) for name, text in found.items()}
-
-
-def _first_sentence(text: str) -> str:
-    """Up to the first full stop that ends a sentence (not "e.g." or "..." inside one)."""
-    sentence = re.split(r"(?<![.])(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", text, maxsplit=1)[0]
-    return sentence.rstrip(".")
-
-
-def _config_type(annotation: Any) -> Any:
-    """The nearest type OmegaConf validates: sequences become lists, other unions Any."""
-    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in arguments if a is not type(None)]
-        if len(rest) == 1:
-            inner = _config_type(rest[0])
-            return Any if inner is Any else typing.Optional[inner]  # noqa: UP045 (OmegaConf needs Optional)
-        return Any
-    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
-        item = arguments[0] if arguments else Any
-        return list[_config_type(item)] if item in (int, float, str, bool) else list[Any]
-    if origin is dict or annotation is dict:
-        return dict[str, Any]
-    if annotation in (int, float, str, bool) or (
-        isinstance(annotation, type) and issubclass(annotation, Enum)
-    ):
-        return annotation
-    return Any
 
 
 class Monitor(str, Enum):
@@ -242,9 +113,7 @@ class CocoDatasetConf(DatasetConf):
     keep_unannotated: bool = option(
         True, "keep images without annotations as all-negative rows (official Q2L; ASL drops)"
     )
-    cache_dir: str = option(
-        "${oc.env:Q2L_CACHE_DIR,${oc.env:HOME,.}/.cache/q2l}", "where label caches are kept"
-    )
+    cache_dir: str = option("${paths.cache_dir}", "where label caches are kept")
 
 
 @dataclass
@@ -332,6 +201,9 @@ class TrainerConf:
     log_every_n_steps: int = option(50, "train loss and lr to the logs every n steps")
     limit_train_batches: int | None = option(None, "train on at most n batches per epoch")
     limit_val_batches: int | None = option(None, "validate on at most n batches")
+    overfit_batches: int | None = option(
+        None, "train on the same first n batches every epoch (a debugging check, debug=overfit)"
+    )
     channels_last: bool = option(True, "NHWC convolutions (faster on CPU and GPU)")
     compile: bool = option(False, "torch.compile the training forward")
     deterministic: bool = option(False, "deterministic kernels (bitwise repeatable, slower)")
@@ -340,6 +212,9 @@ class TrainerConf:
         None, "also save every n optimizer steps (mid-epoch), as checkpoints/step-N.pt"
     )
     keep_last: int = option(2, "how many step-N.pt checkpoints are kept")
+    save_top_k: int = option(
+        1, "with k > 1, also keep the k best epochs as top-<score>-epoch<N>.pt (weights only)"
+    )
     check_finite: bool = option(
         True, "stop before the optimizer step when the loss or gradient is not finite"
     )
@@ -349,6 +224,13 @@ class TrainerConf:
     slurm_requeue: bool = option(True, "under SLURM: requeue the job after a stop signal")
     accumulate_grad_batches: int = option(1, "one optimizer step every k batches")
     sync_bn: bool = option(False, "under DDP: BatchNorm statistics over all processes")
+
+
+@dataclass
+class PathsConf:
+    data_dir: str = option("data", "the demo's generated data (and a home for data sets)")
+    output_dir: str = option("outputs", "run and sweep directories")
+    cache_dir: str = option("~/.cache/q2l", "label caches")
 
 
 @dataclass
@@ -366,6 +248,7 @@ class TrainConf:
         "(logger=[tensorboard,mlflow]) or none",
     )
     trainer: TrainerConf = option(TrainerConf(), "how training runs")
+    paths: PathsConf = option(PathsConf(), "where q2l reads and writes (paths=<option>)")
     experiment: Any = option(None, "a preset of overrides (experiment=<option>)")
     prepare: dict[str, Any] = option(
         {}, "`_target_` steps run before anything is built (the demo's data and backbone)"
@@ -412,6 +295,7 @@ def group_schemas() -> list[tuple[str, str, type]]:
         ("loss", "partial_asl", schema_for(losses.PartialAsymmetricLoss)),
         ("loss", "bce", schema_for(losses.BCEWithLogitsLoss)),
         ("optimizer", "adamw", schema_for(optim.build_adamw, runtime=("model",), partial=True)),
+        ("optimizer", "adam", schema_for(optim.build_adam, runtime=("model",), partial=True)),
         (
             "schedule",
             "onecycle",

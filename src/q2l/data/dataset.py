@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from q2l.data.seeding import SampleKey, seeded_sample
+from q2l.utils.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image that cannot be read or decoded; the message names the file."""
 
 
@@ -70,19 +71,19 @@ class MultiLabelImageDataset(Dataset):
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if labels.ndim != 2 or labels.shape != (len(image_paths), len(class_names)):
-            raise ValueError(
+            raise InputError(
                 f"labels must be (num_images={len(image_paths)}, num_classes={len(class_names)}), "
                 f"got {labels.shape}"
             )
         if not np.isin(labels, (-1, 0, 1)).all():
-            raise ValueError(
+            raise InputError(
                 "labels must be 1, 0 or -1; got values "
                 f"{sorted(set(np.unique(labels)) - {-1, 0, 1})}"
             )
         if image_ids is not None and len(image_ids) != len(image_paths):
-            raise ValueError(f"{len(image_ids)} image ids for {len(image_paths)} images")
+            raise InputError(f"{len(image_ids)} image ids for {len(image_paths)} images")
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
             )
         if not 0.0 <= max_bad_fraction <= 1.0:

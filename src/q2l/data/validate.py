@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb, open_image
+from q2l.utils.errors import InputError
 from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ LEVELS = ("quick", "full")
 _THREADS = min(32, 4 * (os.cpu_count() or 1))
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """Every problem found, one per line; `report` holds the counts."""
 
     def __init__(self, report: DataReport) -> None:

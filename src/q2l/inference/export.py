@@ -20,6 +20,7 @@ from q2l.config.checks import choice
 from q2l.inference import exporters
 from q2l.inference.model_info import ModelInfo, read_thresholds, thresholds_path
 from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.utils.errors import ConfigError
 
 log = logging.getLogger("q2l.inference.export")
 
@@ -82,7 +83,7 @@ def _output_path(cfg: DictConfig, fmt: str) -> Path:
     if cfg.output:
         output = Path(cfg.output).expanduser()
         if not output.name.endswith(SUFFIXES[fmt].rsplit(".", 1)[-1]):
-            raise ValueError(f"output={cfg.output}: a {fmt} export's name ends in {SUFFIXES[fmt]}")
+            raise ConfigError(f"output={cfg.output}: a {fmt} export's name ends in {SUFFIXES[fmt]}")
     else:
         checkpoint = Path(cfg.ckpt)
         output = checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])

@@ -24,6 +24,7 @@ from torch import nn
 
 from q2l.inference.model_info import ModelInfo
 from q2l.utils.atomic import give_default_mode, link_new
+from q2l.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(UserError, RuntimeError):
     """An exported model whose scores differ from PyTorch's by more than the tolerance."""
 
 
@@ -46,7 +47,7 @@ def export_onnx(
     import_onnxruntime()  # fail before the slow export when the check cannot run
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if size > _ONNX_SINGLE_FILE_LIMIT:
-        raise ValueError(
+        raise ConfigError(
             f"the model's weights take {size / 2**30:.1f} GiB, more than one ONNX "
             "file holds; export format=safetensors instead"
         )

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb
+from q2l.utils.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -42,7 +43,7 @@ def resolve_inputs(spec: str) -> list[Path]:
     else:
         raise FileNotFoundError(f"input={spec}: no such folder, .txt list, image or glob match")
     if not found:
-        raise ValueError(
+        raise InputError(
             f"input={spec}: the {where} holds no image (extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 from q2l.models.backbone import normalization
 from q2l.utils.atomic import atomic_write
+from q2l.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,11 @@ class ModelInfo:
         try:
             record = json.loads(text)
         except ValueError as error:
-            raise ValueError(f"{source}: the q2l model record is not JSON ({error})") from None
+            raise InputError(f"{source}: the q2l model record is not JSON ({error})") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise ValueError(f"{source} carries no q2l model record (format {FORMAT!r})")
+            raise InputError(f"{source} carries no q2l model record (format {FORMAT!r})")
         if record.get("version", 0) > VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{source}: model record version {record['version']} is newer than "
                 f"this q2l understands ({VERSION}); upgrade q2l"
             )
@@ -153,7 +154,7 @@ def check_classes(
     )
     if mismatch is None:
         mismatch = f"{source}: its classes do not match the model's"
-    raise ValueError(f"{mismatch} ({detail})")
+    raise InputError(f"{mismatch} ({detail})")
 
 
 def _first_names(names: list[str], shown: int = 10) -> str:
@@ -184,16 +185,16 @@ def read_thresholds(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"thresholds file {path} does not exist") from None
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read thresholds file {path}: {error}") from None
+        raise InputError(f"cannot read thresholds file {path}: {error}") from None
     if not isinstance(record, dict) or record.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{path} is not a q2l thresholds file (format {THRESHOLDS_FORMAT!r})")
+        raise InputError(f"{path} is not a q2l thresholds file (format {THRESHOLDS_FORMAT!r})")
     thresholds = record.get("thresholds")
     if (
         not isinstance(thresholds, list)
         or len(thresholds) != len(record.get("classes", []))
         or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds)
     ):
-        raise ValueError(f"{path}: thresholds must be one finite number per class")
+        raise InputError(f"{path}: thresholds must be one finite number per class")
     return {**record, "path": str(path)}
 
 

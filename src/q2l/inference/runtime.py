@@ -19,6 +19,7 @@ from torch import nn
 from q2l.inference.model_info import ModelInfo
 from q2l.utils import dist
 from q2l.utils.amp import autocast, resolve_precision
+from q2l.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ class OnnxScorer:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for a bad file
-            raise ValueError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
+            raise InputError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "q2l" not in metadata:
-            raise ValueError(
+            raise InputError(
                 f"model_file={path} carries no q2l model record; export it with q2l-export"
             )
         self.info = ModelInfo.from_json(metadata["q2l"], str(path))
@@ -104,7 +105,7 @@ def load_scorer(
     from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     if bool(ckpt) == bool(model_file):
-        raise ValueError(
+        raise InputError(
             "pass exactly one of ckpt=PATH (a checkpoint) or model_file=PATH (.onnx or "
             ".safetensors from q2l-export)"
         )
@@ -122,7 +123,7 @@ def load_scorer(
         if suffix == ".onnx":
             return OnnxScorer(path, torch_device.type)
         if suffix != ".safetensors":
-            raise ValueError(
+            raise InputError(
                 f"model_file={model_file}: predict reads .onnx or .safetensors exports (use "
                 "ckpt= for a checkpoint)"
             )
@@ -167,5 +168,5 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     try:
         module.load_state_dict(load_file(str(path)))
     except Exception as error:  # safetensors' own errors for a truncated file; shape mismatches
-        raise ValueError(f"{path} does not fit the model its record describes: {error}") from None
+        raise InputError(f"{path} does not fit the model its record describes: {error}") from None
     return module.eval(), info

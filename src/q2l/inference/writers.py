@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from q2l.utils.atomic import link_new
+from q2l.utils.errors import ConfigError
 from q2l.utils.printable import is_printable, printable
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def check_output(output: str | Path) -> Path:
     """`output` as a Path, refused before any work if it exists or has an unknown format."""
     path = Path(output).expanduser()
     if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"output={output}: the name must end in {' or '.join(FORMATS)}")
+        raise ConfigError(f"output={output}: the name must end in {' or '.join(FORMATS)}")
     if path.exists():
         raise FileExistsError(f"output={output} exists; q2l does not overwrite it. Pass a new name")
     if path.parent.exists() and not os.access(path.parent, os.W_OK):

@@ -32,6 +32,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from q2l.models.weights import read_state_dict
+from q2l.utils.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,13 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
             )
         if freeze not in FREEZE_CHOICES:
-            raise ValueError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_CHOICES}")
+            raise ConfigError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_CHOICES}")
         if normalization not in NORMALIZATION_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.normalization={normalization!r}: choose one of {NORMALIZATION_CHOICES}"
             )
         kwargs = _plain(timm_kwargs or {})  # timm wants tuples/lists, not config containers
@@ -261,12 +262,12 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise RuntimeError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
+        raise InputError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
     # Files saved before PyTorch 0.4.1 (torchvision's ResNets) or by inplace_abn (TResNet) have no
     # BatchNorm step counters; they only matter for momentum=None, which no timm model uses.
     missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if missing:
-        raise RuntimeError(
+        raise InputError(
             f"backbone weights {str(path)!r} do not fit {name}: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
@@ -289,7 +290,7 @@ def _freeze_batch_norm(body: nn.Module, name: str) -> nn.Module:
     """`body` with every BatchNorm2d (and timm BatchNormAct2d) frozen: fixed statistics and affine
     as buffers, so neither training nor `train()` mode changes them."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules()):
-        raise ValueError(
+        raise ConfigError(
             f"backbone.frozen_bn=true: {name} has no BatchNorm layers to freeze (it normalises "
             "with LayerNorm or GroupNorm); use frozen_bn=false"
         )
@@ -307,7 +308,7 @@ def _freeze_stem(body: nn.Module, name: str, through_layer1: bool) -> None:
         if re.search(rf"(^|\.){first_trained}\.", key)
     ]
     if not starts:
-        raise ValueError(
+        raise ConfigError(
             f"backbone.freeze={'stem_layer1' if through_layer1 else 'stem'}: {name} has no "
             "ResNet-style stages (layer1 ... layer4); freezing by stage is defined for "
             "ResNet-like timm models (resnet*, resnext*, tresnet*, ...). Use backbone.freeze=none"

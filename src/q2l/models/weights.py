@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from q2l.utils.errors import InputError
 
-class WeightsFileError(ValueError):
+
+class WeightsFileError(InputError):
     """A weights or checkpoint file that is missing, unreadable or holds more than plain data."""
 
 

@@ -27,6 +27,7 @@ from q2l.data.validate import validate_splits, without_positives
 from q2l.models import MODEL_TARGETS
 from q2l.training.engine import StepOptions, TrainState
 from q2l.utils import dist
+from q2l.utils.errors import InputError
 
 # Messages keep the logger of the command they are part of.
 log = logging.getLogger("q2l.train")
@@ -48,7 +49,7 @@ def instantiate_allowed(node: dict[str, Any], allowed: dict[str, Callable], **ru
     `node` must be in `allowed`, so nothing a file names is imported or called otherwise."""
     for target in _targets(node):
         if target not in allowed:
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint's config names {target!r}, which q2l does not rebuild from a "
                 f"file; known: {sorted(allowed)}"
             )
@@ -116,7 +117,7 @@ def build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, .
     )
     val_set = construct(data.val, transform=build_eval_transform(size, mean, std), **loading)
     if train_set.class_names != val_set.class_names:
-        raise ValueError(
+        raise InputError(
             "train and val splits have different classes: "
             f"{sorted(set(train_set.class_names) ^ set(val_set.class_names))}"
         )
@@ -147,10 +148,10 @@ def _validate_data(cfg: DictConfig, train_set, val_set) -> None:
     data = cfg.dataset
     for name, split in (("train", train_set), ("val", val_set)):
         if len(split) and not (split.labels == 1).any():
-            raise ValueError(without_positives(name, len(split), int((split.labels == -1).sum())))
+            raise InputError(without_positives(name, len(split), int((split.labels == -1).sum())))
     unknown = int((train_set.labels == -1).sum())
     if unknown and str(cfg.loss.get("_target_", "")).endswith(".AsymmetricLoss"):
-        raise ValueError(
+        raise InputError(
             f"the training labels hold {unknown} unknown (-1) entries, which loss=asl would read "
             "as probabilities; use loss=partial_asl or loss=bce (or, for VOC, "
             "dataset.difficult=positive)"
@@ -199,11 +200,11 @@ def build_state(
     # Each rank trains on its share, whole batches only; one step per `accumulate` batches.
     batches = num_images // dist.world_size() // cfg.dataset.batch_size
     if batches == 0:
-        raise ValueError(
+        raise InputError(
             f"the training split has {num_images} images: fewer than dataset.batch_size="
             f"{cfg.dataset.batch_size} per process ({dist.world_size()} process(es))"
         )
-    batches = min(batches, trainer.limit_train_batches or batches)
+    batches = min(batches, trainer.overfit_batches or trainer.limit_train_batches or batches)
     steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     if trainer.channels_last:
         model.to(memory_format=torch.channels_last)

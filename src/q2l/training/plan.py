@@ -19,11 +19,13 @@ from torch import nn
 from q2l.config.checks import check_values
 from q2l.models.backbone import pretrained_weights_path
 from q2l.training.build import construct
-from q2l.training.checkpoint import find_resumable, load_checkpoint, resume_changes
+from q2l.training.checkpoint import find_resumable, load_checkpoint
 from q2l.training.loggers import check_packages
+from q2l.training.loop_state import LoopState
 from q2l.training.records import EpochRecord, run_summary
+from q2l.training.resume import resume_changes
 from q2l.training.rundir import RunDirectory, RunDirError
-from q2l.training.trainer import LoopState
+from q2l.utils.errors import InputError
 
 log = logging.getLogger("q2l.train")
 
@@ -84,7 +86,7 @@ def plan_run(
     if found is not None:
         source, checkpoint = found
         if checkpoint.get("optimizer") is None:
-            raise ValueError(
+            raise InputError(
                 f"resume={source}: it holds model weights only (an imported checkpoint), not a "
                 f"training state; start a run from it with init_from={source}"
             )

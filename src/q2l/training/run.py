@@ -20,17 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 from q2l.data.loader import build_loader
 from q2l.models.backbone import normalization
 from q2l.training.build import build_datasets, build_model, build_state, construct, step_options
-from q2l.training.checkpoint import load_checkpoint, load_matching_weights, restore_training
+from q2l.training.checkpoint import load_checkpoint
 from q2l.training.engine import StepOptions, TrainState
 from q2l.training.loggers import build_loggers, run_hyperparameters
+from q2l.training.loop_state import LoopState
 from q2l.training.plan import Preloaded, RunPlan, plan_run
 from q2l.training.preemption import StopRequest, StopRequested
 from q2l.training.records import EpochRecord, run_summary
+from q2l.training.resume import load_matching_weights, restore_training
 from q2l.training.run_log import NullRunLog, RunLog, write_json
 from q2l.training.rundir import RunDirectory
-from q2l.training.trainer import LoopState, RunOutputs, Trainer, TrainerSettings
+from q2l.training.trainer import RunOutputs, Trainer, TrainerSettings
 from q2l.utils import dist
 from q2l.utils.amp import resolve_precision
+from q2l.utils.errors import is_user_error
 
 log = logging.getLogger("q2l.train")
 
@@ -74,8 +77,9 @@ def train(
             _record_end(run.path, "preempted", "stopped by a signal before training began")
         raise
     except Exception as error:
+        kind = "" if is_user_error(error) else f"{type(error).__name__}: "
+        log.error("run failed: %s%s", kind, error)
         if run.started:
-            log.error("run failed: %s: %s", type(error).__name__, error)
             _record_end(run.path, "failed", f"{type(error).__name__}: {error}")
         raise
     finally:

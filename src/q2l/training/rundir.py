@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from q2l.utils.atomic import atomic_write
+from q2l.utils.errors import UserError
 from q2l.utils.messages import and_more
 from q2l.utils.printable import PrintableFormatter
 
@@ -38,12 +40,12 @@ RUN_MARKER = ".q2l-run"
 LOCK_NAME = ".q2l.lock"
 LOG_NAME = "train.log"
 OUTPUT_SUBDIRS = ("checkpoints", "tensorboard")
-# What save_checkpoint and link_checkpoint write before their rename: `.<name>.<random>.tmp`.
+# What save_checkpoint writes before its rename: `.<name>.<random>.tmp`.
 TEMPORARY_GLOB = ".*.tmp"
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used: foreign, busy or not writable. Nothing was changed."""
 
 
@@ -235,6 +237,15 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "q2l_now", lambda pattern: run_time().strftime(pattern), replace=True, use_cache=True
     )
+    OmegaConf.register_new_resolver("q2l_run_name", run_name, replace=True)
+
+
+def run_name(choices: Any) -> str:
+    """What ran, for directory names: the experiment option (else the data set's), the backbone
+    option and the head option (`hydra.runtime.choices`), joined by `_`, file-name safe."""
+    first = choices.get("experiment") or choices.get("dataset")
+    parts = [first, choices.get("backbone"), choices.get("model")]
+    return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts if part)
 
 
 def run_time() -> datetime.datetime:

@@ -48,13 +48,29 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # In a multi-process job (one DDP rank per SLURM task) only rank 0 reports.
         if config.hydra.mode == RunMode.MULTIRUN and dist.is_main_process():
-            write_sweep_summary(Path(config.hydra.sweep.dir))
+            rows = write_sweep_summary(Path(config.hydra.sweep.dir))
+            # Hydra's basic launcher raises a failed job's error once its jobs are done, and
+            # on_multirun_end never runs: after the last job the summary is shown from here.
+            if rows and all(row.status not in _UNFINISHED for row in rows):
+                show_sweep_summary(Path(config.hydra.sweep.dir), rows)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = write_sweep_summary(Path(config.hydra.sweep.dir))
-        if rows:
-            print(f"sweep summary ({config.hydra.sweep.dir}/summary.md):", flush=True)
-            print(to_markdown(rows), flush=True)
+        show_sweep_summary(
+            Path(config.hydra.sweep.dir), write_sweep_summary(Path(config.hydra.sweep.dir))
+        )
+
+
+_UNFINISHED = ("not started", "running", "interrupted")
+_SHOWN: set[str] = set()  # the sweeps whose summary this process printed
+
+
+def show_sweep_summary(sweep_dir: Path, rows: list[JobRow]) -> None:
+    """Print the summary once per sweep and process, in the process the user watches (not in a
+    submitit job's, whose output goes to its log)."""
+    if not rows or str(sweep_dir) in _SHOWN or "SUBMITIT_FOLDER" in os.environ:
+        return
+    _SHOWN.add(str(sweep_dir))
+    print(f"sweep summary ({sweep_dir / 'summary.md'}):\n{to_markdown(rows)}", flush=True)
 
 
 @dataclass
@@ -148,7 +164,7 @@ def _number(value: Any) -> float | None:
 
 
 def _locked(lock_file: Path) -> bool:
-    """Whether a live process holds the run's lock (q2l.rundir): the job is running now."""
+    """Whether a live process holds the run's lock (q2l.training.rundir): the job is running now."""
     try:
         fd = os.open(lock_file, os.O_RDONLY)
     except OSError:

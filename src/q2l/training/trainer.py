@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -22,79 +23,24 @@ import torch
 
 from q2l.metrics import compute_metrics
 from q2l.training.checkpoint import (
-    capture_rng,
-    link_checkpoint,
+    keep_top,
     non_finite_parts,
     purge_periodic,
     save_checkpoint,
+    top_checkpoint_name,
     training_payload,
+    weights_payload,
 )
 from q2l.training.engine import NonFiniteError, StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.training.loop_state import LoopState, early_stop, track_bests
 from q2l.training.preemption import StopRequest
 from q2l.training.records import EpochRecord
+from q2l.training.resume import capture_rng
 from q2l.training.run_log import RunLog
 from q2l.utils import dist
 from q2l.utils.progress import track
 
 log = logging.getLogger("q2l.train")
-
-
-@dataclass
-class LoopState:
-    """Where the loop stands (the step count lives in TrainState); saved in every checkpoint (as
-    its `progress` entry)."""
-
-    epoch: int = 0  # completed training epochs
-    validated_epoch: int = 0  # the last epoch whose validation finished (a stop may interrupt it)
-    batches_done: int = 0  # batches of the current epoch this rank has trained on
-    samples_done: int = 0  # samples of the current epoch's order consumed by all ranks together
-    # The current epoch's totals so far, so that a resumed epoch's record covers the whole epoch.
-    # This process's own: under DDP every process saves its totals into the checkpoint
-    # (`rank_totals`) and gets its own back, so a resumed epoch's record is the uninterrupted one.
-    epoch_loss_sum: float = 0.0
-    epoch_images: int = 0
-    epoch_seconds: float = 0.0
-    best_metric: float = float("-inf")  # the monitored score, the better of raw and EMA
-    best_epoch: int = -1
-    # The raw and EMA weights' own bests, for trainer.early_stop_rule=official.
-    best_raw_metric: float = float("-inf")
-    best_raw_epoch: int = -1
-    best_ema_metric: float = float("-inf")
-    consecutive_skips: int = 0  # fp16 loss-scaler skips in a row
-    status: str = "running"  # then completed / early_stopped: a finished run is not trained again
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: dict[str, Any], rank: int = 0, world_size: int = 1
-    ) -> LoopState:
-        """The saved position, with this process's own epoch totals.
-
-        Checkpoints hold every process's totals in `progress["rank_totals"]`; resumed on another
-        number of processes, rank 0 carries the whole sum so far and the others start from 0.
-        """
-        saved = checkpoint["progress"]
-        known = {f.name for f in fields(cls)}
-        state = cls(**{k: v for k, v in saved.items() if k in known})
-        totals = saved.get("rank_totals")
-        if totals is not None:
-            if len(totals) == world_size:
-                mine = totals[rank]
-            else:
-                mine = [sum(column) for column in zip(*totals, strict=True)] if rank == 0 else None
-            state.epoch_loss_sum, state.epoch_images, state.epoch_seconds = (
-                mine if mine is not None else (0.0, 0, 0.0)
-            )
-        return state
-
-    def totals(self) -> tuple[float, int, float]:
-        """This process's epoch totals so far: (loss sum, images, seconds)."""
-        return self.epoch_loss_sum, self.epoch_images, self.epoch_seconds
-
-    def next_epoch(self) -> None:
-        """The epoch's record is written: the next one counts from zero."""
-        self.validated_epoch = self.epoch
-        self.batches_done = self.samples_done = self.epoch_images = 0
-        self.epoch_loss_sum = self.epoch_seconds = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,9 +55,11 @@ class TrainerSettings:
     log_every_n_steps: int = 50
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
+    overfit_batches: int | None = None
     progress_bar: bool = True
     checkpoint_every_steps: int | None = None
     keep_last: int = 2
+    save_top_k: int = 1
     max_consecutive_skipped_steps: int = 25
 
     @classmethod
@@ -194,14 +142,16 @@ class Trainer:
         survive a checkpoint and the epoch's record covers all of it, resumed or not.
         """
         loop, loader = self.loop, self.train_loader
-        loader.sampler.set_epoch(loop.epoch, start=loop.samples_done)
+        # overfit_batches: every epoch takes its batches from the first epoch's order.
+        overfit = self.settings.overfit_batches
+        loader.sampler.set_epoch(0 if overfit else loop.epoch, start=loop.samples_done)
         self._part = _EpochPart(loop, loader.batch_size)
         remaining = len(loader)  # the sampler starts after the samples already consumed
-        if self.settings.limit_train_batches is not None:
-            remaining = min(
-                remaining, max(self.settings.limit_train_batches - loop.batches_done, 0)
-            )
-        self._bar = self._progress_bar(itertools.islice(loader, remaining), remaining, "train")
+        limit = overfit or self.settings.limit_train_batches
+        if limit is not None:
+            remaining = min(remaining, max(limit - loop.batches_done, 0))
+        where = f"epoch {loop.epoch + 1}/{self.settings.epochs} train"
+        self._bar = self._progress_bar(itertools.islice(loader, remaining), remaining, where)
         self._stopped = False
         train_one_epoch(self.state, self._bar, self.options, self._after_step)
         self._part.write_into(loop)
@@ -222,9 +172,10 @@ class Trainer:
             )
         if state.step % settings.log_every_n_steps == 0:
             lr = state.optimizer.param_groups[0]["lr"]
-            value = float(loss)  # one host copy for the log and the bar
+            value = float(loss)  # one host copy for the log
             self.outputs.run_log.log_step(state.step, loss=value, lr=lr)
-            self._bar.set_postfix(loss=value, lr=lr)
+            # The bar shows the epoch's running mean, which the epoch's record will end with.
+            self._bar.set_postfix(mean_loss=self._part.mean_loss(loop), lr=lr)
         self._stopped = dist.any_rank(bool(self.stop))
         every = settings.checkpoint_every_steps
         periodic = bool(every) and state.step % every == 0
@@ -255,7 +206,8 @@ class Trainer:
         metrics, outputs = {}, {}
         for weights, module in candidates.items():
             dist.broadcast_module_buffers(module)  # every replica is the model rank 0 saves
-            batches = self._progress_bar(itertools.islice(self.val_loader, total), total, "eval")
+            where = f"epoch {self.loop.epoch}/{settings.epochs} val ({weights} weights)"
+            batches = self._progress_bar(itertools.islice(self.val_loader, total), total, where)
             result = evaluate(module, batches, self.eval_options, should_stop=should_stop)
             if result is None:
                 return None
@@ -303,14 +255,13 @@ class Trainer:
         improved = track_bests(record, loop)
         self.outputs.run_log.log_epoch(record)
         log.info(
-            "epoch %d/%d | loss %.4f | mAP %.2f | mAP(EMA) %s | mAP_voc %.2f | %.0f img/s",
+            "epoch %d/%d | train loss %.4f, %.0f img/s | %s | best: %s weights",
             loop.epoch,
             settings.epochs,
             record.train["train_loss"],
-            record.raw["mAP"],
-            f"{record.ema['mAP']:.2f}" if record.ema else "-",
-            record.best("mAP_voc"),
             record.train["train_images_per_sec"],
+            " | ".join(_raw_and_ema(record, metric) for metric in ("mAP", "mAP_voc")),
+            record.weights,
         )
         if early_stop(record, loop, settings.early_stop_patience, settings.early_stop_rule):
             log.info(
@@ -377,9 +328,15 @@ class Trainer:
         if periodic:
             save_checkpoint(payload, self.checkpoints / f"step-{state.step:08d}.pt")
             purge_periodic(self.checkpoints, self.settings.keep_last)
-        save_checkpoint(payload, self.checkpoints / "last.pt")
+        # best.pt before last.pt: a crash between them leaves a last.pt that has not yet seen
+        # this epoch, so the resumed run scores the epoch again and writes best.pt again.
         if improved:
-            link_checkpoint(self.checkpoints / "last.pt", self.checkpoints / "best.pt")
+            save_checkpoint(weights_payload(payload), self.checkpoints / "best.pt")
+        if record is not None and self.settings.save_top_k > 1 and math.isfinite(record.value):
+            name = top_checkpoint_name(record.value, record.epoch)
+            save_checkpoint(weights_payload(payload), self.checkpoints / name)
+            keep_top(self.checkpoints, self.settings.save_top_k)
+        save_checkpoint(payload, self.checkpoints / "last.pt")
 
     def _progress_bar(self, batches, total: int, description: str):
         enabled = self.settings.progress_bar and dist.is_main_process()
@@ -409,6 +366,10 @@ class _EpochPart:
         loop.batches_done = self.batches_at_start + self.done
         loop.samples_done = self.samples_at_start + self.done * self.batch_size * dist.world_size()
 
+    def mean_loss(self, loop: LoopState) -> float:
+        """The epoch's mean training loss so far (this process's batches; one host sync)."""
+        return float(self.loss_sum) / max(loop.batches_done, 1)
+
     def write_into(self, loop: LoopState) -> None:
         """Bring the loop's epoch totals up to date (one host sync: at saves and the end)."""
         loop.epoch_loss_sum = float(self.loss_sum)
@@ -416,37 +377,10 @@ class _EpochPart:
         loop.epoch_seconds = self.seconds_at_start + time.perf_counter() - self.started
 
 
-def track_bests(record: EpochRecord, loop: LoopState) -> bool:
-    """Fold the epoch's monitored scores into `loop`; True when the best improved."""
-    improved = record.value > loop.best_metric  # NaN is never an improvement
-    if improved:
-        loop.best_metric, loop.best_epoch = record.value, loop.epoch
-    raw = record.raw[record.monitor]
-    if raw > loop.best_raw_metric:
-        loop.best_raw_metric, loop.best_raw_epoch = raw, loop.epoch
-    ema = record.ema[record.monitor] if record.ema else None
-    if ema is not None and ema > loop.best_ema_metric:
-        loop.best_ema_metric = ema
-    return improved
-
-
-def early_stop(record: EpochRecord, loop: LoopState, patience: int | None, rule: str) -> bool:
-    """Whether trainer.early_stop_patience and trainer.early_stop_rule end training here.
-
-    "best": the best monitored score is `patience` epochs old. "official" (main_mlc.py): more than
-    `patience` epochs have passed since the later of the best epoch and the raw weights' best
-    epoch, at least two epochs were validated, and the last EMA score (the raw one without EMA)
-    is below the best EMA score.
-    """
-    if patience is None:
-        return False
-    if rule == "best":
-        return loop.epoch - loop.best_epoch >= patience
-    weights = record.ema if record.ema is not None else record.raw
-    best = loop.best_ema_metric if record.ema is not None else loop.best_raw_metric
-    last = weights[record.monitor]
-    since = loop.epoch - max(loop.best_epoch, loop.best_raw_epoch)
-    return loop.best_epoch >= 1 and since > patience and loop.epoch > 1 and last < best
+def _raw_and_ema(record: EpochRecord, metric: str) -> str:
+    """'mAP raw 82.68, EMA 81.69' (raw only without an EMA)."""
+    text = f"{metric} raw {record.raw[metric]:.2f}"
+    return text + (f", EMA {record.ema[metric]:.2f}" if record.ema else "")
 
 
 def _in_split_order(rows: torch.Tensor | None) -> torch.Tensor | None:

@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from q2l.utils.errors import ConfigError
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -19,7 +21,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision` itself, or for "auto" the fastest safe one on `device` (fp32, bf16 or fp16)."""
     if precision != "auto":
         if precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"

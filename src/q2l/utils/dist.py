@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from q2l.utils.errors import ConfigError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -107,7 +109,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"trainer.device={name!r} but CUDA is not available; use device=cpu or auto"
         )
     return device
