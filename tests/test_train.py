@@ -45,7 +45,7 @@ def test_run_directory_holds_everything(trained_run):
     events.Reload()
     step_losses = [e.value for e in events.Scalars("train/step/loss")]
     assert [e.step for e in events.Scalars("train/step/loss")] == list(range(1, 9))  # 2 x 4 steps
-    assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val/mAP")) == 2
+    assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val_raw/mAP")) == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     # An epoch's train loss is the mean over its steps.

@@ -142,11 +142,21 @@ def _topic_help(command: str, topic: str) -> str:
         known = ", ".join(["trainer", *_groups("train")])
         return f"no help on {topic!r}; train's groups: {known}"
     title = f"{group}={option}" if option else group
-    lines = [f"Keys of {title} ({group}.<key>=value, its default, what it does):"]
+    package = _package(group, option or _groups(COMMANDS[command]["config"]).get(group, ""))
+    lines = [f"Keys of {title} ({package}.<key>=value, its default, what it does):"]
     values = _option_values(group, option)
     for key, default, about in described(schema):
-        lines += _key_entry(f"{group}.{key}", values.get(key, default), about)
+        lines += _key_entry(f"{package}.{key}", values.get(key, default), about)
     return "\n".join(lines)
+
+
+def _package(group: str, option: str) -> str:
+    """Where an option's keys live: its `# @package` header (logger=mlflow: logger.mlflow, so
+    that several loggers can be chosen at once), else the group itself."""
+    path = Path(CONFIG_DIR) / group / f"{option}.yaml"
+    first = path.read_text().partition("\n")[0] if option and path.is_file() else ""
+    package = first.removeprefix("# @package").strip() if first.startswith("# @package") else ""
+    return package if package and not package.startswith("_") else group  # not _global_
 
 
 def _groups(config_name: str) -> dict[str, str]:

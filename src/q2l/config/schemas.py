@@ -22,6 +22,10 @@ from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
 from q2l.data.mix import MultiLabelMixup
 from q2l.data.transforms import build_train_transform
 from q2l.models import HEAD_CLASSES, TimmBackbone
+from q2l.training.loggers.csv_logs import CSVLogger
+from q2l.training.loggers.mlflow import MLflowLogger
+from q2l.training.loggers.tensorboard import TensorBoardLogger
+from q2l.training.loggers.wandb import WandbLogger
 
 
 class Precision(str, Enum):
@@ -238,6 +242,11 @@ class TrainConf:
     loss: Any = option(MISSING, "the loss (loss=<option>)")
     optimizer: Any = option(MISSING, "the optimizer (optimizer=<option>)")
     schedule: Any = option(MISSING, "the learning-rate schedule (schedule=<option>)")
+    logger: dict[str, Any] = option(
+        {},
+        "where metrics go besides metrics.jsonl: logger=tensorboard, csv, mlflow, wandb, several "
+        "(logger=[tensorboard,mlflow]) or none",
+    )
     trainer: TrainerConf = option(TrainerConf(), "how training runs")
     paths: PathsConf = option(PathsConf(), "where q2l reads and writes (paths=<option>)")
     experiment: Any = option(None, "a preset of overrides (experiment=<option>)")
@@ -297,4 +306,8 @@ def group_schemas() -> list[tuple[str, str, type]]:
             "cosine",
             schema_for(optim.build_cosine, runtime=schedule_runtime, partial=True),
         ),
+        *[
+            ("logger", backend.name, schema_for(backend, runtime=("run_dir",)))
+            for backend in (TensorBoardLogger, CSVLogger, MLflowLogger, WandbLogger)
+        ],
     ]

@@ -20,6 +20,7 @@ from q2l.config.checks import check_values
 from q2l.models.backbone import pretrained_weights_path
 from q2l.training.build import construct
 from q2l.training.checkpoint import find_resumable, load_checkpoint
+from q2l.training.loggers import check_packages
 from q2l.training.loop_state import LoopState
 from q2l.training.records import EpochRecord, run_summary
 from q2l.training.resume import resume_changes
@@ -69,6 +70,7 @@ def plan_run(
     if not run.existing:
         run.start(cfg, hydra)
     check_values(config)
+    check_packages(config.logger)  # logger=mlflow without mlflow fails now, not after the data
     run.preflight()
     preloaded.loss = construct(config.loss)  # checks the loss's own arguments
     if config.init_from:

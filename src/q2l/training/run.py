@@ -22,6 +22,7 @@ from q2l.models.backbone import normalization
 from q2l.training.build import build_datasets, build_model, build_state, construct, step_options
 from q2l.training.checkpoint import load_checkpoint
 from q2l.training.engine import StepOptions, TrainState
+from q2l.training.loggers import build_loggers, run_hyperparameters
 from q2l.training.loop_state import LoopState
 from q2l.training.plan import Preloaded, RunPlan, plan_run
 from q2l.training.preemption import StopRequest, StopRequested
@@ -69,7 +70,7 @@ def train(
         with stop.immediately() if not dist.is_distributed() else stop.deferred():
             parts = _build(config, plan, preloaded, stop)
         with stop.deferred():
-            return _fit(config, run, parts, start, stop)
+            return _fit(config, run, parts, start, stop, hydra)
     except StopRequested as stopped:
         log.warning("%s received before training started: stopping, nothing to save yet", stopped)
         if run.started:
@@ -200,10 +201,18 @@ def _build(config: DictConfig, plan: RunPlan, preloaded: Preloaded, stop: StopRe
 
 
 def _fit(
-    config: DictConfig, run: RunDirectory, parts: _Parts, start: float, stop: StopRequest
+    config: DictConfig,
+    run: RunDirectory,
+    parts: _Parts,
+    start: float,
+    stop: StopRequest,
+    hydra: DictConfig | None,
 ) -> dict[str, Any]:
     """Train to the end (or a stop), then write metrics.json; returns its summary."""
-    run_log = RunLog(run.path, parts.history) if dist.is_main_process() else NullRunLog()
+    run_log = NullRunLog()
+    if dist.is_main_process():
+        hparams = run_hyperparameters(config, parts.options.precision, hydra)
+        run_log = RunLog(run.path, parts.history, build_loggers(config.logger, run.path), hparams)
     settings = TrainerSettings.from_config(config.trainer)
     outputs = RunOutputs(run.path, OmegaConf.to_container(config), parts.class_names, run_log)
     trainer = Trainer(
@@ -220,18 +229,18 @@ def _fit(
     log.info("run dir %s", run.path)
     try:
         status = trainer.fit()
+        summary = run_summary(
+            run_log.history,
+            best_epoch=parts.loop.best_epoch,
+            epochs_run=parts.loop.epoch,
+            steps=parts.state.step,
+            status=status,
+            wall_time=time.perf_counter() - start,
+            monitor=settings.monitor,
+        )
+        run_log.write_summary(summary)
     finally:
-        run_log.close()
-    summary = run_summary(
-        run_log.history,
-        best_epoch=parts.loop.best_epoch,
-        epochs_run=parts.loop.epoch,
-        steps=parts.state.step,
-        status=status,
-        wall_time=time.perf_counter() - start,
-        monitor=settings.monitor,
-    )
-    run_log.write_summary(summary)
+        run_log.close()  # the loggers end their runs: with the summary, or as failed
     best = summary["best"]
     log.info(
         "done (%s): best %s %.2f at epoch %d (%s weights) in %.0f s; %s",
