@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tests never use the network: a backbone with pretrained=true and no weights file would otherwise
 # try the Hugging Face hub (for about 20 s of retries before it fails). Here it fails at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# MLflow's own default store is ./mlflow.db in the working directory, the repository here: a test
+# that does not name a tracking URI writes into a temporary folder instead.
+os.environ.setdefault(
+    "MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='q2l-mlflow-')}/mlflow.db"
+)
 
 
 def run_python(
