@@ -12,6 +12,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from q2l.amp import autocast
+from q2l.threads import rebalance_threads
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,6 +92,7 @@ def train_one_epoch(
     for group in _groups(batches, options.accumulate):
         loss, skipped = _train_step(state, group, options)
         consumed += len(group)
+        rebalance_threads()  # between steps: fewer intra-op threads while neighbours are busy
         if on_step is not None and on_step(loss, skipped, len(group)):
             break
     return consumed
@@ -189,6 +191,7 @@ def evaluate(
             logits = model(images)
         all_scores.append(torch.sigmoid(logits.float()).cpu())
         all_targets.append(targets)
+        rebalance_threads()
         if should_stop is not None and should_stop():
             return None
     return torch.cat(all_scores), torch.cat(all_targets).float()

@@ -39,6 +39,7 @@ from q2l.models.backbone import normalization, pretrained_weights_path
 from q2l.preemption import EXIT_PREEMPTED, requeue
 from q2l.run_log import NullRunLog, RunLog, write_json
 from q2l.rundir import RunDirectory, RunDirError, with_saved_overrides
+from q2l.threads import configure_threads
 
 log = logging.getLogger("q2l.train")
 
@@ -48,6 +49,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     """Run one training job; returns its best mAP (what sweepers optimise)."""
     dist.init()  # the tasks of a SLURM job join here; torchrun's processes already did in main()
     dist.quiet_other_ranks()  # after Hydra set up logging
+    configure_threads(cfg.dataset.num_workers, adapt=not cfg.trainer.deterministic)
     hydra_config = HydraConfig.get()
     summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
     if summary["status"] == "preempted":

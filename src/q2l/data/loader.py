@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.seeding import SampleKey
+from q2l.threads import cap_workers
 
 
 class EpochSampler(Sampler[int | SampleKey]):
@@ -92,8 +93,11 @@ def build_loader(
     """DataLoader over an `EpochSampler`; training drops the last partial batch.
 
     Training batches of a MultiLabelImageDataset are augmented with randomness seeded per
-    (seed, epoch, sample index). Workers persist across epochs; memory is pinned for CUDA copies.
+    (seed, epoch, sample index), so the batches do not depend on the number of workers: it is
+    capped at the CPUs this process may use (more workers than CPUs only queue for them). Workers
+    persist across epochs; memory is pinned for CUDA copies.
     """
+    num_workers = cap_workers(num_workers)
     sampler = EpochSampler(
         len(dataset),
         shuffle=train,

@@ -28,6 +28,7 @@ from q2l.amp import autocast, resolve_precision
 from q2l.demo.digits import split_digit_scans
 from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
+from q2l.threads import rebalance_threads
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def _pretrain(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            rebalance_threads()
             if epoch == epochs - 1:
                 correct += int((logits.argmax(1) == labels[batch]).sum())
     torch.random.set_rng_state(rng_state)  # leave the caller's random stream as it was
