@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from q2l import dist
 from q2l.checks import choice
+from q2l.data.device_decode import DECODE_CHOICES, DeviceAugment, EncodedImages
 from q2l.data.mix import build_batch_transform
 from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.data.validate import validate_splits
 from q2l.engine import StepOptions, TrainState
 from q2l.models import MODEL_TARGETS
+from q2l.models.backbone import normalization
 
 # Messages keep the logger of the command they are part of.
 log = logging.getLogger("q2l.train")
@@ -129,6 +131,11 @@ def build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, .
     dist.on_main(
         _validate_data, cfg, train_set, val_set
     )  # reads every file once, not once per rank
+    decode = choice(data.decode)
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"dataset.decode={decode!r}: choose one of {DECODE_CHOICES}")
+    if decode == "device":
+        train_set = EncodedImages(train_set)  # step_options' DeviceAugment decodes the batches
     return train_set, val_set
 
 
@@ -232,7 +239,18 @@ def build_state(
 def step_options(
     cfg: DictConfig, device: torch.device, precision: str, num_classes: int
 ) -> StepOptions:
-    """How training steps run, as `cfg.trainer` (and `augment.mix`) say."""
+    """How training steps run, as `cfg.trainer` (and `augment`, `dataset.decode`) say."""
+    decode = None
+    if choice(cfg.dataset.decode) == "device":
+        augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
+        augment.pop("mix", None)
+        decode = DeviceAugment(
+            device,
+            cfg.dataset.image_size,
+            *normalization(cfg.backbone.name, cfg.backbone.normalization),
+            channels_last=cfg.trainer.channels_last,
+            **augment,
+        )
     return StepOptions(
         device,
         precision=precision,
@@ -243,4 +261,5 @@ def step_options(
         # Collective under DDP, so that every rank stops at the same step.
         is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
         batch_transform=_batch_transform(cfg, num_classes),
+        decode=decode,
     )

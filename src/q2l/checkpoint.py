@@ -65,6 +65,7 @@ ADDED_KEYS_WERE: dict[str, Any] = {
     "trainer.early_stop_rule": "best",
     "loss.class_priors_file": None,
     "augment.randaugment_policy": "torchvision",
+    "dataset.decode": "workers",
 }
 # Keys retyped after runs were started: (saved, current) value pairs that compute the same.
 COMPATIBLE_CHANGES: dict[str, set[tuple]] = {

@@ -182,6 +182,7 @@ class DatasetConf:
     image_size: int = 448
     batch_size: int = 32
     num_workers: int = 8  # DataLoader worker processes
+    decode: str = "workers"  # training images: "workers" (PIL) or "device" (q2l.data.device_decode)
     train: Any = MISSING  # `_target_` node; the transform is supplied at run time
     val: Any = MISSING
     validate: ValidateLevel = (

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from q2l import dist
+from q2l.allocator import configure_malloc
 from q2l.amp import resolve_precision
 from q2l.build import build_datasets, build_model, build_state, construct, step_options
 from q2l.checkpoint import (
@@ -50,6 +51,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     dist.init()  # the tasks of a SLURM job join here; torchrun's processes already did in main()
     dist.quiet_other_ranks()  # after Hydra set up logging
     configure_threads(cfg.dataset.num_workers, adapt=not cfg.trainer.deterministic)
+    configure_malloc(keep_freed=True)  # no page faults for what each step allocates again
     hydra_config = HydraConfig.get()
     summary = train(cfg, Path(hydra_config.runtime.output_dir), hydra=hydra_config)
     if summary["status"] == "preempted":

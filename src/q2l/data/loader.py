@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from q2l.data.dataset import MultiLabelImageDataset
+from q2l.data.device_decode import EncodedImages, collate_encoded
 from q2l.data.seeding import SampleKey
 from q2l.threads import cap_workers
 
@@ -116,6 +117,7 @@ def build_loader(
         drop_last=train,
         persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_encoded if isinstance(dataset, EncodedImages) else None,
         # The loader draws a base seed per epoch; from its own generator, not the global one the
         # model's dropout and MixUp use, so those do not depend on how the data is loaded.
         generator=torch.Generator().manual_seed(seed),
