@@ -75,11 +75,7 @@ class ThreadPlan:
 
 def cpu_budget(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")):
     """This process's CpuBudget, from its affinity mask and its cgroup's CPU quota."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        affinity = os.cpu_count() or 1
-    return CpuBudget(affinity, cgroup_quota(cgroup_root, proc_cgroup))
+    return CpuBudget(len(affinity_cpus()), cgroup_quota(cgroup_root, proc_cgroup))
 
 
 def cgroup_quota(
@@ -176,8 +172,8 @@ def configure_threads(num_workers: int, adapt: bool = True) -> ThreadPlan:
     _governor = None
     if plan.automatic:
         torch.set_num_threads(plan.intra_op)
-        if adapt and _read_cpu_times(_cpus()) is not None:
-            _governor = ContentionGovernor(plan.intra_op, _cpus())
+        if adapt and _read_cpu_times(affinity_cpus()) is not None:
+            _governor = ContentionGovernor(plan.intra_op, affinity_cpus())
     log.info(
         "CPU threads: %d intra-op (%s), %d DataLoader worker(s), %d usable CPU(s)",
         plan.intra_op,
@@ -275,7 +271,8 @@ class ContentionGovernor:
 _IDLE_SHARE = 0.25
 
 
-def _cpus() -> frozenset[int]:
+def affinity_cpus() -> frozenset[int]:
+    """The CPUs this process may run on (all of them where the OS does not say)."""
     try:
         return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
