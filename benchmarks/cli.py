@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
         for key in dict.fromkeys(args.cases + args.lever_cases):
             paper = key == "paper"
             rounds = args.rounds or (2 if quick else 5)
-            with throughput.build_sides(throughput.CASES[key], 1 if paper else 4) as sides:
+            with throughput.build_sides(throughput.CASES[key], 3 if paper else 4) as sides:
                 if key in args.cases and args.sections & {"a", "e"}:
                     measured = section(
                         f"a {key}",
