@@ -24,6 +24,8 @@ def no_user_threads(monkeypatch):
     for variable in threads.EXPLICIT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(threads, "_TORCH_DEFAULT_THREADS", torch.get_num_threads())
+    monkeypatch.setattr(threads, "_applied", None)
+    monkeypatch.setattr(threads, "_governor", None)
 
 
 def test_cgroup_v2_quota_is_the_tightest_of_the_cgroup_and_its_parents(tmp_path):
@@ -91,13 +93,25 @@ def test_a_torch_set_num_threads_call_before_q2l_wins(monkeypatch, no_user_threa
 
 def test_configure_threads_sets_torch_only_when_automatic(monkeypatch, no_user_threads):
     calls = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(threads, "_apply", calls.append)
     monkeypatch.setattr(threads, "cpu_budget", lambda: CpuBudget(3))
     assert threads.configure_threads(1, adapt=False).intra_op == 2
     assert calls == [2] and threads._governor is None
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads.configure_threads(1)
     assert calls == [2] and threads._governor is None
+
+
+def test_q2ls_own_earlier_choice_is_not_taken_for_the_users(monkeypatch, no_user_threads):
+    """A sweep's jobs run one after another in one process: each plans afresh."""
+    monkeypatch.setattr(threads, "cpu_budget", lambda: CpuBudget(4))
+    saved = torch.get_num_threads()
+    try:
+        assert threads.configure_threads(1, adapt=False).intra_op == 3
+        assert threads.configure_threads(2, adapt=False).intra_op == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_build_loader_caps_its_workers_at_the_usable_cpus(monkeypatch):

@@ -31,9 +31,17 @@ log = logging.getLogger(__name__)
 
 EXPLICIT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# PyTorch's own choice, read when q2l first imports this module (before q2l changes anything): a
-# different count later means the user called torch.set_num_threads.
+# PyTorch's own choice, read when q2l first imports this module (before q2l changes anything),
+# and the count q2l itself last set: any other count means the user called torch.set_num_threads.
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
+_applied: int | None = None
+
+
+def _apply(threads: int) -> None:
+    """torch.set_num_threads, remembered as q2l's own (a sweep's next job plans again)."""
+    global _applied
+    torch.set_num_threads(threads)
+    _applied = threads
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ def plan_threads(
     for variable in EXPLICIT_VARIABLES:
         if environ.get(variable, "").strip().isdigit() and int(environ[variable]) > 0:
             return ThreadPlan(torch.get_num_threads(), workers, usable, variable)
-    if torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
+    if torch.get_num_threads() not in (_TORCH_DEFAULT_THREADS, _applied):
         return ThreadPlan(torch.get_num_threads(), workers, usable, "torch.set_num_threads")
     return ThreadPlan(max(1, usable - workers), workers, usable, "auto")
 
@@ -171,7 +179,7 @@ def configure_threads(num_workers: int, adapt: bool = True) -> ThreadPlan:
     plan = plan_threads(num_workers)
     _governor = None
     if plan.automatic:
-        torch.set_num_threads(plan.intra_op)
+        _apply(plan.intra_op)
         if adapt and _read_cpu_times(affinity_cpus()) is not None:
             _governor = ContentionGovernor(plan.intra_op, affinity_cpus())
     log.info(
@@ -217,7 +225,7 @@ class ContentionGovernor:
         read_cpus: Callable[[], tuple[int, int] | None] | None = None,
         read_self: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        set_threads: Callable[[int], None] = torch.set_num_threads,
+        set_threads: Callable[[int], None] = _apply,
     ) -> None:
         self.ceiling = ceiling
         self.cpus = cpus
