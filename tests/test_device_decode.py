@@ -64,6 +64,20 @@ def test_decoded_images_equal_pils_within_decoder_rounding(images):
         assert difference.float().mean() < 0.5 and difference.max() <= 8
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pil_applies_it(orientation, images, tmp_path):
+    """nvJPEG ignores EXIF orientation, so q2l applies it itself, on every device."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"oriented_{orientation}.jpg"
+    Image.open(images.image_paths[0]).save(path, quality=95, exif=exif)
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    (image,) = decode_batch(EncodedBatch([data], [str(path)]), CPU)
+    reference = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
+    assert image.shape == reference.shape
+    assert (image.int() - reference.int()).abs().float().mean() < 0.5
+
+
 def test_a_file_that_does_not_decode_is_named(images, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(images.image_paths[0].read_bytes()[:200])

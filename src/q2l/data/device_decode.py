@@ -16,12 +16,14 @@ equal: another decoder's rounding, tensor resampling, and bilinear instead of bi
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode, v2
@@ -37,6 +39,7 @@ from q2l.data.randaugment import (
 
 DECODE_CHOICES = ("workers", "device")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
 
 
 class DeviceAugment:
@@ -187,16 +190,12 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor
     jpegs = [i for i, data in enumerate(batch.data) if bytes(data[:3].tolist()) == _JPEG_MAGIC]
     images: list[torch.Tensor | None] = [None] * len(batch)
     try:
-        decoded = decode_jpeg(
-            [batch.data[i] for i in jpegs],
-            mode=ImageReadMode.RGB,
-            device=device,
-            apply_exif_orientation=True,
-        )
+        # nvJPEG ignores EXIF orientation: it is read and applied below, for every device alike.
+        decoded = decode_jpeg([batch.data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         decoded = [_decode_one(batch, i, device) for i in jpegs]  # find the file that failed
     for index, image in zip(jpegs, decoded, strict=True):
-        images[index] = image
+        images[index] = _orient(image, _exif_orientation(batch.data[index]))
     for index, image in enumerate(images):
         if image is None:
             images[index] = _decode_one(batch, index, device)
@@ -211,6 +210,23 @@ def _decode_one(batch: EncodedBatch, index: int, device: torch.device) -> torch.
     except RuntimeError as error:
         raise BadImageError(f"cannot read image {batch.names[index]}: {error}") from error
     return image.to(device, non_blocking=True)
+
+
+def _exif_orientation(data: torch.Tensor) -> int:
+    """The EXIF orientation tag (1-8) of an encoded image; 1 (upright) when it has none."""
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:  # reads the headers only
+            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, SyntaxError):
+        return 1
+
+
+def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) turned upright from EXIF `orientation`, as PIL's ImageOps.exif_transpose does."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-2, -1)  # the orientations that swap width and height
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+    return image.flip(flips) if flips else image
 
 
 def official_randaugment(
