@@ -30,13 +30,15 @@ def configure_malloc(keep_freed: bool = True) -> bool:
 
     keep_freed=True: no block is mmapped and the heap is never trimmed, so freed memory is reused.
     keep_freed=False: glibc's behaviour in a long-running process: blocks of 32 MiB and more
-        mmapped and unmapped on free, the heap trimmed above 64 MiB free (the benchmark runs its
-        baselines this way, as they would run in a process of their own).
+        mmapped and unmapped on free, the heap trimmed above 64 MiB free, and what the heap holds
+        free now returned (the benchmark runs its baselines this way, as they would run in a
+        process of their own).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return False
     if keep_freed:
@@ -48,5 +50,7 @@ def configure_malloc(keep_freed: bool = True) -> bool:
             _M_TRIM_THRESHOLD: 2 * _GLIBC_MAX_MMAP_THRESHOLD,
         }
     applied = all(mallopt(option, value) == 1 for option, value in settings.items())
+    if not keep_freed:
+        malloc_trim(0)
     log.debug("malloc keeps freed memory: %s (applied: %s)", keep_freed, applied)
     return applied
