@@ -16,9 +16,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (editable, dev and export tools)
+install: $(PY) ## create .venv with torch 2.14.1 / torchvision 0.29.1 and q2l (editable, dev and export tools, every logger)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[dev,export]'
+	$(PY) -m pip install --quiet -e '.[dev,export,mlflow,wandb]'
 	@$(PY) -c "import torch, torchvision, q2l; print('q2l', q2l.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
 
 train: ## train the demo (embedded handwriting data, no download); ARGS="key=value ..." to override

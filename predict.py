@@ -1,6 +1,6 @@
-"""`python predict.py ckpt=PATH input=DIR|GLOB|LIST.txt output=FILE`: see src/q2l/predict.py."""
+"""`python predict.py ckpt=PATH input=DIR|GLOB|LIST.txt output=FILE`: see src/q2l/cli/predict.py."""
 
-from q2l.predict import main
+from q2l.cli.predict import main
 
 if __name__ == "__main__":
     main()

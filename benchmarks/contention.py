@@ -3,8 +3,8 @@
 On a shared machine another process may keep the CPUs busy at any time. A training process that
 runs as many OpenMP threads as the machine has CPUs then waits, in every parallel region, for the
 thread that is not running: the demo once took 23 minutes instead of 2 on a machine loaded by other
-users. q2l.threads sizes the thread pool from the usable CPUs and, in the CLI, gives threads back
-while other processes keep the CPUs busy (ContentionGovernor).
+users. q2l.utils.threads sizes the thread pool from the usable CPUs and, in the CLI, gives threads
+back while other processes keep the CPUs busy (ContentionGovernor).
 
 Section i measures both ends:
 - `make train` (the demo, from nothing, as section f runs it) quiet, then beside the neighbour:
@@ -30,8 +30,8 @@ from benchmarks import timing
 from benchmarks.memory import DEMO_MAP_TARGET, run_training
 from benchmarks.throughput import CASES, build_sides
 from benchmarks.timing import Row, Workload, compare, interleaved
-from q2l.engine import train_one_epoch
-from q2l.threads import ContentionGovernor, affinity_cpus, cpu_budget
+from q2l.training.engine import train_one_epoch
+from q2l.utils.threads import ContentionGovernor, affinity_cpus, cpu_budget
 
 NEIGHBOUR_THREADS = 2
 WITHIN = 2.0  # `make train` beside the neighbour takes at most this many times its quiet time

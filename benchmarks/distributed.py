@@ -1,7 +1,7 @@
 """DDP on CPU: training throughput of 2 processes (gloo, one thread each) next to 1 process with
 two threads, at the same global batch, on the same cores.
 
-Both sides run q2l's own step (`q2l.engine.train_one_epoch`) on the demo-sized model with
+Both sides run q2l's own step (`q2l.training.engine.train_one_epoch`) on the demo-sized model with
 synthetic batches; the 2-process side wraps the model in DistributedDataParallel exactly as
 `train.py` does under torchrun. Each round starts both configurations fresh and times them after
 warm-up steps, inside the workers, so process start-up is not counted.
@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 
 from benchmarks.throughput import CASES, build_case_model, compose_config, q2l_state
 from benchmarks.timing import Row
-from q2l.build import construct
-from q2l.engine import train_one_epoch
+from q2l.training.build import construct
+from q2l.training.engine import train_one_epoch
 
 WARMUP_STEPS = 3
 

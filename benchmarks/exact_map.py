@@ -2,8 +2,8 @@
 
 The matrix has COCO val2014's shape (40,137 images × 80 classes), about 2.9 positives per image
 spread over classes as unevenly as COCO's (one class in ~45% of the images, the rarest in a few
-dozen), float32 scores as `q2l.engine.evaluate` returns them, and a fifth of the rows rounded to
-three decimals so tied scores occur. All three must agree on every class's AP to 1e-6.
+dozen), float32 scores as `q2l.training.engine.evaluate` returns them, and a fifth of the rows
+rounded to three decimals so tied scores occur. All three must agree on every class's AP to 1e-6.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def measure_predict(
     from hydra.core.global_hydra import GlobalHydra
 
     from q2l.config import CONFIG_DIR
-    from q2l.predict import predict
+    from q2l.inference.predict import predict
 
     photos = folder / "photos"
     photos.mkdir()
@@ -246,7 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("q2l.predict", "q2l.inference", "q2l.progress", "q2l.export"):
+    for name in (
+        "q2l.inference.predict",
+        "q2l.inference",
+        "q2l.utils.progress",
+        "q2l.inference.export",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     rounds = args.rounds or (3 if args.quick else 7)
     rows = measure_inference(args.cases.split(","), rounds, 48 if args.quick else 96)

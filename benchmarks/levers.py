@@ -2,7 +2,7 @@
 
 q2l's defaults combine bf16 autocast (trainer.precision=auto on a CPU with bf16 units),
 channels_last convolutions and fused AdamW, in a process whose malloc keeps freed memory
-(q2l.allocator); evaluation runs under `torch.inference_mode`. Here
+(q2l.utils.allocator); evaluation runs under `torch.inference_mode`. Here
 each of them is switched on alone in the hand-written plain loop, so its own share is visible;
 section a measures them together through q2l's engine. `--compile` adds torch.compile, after
 checking that the compiled model gives the eager model's logits.

@@ -46,7 +46,8 @@ def run_training(
 ) -> TrainingRun:
     """`python train.py experiment=demo` with `overrides`; run directory, data and caches in a
     temporary folder. threads: OMP_NUM_THREADS for the run; -1 the benchmark's own intra-op
-    thread count; None none, so that the CLI chooses (q2l.threads) as it does for `make train`."""
+    thread count; None none, so that the CLI chooses (q2l.utils.threads) as it does for
+    `make train`."""
     with tempfile.TemporaryDirectory(prefix="q2l-bench-train-") as folder:
         root = Path(folder)
         run_dir = root / "run"

@@ -3,9 +3,9 @@
 Both q2l-model sides build the same model from the same composed config with the same seed. The
 q2l side is q2l as `python train.py` runs it, with nothing overridden but the model case: the
 config's defaults (trainer.precision=auto, trainer.channels_last=true, optimizer.fused=true, the
-weight EMA, the finiteness check) through the real `q2l.engine.train_one_epoch` and
-`q2l.engine.evaluate`, so a change to the engine or to a default shows up here unchanged. The
-plain side is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for
+weight EMA, the finiteness check) through the real `q2l.training.engine.train_one_epoch` and
+`q2l.training.engine.evaluate`, so a change to the engine or to a default shows up here unchanged.
+The plain side is what a first PyTorch script does: contiguous tensors, fp32, `torch.no_grad()` for
 inference, `torch.optim.AdamW(model.parameters())` with its default implementation, no EMA.
 
 With a checkout of the official Query2Label code (benchmarks/official.py), the paper case also
@@ -28,10 +28,10 @@ from torch import nn
 
 from benchmarks import official
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
-from q2l.amp import autocast, resolve_precision
-from q2l.build import build_model, build_state, step_options
 from q2l.config import CONFIG_DIR
-from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.training.build import build_model, build_state, step_options
+from q2l.training.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.utils.amp import autocast, resolve_precision
 
 CPU = torch.device("cpu")
 OFFICIAL_TARGET = 2.0  # q2l at its defaults, training and inference, against the official code
@@ -55,7 +55,8 @@ CASES = {
     "paper": ModelCase(
         "paper",
         "Q2L resnet50, 224 px, batch 8, paper head (D 2048, FFN 8192, 1 enc/2 dec, 4 heads, "
-        "no decoder self-attention, no input projection): the official code's architecture",
+        "no decoder self-attention, no input projection, post-norm, dropout 0.1): the official "
+        "code's architecture",
         (
             "dataset=coco2014",
             "dataset.root=unused",
@@ -65,6 +66,9 @@ CASES = {
             "backbone.pretrained=false",
             "model=q2l",
             "model.input_proj=false",
+            # The official layout, not q2l's default (pre-norm, dropout 0): the same architecture.
+            "model.norm=post",
+            "model.dropout=0.1",
         ),
         num_classes=80,  # COCO
     ),
@@ -113,7 +117,7 @@ def count_images(batches: list) -> int:
 
 def q2l_state(cfg: DictConfig, model: nn.Module, loss: nn.Module) -> tuple[TrainState, StepOptions]:
     """The training state and step options `python train.py` builds around `model` from `cfg`
-    (q2l.train's own builders), with a schedule far longer than will run."""
+    (q2l.training.run's own builders), with a schedule far longer than will run."""
     precision = resolve_precision(cfg.trainer.precision.value, CPU)
     long_enough = 1_000_000 * cfg.dataset.batch_size
     state = build_state(cfg, model, loss, long_enough, precision)
@@ -193,8 +197,8 @@ def set_adamw_implementation(optimizer: torch.optim.Optimizer, kind: str) -> Non
 def q2l_train(
     state: TrainState, options: StepOptions, batches: list, frozen: list[nn.Parameter] = ()
 ) -> Workload:
-    """q2l's own training loop (`q2l.engine.train_one_epoch`). `frozen` parameters are set to
-    requires_grad=False before each run (and back to True otherwise)."""
+    """q2l's own training loop (`q2l.training.engine.train_one_epoch`). `frozen` parameters are set
+    to requires_grad=False before each run (and back to True otherwise)."""
     trainable = [p for p in state.model.parameters() if p.requires_grad]
 
     def prepare() -> None:
@@ -211,7 +215,7 @@ def q2l_train(
 
 
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
-    """q2l's own evaluation loop (`q2l.engine.evaluate`)."""
+    """q2l's own evaluation loop (`q2l.training.engine.evaluate`)."""
     options = StepOptions(
         options.device, precision=options.precision, channels_last=options.channels_last
     )

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from q2l.allocator import configure_malloc
-from q2l.amp import resolve_precision
+from q2l.utils.allocator import configure_malloc
+from q2l.utils.amp import resolve_precision
 
 
 @dataclass
@@ -29,9 +29,10 @@ class Workload:
 
     `prepare()` runs untimed before each `run()`: switching a shared model's memory format or an
     optimizer's implementation between workloads is not part of what is measured.
-    keep_freed_memory: the malloc setting the workload runs under (q2l.allocator.configure_malloc):
-    True for q2l's side, as `python train.py` sets it; False, glibc's own behaviour, for the
-    baselines, as they would run in a process of their own.
+    keep_freed_memory: the malloc setting the workload runs under
+        (q2l.utils.allocator.configure_malloc): True for q2l's side, as `python train.py` sets
+        it; False, glibc's own behaviour, for the baselines, as they would run in a process of
+        their own.
     """
 
     run: Callable[[], int]

@@ -15,7 +15,7 @@ measured; the script prints a Markdown table for docs/performance.md, writes eve
 3. channels_last: logits equal contiguous ones within the precision's error.
 4. compile: `trainer.compile` (torch.compile) gives eager's logits; compile time and the
    training-step speed against eager.
-5. nccl: a one-process NCCL group (gloo on CPU): q2l.dist's collectives, and a training step
+5. nccl: a one-process NCCL group (gloo on CPU): q2l.utils.dist's collectives, and a training step
    through DistributedDataParallel equal to the plain step.
 6. decode: dataset.decode=device on 640×480 JPEGs: the device's decode against the CPU's, its
    images/s at the paper's augmentation, and one CPU core's images/s with the PIL pipeline.
@@ -50,14 +50,14 @@ from benchmarks.memory import run_training
 from benchmarks.throughput import CASES, build_case_model, compose_config
 from benchmarks.timing import Workload, interleaved
 
-from q2l import dist
-from q2l.amp import autocast, resolve_precision
-from q2l.build import build_state, step_options
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.device_decode import DeviceAugment, EncodedImages, collate_encoded, decode_batch
 from q2l.data.transforms import build_train_transform
-from q2l.engine import StepOptions, TrainState, evaluate, train_one_epoch
 from q2l.models.backbone import normalization
+from q2l.training.build import build_state, step_options
+from q2l.training.engine import StepOptions, TrainState, evaluate, train_one_epoch
+from q2l.utils import dist
+from q2l.utils.amp import autocast, resolve_precision
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,9 @@ from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests never use the network: a backbone with pretrained=true and no weights file would otherwise
+# try the Hugging Face hub (for about 20 s of retries before it fails). Here it fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def run_python(
@@ -109,7 +112,7 @@ def cli_env(tmp_path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
     """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports)."""
-    from q2l.train import train
+    from q2l.training.run import train
 
     base = tmp_path_factory.mktemp("inference-run")
     overrides = [
@@ -129,7 +132,7 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
 @pytest.fixture(scope="session")
 def exports(tiny_checkpoint, tmp_path_factory):
     """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
-    from q2l.export import export
+    from q2l.inference.export import export
 
     folder = tmp_path_factory.mktemp("exports")
     names = {

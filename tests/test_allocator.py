@@ -1,4 +1,5 @@
-"""q2l.allocator: with freed memory kept, a step's second allocation of a block faults no pages."""
+"""q2l.utils.allocator: with freed memory kept, a step's second allocation of a block faults no
+pages."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import resource
 import pytest
 import torch
 
-from q2l.allocator import configure_malloc
+from q2l.utils.allocator import configure_malloc
 
 BLOCK = 16 * 2**20  # floats: 64 MiB, above glibc's largest mmap threshold
 

@@ -3,13 +3,21 @@ pass unchanged, and q2l-attention writes image-sized overlays for the top-k labe
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from q2l.attention import write_attention_maps
+from q2l.data.dataset import BadImageError, load_rgb
+from q2l.data.transforms import build_eval_transform
+from q2l.inference.attention import write_attention_maps
+from q2l.inference.model_info import ModelInfo
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.attention_maps import CrossAttentionMaps, attention_weights
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.utils.drawing import MIN_BAR_HEIGHT, colorize, heatmap_overlay
+
+from .helpers.images import write_huge_png
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +61,24 @@ def test_the_command_writes_image_sized_overlays_for_the_top_labels(
     )
     written = write_attention_maps(cfg)
     assert len(written) == 3 and [p.name[:3] for p in written] == ["01-", "02-", "03-"]
-    for path in written:
-        with Image.open(path) as overlay:
-            assert overlay.size == (48, 40) and overlay.mode == "RGB"
-    assert (tmp_path / "maps" / "grid.png").is_file()
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    model, weights = model_from_checkpoint(checkpoint, "auto")  # as the command's default
+    info = ModelInfo.from_checkpoint(checkpoint, weights)
+    pixels = build_eval_transform(info.image_size, info.mean, info.std)(load_rgb(image))[None]
+    with CrossAttentionMaps(model) as capture, torch.no_grad():
+        scores = model(pixels).sigmoid()[0]
+    for path, label in zip(written, scores.topk(3).indices.tolist(), strict=True):
+        assert info.class_names[label] in path.name
+        with Image.open(path) as figure:
+            # The overlay at the image's own size in the top-left corner, a colour bar of the
+            # map's attention weights on its right, the label and score below.
+            overlay = heatmap_overlay(Image.open(image), capture.maps[0, label].numpy(), 0.5)
+            assert figure.crop((0, 0, 48, 40)).tobytes() == overlay.tobytes()
+            assert figure.width > 48 + 40 and figure.height >= MIN_BAR_HEIGHT + 14
+            bar = np.asarray(figure.crop((48, 0, figure.width, 20))).astype(int)
+            assert (np.abs(bar - colorize(np.array(1.0))).max(axis=-1) <= 12).any()
+    with Image.open(tmp_path / "maps" / "grid.png") as grid:
+        assert grid.width > 4 * 320 and grid.height > 240 + 17  # input and 3 figures in a row
     with pytest.raises(FileExistsError, match="maps exists"):
         write_attention_maps(cfg)  # never into a folder that holds files
     broken = tmp_path / "broken.jpg"
@@ -67,3 +89,16 @@ def test_the_command_writes_image_sized_overlays_for_the_top_labels(
     with pytest.raises(Exception, match="broken.jpg"):
         write_attention_maps(bad)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_image_over_max_image_pixels_is_refused_unread(compose_config, tmp_path):
+    huge = write_huge_png(tmp_path / "huge.png", 12000, 12000)
+    output = tmp_path / "maps"
+    overrides = ["ckpt=/not/read/first.pt", f"image={huge}", f"output={output}"]
+    with pytest.raises(
+        BadImageError, match=r"12000 x 12000 .* more than max_image_pixels=89478485"
+    ):
+        write_attention_maps(compose_config("attention", overrides))
+    with pytest.raises(BadImageError, match=r"more than max_image_pixels=1000"):
+        write_attention_maps(compose_config("attention", [*overrides, "max_image_pixels=1000"]))
+    assert not output.exists()

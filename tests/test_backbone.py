@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
 
 from q2l.models import TimmBackbone
-from q2l.models.backbone import normalization
+from q2l.models.backbone import normalization, pretrained_weights_path
 
 from .helpers.layouts import miil_tresnet_layout, randomize
 
@@ -123,3 +124,105 @@ def test_normalization_choices():
     assert normalization("tresnet_l") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert normalization("tresnet_l", "imagenet")[0] == pytest.approx((0.485, 0.456, 0.406))
     assert normalization("resnet101", "none") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+# Pretrained weights without a file: timm's hub weights through the Hugging Face hub client.
+
+
+def _hub_cache_with(tmp_path, name: str) -> tuple[dict[str, torch.Tensor], object]:
+    """A Hugging Face cache laid out as the hub client lays it out, holding timm's weights file
+    for `name` (random weights of the right shapes); returns (the weights, the cache folder)."""
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    weights = timm.create_model(name, pretrained=False).state_dict()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        folder / "snapshots" / commit / "model.safetensors",
+    )
+    return weights, tmp_path / "hf"
+
+
+def test_hub_weights_are_found_in_the_hub_clients_cache_offline(tmp_path, monkeypatch):
+    weights, cache = _hub_cache_with(tmp_path, "resnet18")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = TimmBackbone("resnet18", pretrained=True)
+    loaded = backbone.body.state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in loaded)
+
+
+def test_offline_and_uncached_fails_naming_the_hub_file_and_where_to_place_it(
+    tmp_path, monkeypatch, tiny_cfg
+):
+    from q2l.training.run import train
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = (
+        r"weights of 'resnet18' are not on this machine and HF_HUB_OFFLINE is set[\s\S]*"
+        r"scripts/fetch_weights.py --backbones resnet18[\s\S]*timm/resnet18.a1_in1k/"
+        r"model.safetensors[\s\S]*HF_HUB_CACHE=DIR \(now .*empty-cache\)"
+    )
+    with pytest.raises(FileNotFoundError, match=message):
+        TimmBackbone("resnet18", pretrained=True)
+    # In a run, before the data is read (the data root does not even exist).
+    cfg = tiny_cfg("backbone.pretrained=true", "dataset.root=/nonexistent/data", "~prepare.data")
+    with pytest.raises(FileNotFoundError, match=message):
+        train(cfg, tmp_path / "run")
+
+
+def test_missing_hub_weights_are_downloaded_by_the_hub_client(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    weights, cache = _hub_cache_with(tmp_path, "resnet18")
+    [stored] = cache.rglob("model.safetensors")
+    calls = []
+
+    def download(repo, filename, revision=None, cache_dir=None):
+        calls.append((repo, filename, cache_dir))
+        return str(stored)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))  # not cached there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert pretrained_weights_path("resnet18", None) == stored
+    assert calls == [("timm/resnet18.a1_in1k", "model.safetensors", str(tmp_path / "elsewhere"))]
+
+
+def test_the_fetch_script_names_every_presets_weights_and_fills_a_cache_folder(
+    tmp_path, monkeypatch, capsys
+):
+    import runpy
+
+    import huggingface_hub
+
+    from .conftest import REPO_ROOT
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "fetch_weights.py"))
+    assert script["main"](["--list"]) == 0
+    listed = capsys.readouterr().out
+    for preset in ("coco_r101_448", "coco_tresnetl_448", "coco_swinl_384", "coco_tresnetl22k_448"):
+        assert preset in listed
+    assert "timm/tresnet_l.miil_in1k_448/model.safetensors" in listed
+
+    weights, cache = _hub_cache_with(tmp_path, "resnet18")
+    [stored] = cache.rglob("model.safetensors")
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo, filename, revision=None, cache_dir=None: (
+            calls.append(cache_dir) or str(stored)
+        ),
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    target = tmp_path / "for-the-cluster"
+    assert script["main"](["--backbones", "resnet50", "--cache-dir", str(target)]) == 0
+    assert calls == [str(target.resolve())]

@@ -14,15 +14,17 @@ import torch
 from benchmarks import official, timing
 from benchmarks.cli import format_table, load_rows
 from benchmarks.exact_map import coco_sized_problem
-from benchmarks.throughput import CASES, build_sides
+from benchmarks.throughput import CASES, build_sides, compose_config
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from sklearn.metrics import average_precision_score
 from torch import nn
 
 from q2l import metrics
-from q2l.amp import resolve_precision
 from q2l.models import Query2Label, TimmBackbone
+from q2l.models.official import convert_official_state_dict
 from q2l.models.transformer import Transformer
+from q2l.training.checkpoint import load_strict
+from q2l.utils.amp import resolve_precision
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 
@@ -252,19 +254,40 @@ def test_pretrained_true_in_the_official_code_downloads_nothing():
     assert resnet.fc.out_features == 3
 
 
+def test_the_paper_case_builds_the_official_layout():
+    """The "same architecture" rows compare q2l with the official code: the paper case must be
+    the official layout (post-norm with its final LayerNorm, dropout 0.1), not q2l's default."""
+    cfg = compose_config(CASES["paper"].overrides)
+    assert (cfg.model.norm, cfg.model.dropout, cfg.model.input_proj) == ("post", 0.1, False)
+    assert (cfg.model.hidden_dim, cfg.model.ffn_dim, cfg.model.num_heads) == (2048, 8192, 4)
+    assert (cfg.model.num_encoder_layers, cfg.model.num_decoder_layers) == (1, 2)
+    assert cfg.model.decoder_self_attention == "none"
+
+
 @pytest.mark.skipif(
     not official.locate(None), reason=f"set {official.ENV_VAR} to a checkout of the official code"
 )
 def test_the_official_model_has_the_paper_case_architecture():
-    """Run where a checkout is at hand: the bench compares the same model on both sides."""
+    """Run where a checkout is at hand: the bench compares the same model on both sides. The
+    official model's weights load strictly into the paper case's q2l model (q2l-import's
+    conversion), which then gives the official logits."""
     with build_sides(CASES["paper"], steps=1) as sides:
-        q2l_count = sum(p.numel() for p in sides.plain_model.parameters())
-    code = official.load(official.locate(None))
-    model = official.build_model(code, CASES["paper"].num_classes)
-    # The official BatchNorm keeps its affine terms as buffers; every other weight is a parameter.
-    frozen_norms = [m for m in model.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
-    affine = sum(m.weight.numel() + m.bias.numel() for m in frozen_norms)
-    assert sum(p.numel() for p in model.parameters()) + affine == q2l_count
+        q2l_model = sides.plain_model.eval()
+        q2l_count = sum(p.numel() for p in q2l_model.parameters())
+        code = official.load(official.locate(None))
+        model = official.build_model(code, CASES["paper"].num_classes).eval()
+        # The official BatchNorm keeps its affine terms as buffers; every other weight is a
+        # parameter.
+        frozen_norms = [m for m in model.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+        affine = sum(m.weight.numel() + m.bias.numel() for m in frozen_norms)
+        assert sum(p.numel() for p in model.parameters()) + affine == q2l_count
+        state = {key: value.detach() for key, value in model.state_dict().items()}
+        load_strict(q2l_model, convert_official_state_dict(state, q2l_model), "official")
+        images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            difference = float((q2l_model(images) - model(images)).abs().max())
+    print(f"paper case vs the official model: max |logit difference| = {difference:.2e}")
+    assert difference < 1e-4
     assert "models" not in sys.modules and "utils" not in sys.modules
 
 

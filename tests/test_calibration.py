@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from q2l.calibration import f1_thresholds, per_class_counts, precision_recall_curve
+from q2l.evaluation.calibration import f1_thresholds, per_class_counts, precision_recall_curve
 from q2l.metrics import threshold_metrics
 
 

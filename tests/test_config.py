@@ -10,16 +10,17 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from q2l.build import build_model
-from q2l.config import BACKBONES, CONFIG_DIR
+from q2l.config import CONFIG_DIR
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
+from q2l.training.build import build_model
 
 CONF = Path(CONFIG_DIR)
+# backbone=<option>: its timm name, as conf/backbone/<option>.yaml gives it.
+BACKBONES = {p.stem: OmegaConf.load(p).name for p in sorted((CONF / "backbone").glob("*.yaml"))}
 
 
 def _options(group: str) -> list[str]:
-    files = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    return sorted(BACKBONES) if group == "backbone" else files
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -28,7 +29,9 @@ def _options(group: str) -> list[str]:
 )
 def test_every_option_composes(compose_config, group):
     for option in _options(group):
-        data = [] if group in ("dataset", "experiment") else ["dataset=coco2014"]
+        # Presets pick their data set; the small setup (like the other groups) is for any.
+        picks_data = group == "dataset" or (group == "experiment" and option != "small")
+        data = [] if picks_data else ["dataset=coco2014"]
         cfg = compose_config("train", [f"{group}={option}", *data, "dataset.root=/nonexistent"])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
@@ -126,3 +129,65 @@ def test_tresnet_uses_its_own_normalization():
 
     assert normalization("tresnet_l") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert normalization("resnet101")[0] == pytest.approx((0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["experiment=demo"], "_demo_resnet18_q2l_small"),
+        (
+            ["dataset=coco2014", "backbone=resnet101", "model=ml_decoder"],
+            "_coco2014_resnet101_ml_decoder",
+        ),
+        (["experiment=coco_r101_448"], "_coco_r101_448_resnet101_tv_q2l"),
+    ],
+)
+def test_run_directories_are_named_for_what_ran(overrides, name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", [*overrides, "paths.output_dir=/runs"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
+    run_dir = cfg.hydra.run.dir
+    assert run_dir.startswith("/runs/") and run_dir.endswith(name), run_dir
+    assert cfg.hydra.sweep.dir.startswith("/runs/multirun/") and cfg.hydra.sweep.dir.endswith(name)
+
+
+@pytest.mark.slow
+def test_debug_presets_shorten_a_run(compose_config, digits_root, tmp_path):
+    from q2l.training.run import train
+
+    from .conftest import tiny_overrides
+
+    # The tiny data set's settings, less its epoch count: a preset's values lose to the command's.
+    tiny = [o for o in tiny_overrides(digits_root, tmp_path / "cache") if "epochs" not in o]
+    fast = train(compose_config("train", [*tiny, "debug=fast"]), tmp_path / "fast")
+    assert (fast["epochs_run"], fast["steps"]) == (1, 2)
+    limit = compose_config("train", [*tiny, "debug=limit"])
+    assert (limit.trainer.epochs, limit.trainer.limit_train_batches) == (2, 20)
+    overfit_cfg = compose_config("train", [*tiny, "debug=overfit", "trainer.epochs=12"])
+    overfit = train(overfit_cfg, tmp_path / "overfit")
+    losses = [r["train_loss"] for r in _records(tmp_path / "overfit")]
+    assert overfit["steps"] == 12 and losses[-1] < 0.5 * losses[0]  # one batch, learnt by heart
+
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_small_setup_fits_own_data_on_a_cpu(compose_config):
+    cfg = compose_config(
+        "train", ["dataset=table", "dataset.root=/data/kitchen", "experiment=small"]
+    )
+    assert (cfg.backbone.name, cfg.model.hidden_dim, cfg.dataset.image_size) == (
+        "resnet18",
+        256,
+        224,
+    )
+    assert (cfg.dataset.batch_size, cfg.trainer.epochs, cfg.augment.hflip) == (16, 20, 0.5)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from q2l.data.coco import CocoMultiLabel
-from q2l.data.dataset import BadImageError, load_rgb
+from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb, open_image
 from q2l.data.loader import EpochSampler, build_loader
 from q2l.data.partial import hide_labels
 from q2l.data.seeding import SampleKey
 from q2l.data.transforms import Cutout, build_eval_transform, build_train_transform
+from q2l.data.validate import DataValidationError
+from q2l.training.resume import RESUME_IGNORED_KEYS, config_diff
+from q2l.training.run import train
+
+from .helpers.images import write_huge_png
 
 
 def _coco(root, split="val", **kwargs):
@@ -198,7 +204,7 @@ def test_hide_labels_keeps_a_seeded_share_of_each_row():
 
 
 def test_partial_labels_hide_train_labels_only(tiny_cfg):
-    from q2l.build import build_datasets
+    from q2l.training.build import build_datasets
 
     full_train, full_val = build_datasets(tiny_cfg(), (0.5,) * 3, (0.5,) * 3)
     cfg = tiny_cfg("dataset.partial.keep_ratio=0.5", "loss=partial_asl")
@@ -211,9 +217,102 @@ def test_partial_labels_hide_train_labels_only(tiny_cfg):
 
 @pytest.mark.slow
 def test_partial_asl_trains_end_to_end_on_hidden_labels(tiny_cfg, tmp_path):
-    from q2l.train import train
+    from q2l.training.run import train
 
     summary = train(
         tiny_cfg("loss=partial_asl", "dataset.partial.keep_ratio=0.4", "trainer.epochs=1"), tmp_path
     )
     assert summary["status"] == "completed" and np.isfinite(summary["best"]["mAP"])
+
+
+# ---- the pixel limit (dataset.max_image_pixels) ----
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """A 12000 x 12000 (144 megapixel) PNG of 18 kB: over Pillow's default limit, under twice it."""
+    return write_huge_png(tmp_path_factory.mktemp("huge") / "huge.png", 12000, 12000)
+
+
+@pytest.fixture
+def never_decode(monkeypatch):
+    """Decoding a PNG over 10 megapixels fails the test: the limit must refuse from the header."""
+    load = PngImagePlugin.PngImageFile.load
+
+    def decode(self, *args, **kwargs):
+        if self.size[0] * self.size[1] > 10**7:
+            pytest.fail(f"{self.filename} was decoded")
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decode)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(huge_png, never_decode):
+    dataset = MultiLabelImageDataset([huge_png], np.ones((1, 1), np.int8), ["x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not Pillow's DecompressionBombWarning either
+        with pytest.raises(BadImageError) as error:
+            dataset[0]
+    message = str(error.value)
+    assert str(huge_png) in message and "12000 x 12000 = 144,000,000 pixels" in message
+    assert "dataset.max_image_pixels=89478485" in message
+
+
+def test_skip_passes_over_an_image_over_the_limit(huge_png, tmp_path, never_decode, caplog):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (30, 20), "red").save(small)
+    dataset = MultiLabelImageDataset(
+        [huge_png, small],
+        np.eye(2, dtype=np.int8),
+        ["a", "b"],
+        on_bad_image="skip",
+        max_bad_fraction=0.5,
+    )
+    image, target = dataset[0]  # the next readable sample stands in for it
+    assert image.size == (30, 20) and target.tolist() == [0.0, 1.0]
+    assert dataset.bad_images == 1 and "dataset.max_image_pixels" in caplog.text
+
+
+def test_the_limit_is_configurable_and_null_lifts_it(tmp_path):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (30, 20), "red").save(small)
+    with pytest.raises(
+        BadImageError, match=r"30 x 20 = 600 pixels, more than max_image_pixels=599"
+    ):
+        load_rgb(small, max_pixels=599, limit_key="max_image_pixels")
+    assert load_rgb(small, max_pixels=600).size == (30, 20)
+    # null: no limit, Pillow's own (which refuses twice its default) included.
+    huge = write_huge_png(tmp_path / "huger.png", 14000, 14000)  # 196 Mpx > 2 x 89.5 Mpx
+    with open_image(huge, None) as image:
+        assert image.size == (14000, 14000)
+    with pytest.raises(ValueError, match="max_image_pixels must be at least 1"):
+        MultiLabelImageDataset([small], np.ones((1, 1), np.int8), ["x"], max_image_pixels=0)
+
+
+def test_training_takes_the_limit_from_the_config_and_skips_over_it(
+    tiny_cfg, digits_root, tmp_path, huge_png, never_decode
+):
+    root = tmp_path / "digits"
+    shutil.copytree(digits_root, root)
+    shutil.copy(huge_png, root / "train2014" / "huge.png")
+    annotations = root / "annotations" / "instances_train2014.json"
+    coco = json.loads(annotations.read_text())
+    coco["images"].append({"id": 10**6, "file_name": "huge.png", "width": 12000, "height": 12000})
+    annotations.write_text(json.dumps(coco))
+    overrides = [f"dataset.root={root}", "trainer.epochs=1"]
+    # Refused by the data check, naming the file, its size and the key...
+    with pytest.raises(DataValidationError, match=r"huge.png: image .* 12000 x 12000 .* pixels"):
+        train(tiny_cfg(*overrides), tmp_path / "refused")
+    # ... and skipped like any bad image with on_bad_image=skip.
+    skip = ["dataset.on_bad_image=skip", "dataset.max_bad_fraction=0.1"]
+    summary = train(tiny_cfg(*overrides, *skip), tmp_path / "run")
+    assert summary["status"] == "completed"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "huge.png is 12000 x 12000" in log and "dataset.max_image_pixels=89478485" in log
+
+
+def test_runs_from_before_the_limit_resume_and_may_raise_it():
+    saved = {"dataset": {"name": "coco2014", "image_size": 448}}
+    for value in (89_478_485, None):
+        current = {"dataset": {**saved["dataset"], "max_image_pixels": value}}
+        assert config_diff(saved, current, ignore=RESUME_IGNORED_KEYS) == []

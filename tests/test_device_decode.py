@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from q2l.data import device_decode
@@ -20,7 +21,7 @@ from q2l.data.device_decode import (
 from q2l.data.loader import build_loader
 from q2l.data.randaugment import OPERATIONS, OfficialRandAugment, apply_operation
 from q2l.data.transforms import build_eval_transform
-from q2l.train import train
+from q2l.training.run import train
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -164,6 +165,14 @@ def test_a_run_trains_with_device_decoding(tiny_cfg, tmp_path):
     assert summary["status"] == "completed" and summary["best"]["mAP"] > 0
 
 
-def test_an_unknown_decode_choice_is_refused(tiny_cfg, tmp_path):
-    with pytest.raises(ValueError, match="dataset.decode='gpu'"):
-        train(tiny_cfg("dataset.decode=gpu"), tmp_path / "run")
+def test_an_unknown_decode_choice_is_refused_at_composition(tiny_cfg):
+    with pytest.raises(ConfigCompositionException, match="gpu"):
+        tiny_cfg("dataset.decode=gpu")
+
+
+def test_an_image_over_max_image_pixels_is_refused_before_it_is_decoded(images):
+    limited = MultiLabelImageDataset(
+        images.image_paths, images.labels, images.class_names, max_image_pixels=80 * 60 - 1
+    )
+    with pytest.raises(BadImageError, match="max_image_pixels"):
+        EncodedImages(limited)[0]

@@ -60,8 +60,15 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                 ]
                 if "-m" in words:  # a sweep: its first job stands for all of them
                     overrides = [re.sub(r"=([^,\[]*),.*", r"=\1", w) for w in overrides]
-                if "resume=auto" in overrides:
-                    # Composes from the run's saved overrides: test_safety.py runs it for real.
+                if "resume=auto" in overrides or (
+                    overrides and all(o.startswith("hydra.sweep.dir=") for o in overrides)
+                ):
+                    # Composes from the run's (or the sweep's) saved overrides: test_safety.py
+                    # and test_cluster.py run these for real.
+                    continue
+                if "--config-dir" in words or "--help" in words:
+                    # A user's own config folder (test_packaging.py runs one for real); --help
+                    # composes nothing (test_the_documented_help_commands_run).
                     continue
                 found.append(
                     (f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides)
@@ -107,3 +114,30 @@ def test_every_documented_command_composes_without_demo_settings(
     assert not (shipped.get("dataset") or {}).get("prepare") and not (
         shipped.get("backbone") or {}
     ).get("prepare")
+
+
+def _help_commands() -> list[tuple[str, list[str]]]:
+    """(entry point, arguments) of every documented `--help` command."""
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line.split(" #")[0])
+                if words[:1] == ["python"]:
+                    words = words[1:]
+                if words and words[0] in ENTRY_POINTS and "--help" in words:
+                    found.append((words[0], words[1:]))
+    return found
+
+
+def test_the_documented_help_commands_run():
+    from q2l.cli.help import command_help, help_topic
+
+    commands = _help_commands()
+    assert commands, "the docs show --help"
+    for entry, arguments in commands:
+        command = {"train": "train", "eval": "eval", "predict": "predict"}.get(
+            ENTRY_POINTS[entry], ENTRY_POINTS[entry]
+        )
+        shown = command_help(command, help_topic(arguments))
+        assert not shown.startswith("no help"), (entry, arguments, shown)

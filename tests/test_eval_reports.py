@@ -11,9 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from q2l.evaluate import run
-from q2l.export import export
-from q2l.predict import predict
+from q2l.evaluation import reports
+from q2l.evaluation.calibration import precision_recall_curve
+from q2l.evaluation.evaluate import run
+from q2l.inference.export import export
+from q2l.inference.predict import predict
+from q2l.metrics import average_precision
+from q2l.utils.precision_recall_plot import CALIBRATED_MARKER, RUN_MARKER
 
 from .test_calibration import _brute_force
 
@@ -135,3 +139,36 @@ def test_predict_and_export_use_the_calibrated_thresholds(
     assert "embedded in the model file" in from_export["thresholds"]
     export_rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in export_rows] == [r["labels"] for r in rows]
+
+
+def test_pr_curves_mark_each_classs_thresholds_on_its_curve(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    targets = (torch.rand(200, 4, generator=generator) < 0.3).long()
+    scores = (0.4 * targets + 0.6 * torch.rand(200, 4, generator=generator)).float()
+    targets[:20, 1] = -1  # not annotated: left out of the curve and of the counts alike
+    calibrated = torch.tensor([0.7, 0.3, 0.8, 0.45], dtype=torch.float64)
+    names = ["cat", "dog", "car", "tree"]
+    path = tmp_path / "pr_curves.png"
+    ap = average_precision(scores, targets)
+    figure = reports.write_pr_curves(path, scores, targets, names, ap, 0.5, calibrated)
+    assert [panel.name for panel in figure.panels] == names
+    run_points = reports.operating_points(scores, targets, 0.5)
+    calibrated_points = reports.operating_points(scores, targets, calibrated)
+    with Image.open(path) as picture:
+        assert picture.size == figure.size
+        for k in range(4):
+            panel = figure.panels[k]
+            assert (panel.run_point, panel.calibrated_point) == (
+                run_points[k],
+                calibrated_points[k],
+            )
+            precision, recall = precision_recall_curve(scores[:, k], targets[:, k])
+            vertices = set(zip(recall.tolist(), precision.tolist(), strict=True))
+            for point, colour in (
+                (run_points[k], RUN_MARKER),
+                (calibrated_points[k], CALIBRATED_MARKER),
+            ):
+                assert point.threshold in (0.5, float(calibrated[k]))
+                assert (point.recall, point.precision) in vertices  # a vertex of the curve
+                pixel = picture.getpixel(figure.point(k, point.recall, point.precision))
+                assert max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) <= 12, (k, pixel)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-from q2l.export import export
+from q2l.inference.export import export
 from q2l.inference.model_info import ModelInfo
 from q2l.inference.runtime import load_safetensors_export
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def _reference(checkpoint_path, images):
@@ -26,8 +26,8 @@ def test_every_format_passes_its_check_and_is_smaller_than_the_checkpoint(export
     for fmt, (path, result) in exports.items():
         assert path.is_file(), fmt
         assert result["max_abs_score_difference"] <= 1e-4, fmt
-        # Weights of one model in fp32, no optimizer state or EMA copy.
-        assert result["bytes"] < 0.4 * tiny_checkpoint.stat().st_size, fmt
+        # One model's weights in fp32; best.pt holds the raw and the EMA weights (no optimizer).
+        assert result["bytes"] < 0.6 * tiny_checkpoint.stat().st_size, fmt
     assert not list(exports["onnx"][0].parent.glob(".*tmp*")), "temporary files left behind"
 
 

@@ -6,10 +6,10 @@ import json
 import random
 
 import pytest
-from omegaconf import OmegaConf
 
-from q2l.fit import Progress, _early_stop, _track_bests
-from q2l.train import train
+from q2l.training.loop_state import LoopState, early_stop, track_bests
+from q2l.training.records import EpochRecord
+from q2l.training.run import train
 
 
 def _official_epochs_run(scores: list[tuple[float, float]], patience: int) -> int:
@@ -33,14 +33,14 @@ def _official_epochs_run(scores: list[tuple[float, float]], patience: int) -> in
 
 
 def _q2l_epochs_run(scores: list[tuple[float, float]], patience: int, rule: str) -> int:
-    trainer = OmegaConf.create({"early_stop_patience": patience, "early_stop_rule": rule})
-    progress = Progress()
+    loop = LoopState()
     for epoch, (regular, ema) in enumerate(scores, start=1):
-        progress.epoch = epoch
-        record = {"monitor": "mAP_voc", "mAP_voc": regular, "mAP_voc_ema": ema}
-        record["mAP_voc_best"] = max(regular, ema)
-        _track_bests(record, progress, monitor="mAP_voc")
-        if _early_stop(record, progress, trainer):
+        loop.epoch = epoch
+        record = EpochRecord(
+            epoch, step=epoch, monitor="mAP_voc", raw={"mAP_voc": regular}, ema={"mAP_voc": ema}
+        )
+        track_bests(record, loop)
+        if early_stop(record, loop, patience, rule):
             return epoch
     return len(scores)
 
@@ -110,7 +110,8 @@ def test_monitor_is_validated(compose_config):
 
 
 def test_runs_started_before_the_new_options_resume_unchanged():
-    from q2l.checkpoint import config_diff
+    from q2l.training.checkpoint_format import upgrade
+    from q2l.training.resume import config_diff
 
     saved = {
         "backbone": {"name": "resnet18", "timm_kwargs": None},
@@ -122,7 +123,13 @@ def test_runs_started_before_the_new_options_resume_unchanged():
         "augment": {"randaugment": True},
     }
     current = {
-        "backbone": {"name": "resnet18", "timm_kwargs": {}, "freeze": "none", "frozen_bn": False},
+        "backbone": {
+            "name": "resnet18",
+            "timm_kwargs": {},
+            "freeze": "none",
+            "frozen_bn": False,
+            "normalization": "pretrained",
+        },
         "model": {
             "_target_": "q2l.models.query2label.Query2Label",
             "decoder_self_attention": "none",
@@ -131,6 +138,7 @@ def test_runs_started_before_the_new_options_resume_unchanged():
         "trainer": {"epochs": 3, "monitor": "mAP", "early_stop_rule": "best"},
         "augment": {"randaugment": True, "randaugment_policy": "torchvision"},
     }
+    saved = upgrade({"format_version": 1, "config": saved})["config"]  # as every load does
     assert config_diff(saved, current) == []
     current["augment"]["randaugment_policy"] = "official"  # a real change is still reported
     current["trainer"]["monitor"] = "mAP_voc"
@@ -140,3 +148,13 @@ def test_runs_started_before_the_new_options_resume_unchanged():
         "model.norm: 'post' -> 'pre'",
         "trainer.monitor: 'mAP' -> 'mAP_voc'",
     ]
+
+
+def test_runs_started_before_dataset_decode_resume_unchanged():
+    from q2l.training.checkpoint_format import upgrade
+
+    saved = {"format_version": 2, "config": {"dataset": {"num_workers": 2}}, "eval_weights": "raw"}
+    saved["metrics"] = {"CP_top3": 0.5, "CP_top3_all": 0.4}
+    upgraded = upgrade(saved)
+    assert upgraded["config"]["dataset"] == {"num_workers": 2, "decode": "workers"}
+    assert upgraded["metrics"] == saved["metrics"]  # version 2's names are today's

@@ -18,11 +18,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
-from q2l.build import instantiate_allowed
 from q2l.data import DATASETS
 from q2l.data.table import TableMultiLabel
 from q2l.data.validate import DataValidationError, validate_splits
 from q2l.data.voc import VOC_CLASSES, VocMultiLabel
+from q2l.training.build import instantiate_allowed
 
 CLASSES = ["cat", "dog", "car"]  # VOC has all three too
 TRAIN = [("img0", {"cat"}), ("img1", {"dog", "car"}), ("img2", {"cat", "dog"}), ("img3", {"car"})]

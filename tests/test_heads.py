@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from q2l.build import build_model
 from q2l.config import CONFIG_DIR
 from q2l.models import HEAD_CLASSES, HEADS, GlobalPoolLinear, MLDecoder, Query2Label, TimmBackbone
 from q2l.models.ml_decoder import GroupFullyConnected
-from q2l.optim import build_adamw
+from q2l.optim import build_adam, build_adamw
+from q2l.training.build import build_model
 
 SMALL = {
     Query2Label: {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4},
@@ -124,6 +124,27 @@ def test_models_declare_their_undecayed_parameters():
         TimmBackbone("vit_small_patch16_224", pretrained=False, image_size=32), 3
     )
     assert {"backbone.body.pos_embed", "backbone.body.cls_token"} <= _undecayed(vit)
+
+
+def test_adam_adds_l2_decay_to_the_gradients_as_asl_and_ml_decoder_train():
+    """optimizer=adam: torch's Adam over ASL's `add_weight_decay` groups (1-D parameters and
+    biases undecayed): its step equals plain Adam on grad + wd * weight for decayed weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    optimizer = build_adam(model, lr=0.1, weight_decay=0.5, fused=False)
+    assert isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {
+        names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]
+    }
+    assert decayed == {"0.weight"}
+    weight = model[0].weight.detach().clone()
+    model(torch.randn(5, 4)).square().sum().backward()
+    gradient = model[0].weight.grad.clone() + 0.5 * weight  # coupled L2
+    optimizer.step()
+    # Adam's first step moves every coordinate by lr * sign(gradient) (up to eps).
+    expected = weight - 0.1 * gradient.sign()
+    torch.testing.assert_close(model[0].weight.detach(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

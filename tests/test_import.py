@@ -4,7 +4,10 @@ checkpoint works with eval.py and init_from."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,10 +18,12 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-from q2l.evaluate import evaluate_checkpoint
-from q2l.import_official import import_official, main
-from q2l.train import train
+from q2l.cli.import_official import main
+from q2l.evaluation.evaluate import evaluate_checkpoint
+from q2l.models.official_config import find_official_config, read_official_config
+from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+from q2l.training.importing import import_official
+from q2l.training.run import train
 
 from .conftest import tiny_overrides
 from .helpers.layouts import miil_tresnet_layout, randomize
@@ -285,3 +290,176 @@ def test_import_refuses_what_it_cannot_place(official_checkpoint, digits_root, t
     torch.save({"state_dict": weights}, tmp_path / "pos.pkl")
     with pytest.raises(ValueError, match="position buffer"):
         import_official(tmp_path / "pos.pkl", tmp_path / "pos.pt", overrides)
+
+
+# ---- the run's own config, backbone kinds, Swin -------------------------------------------------
+
+
+def _swin_official():
+    """A small timm Swin in Microsoft's layout (the official code's Swin): patch merging at the end
+    of a stage instead of the start of the next, relative position index buffers kept."""
+    swin = timm.create_model(
+        "swin_large_patch4_window12_384", num_classes=0, global_pool="", **TINY_SWIN
+    )
+    randomize(swin, seed=3)
+    swin.eval()
+    state = {}
+    for key, value in swin.state_dict().items():
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if match:
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        state[f"backbone.0.{key}"] = value
+    for name, buffer in swin.named_buffers():
+        if name.endswith("relative_position_index"):
+            state[f"backbone.0.{name}"] = buffer
+
+    def features_of(images):
+        return swin.forward_features(images).permute(0, 3, 1, 2)  # (B, C, H, W) as the official
+
+    return state, features_of
+
+
+TINY_SWIN = {
+    "img_size": 64,
+    "embed_dim": 16,
+    "depths": (1, 1, 1, 1),
+    "num_heads": (1, 1, 1, 1),
+    "window_size": 2,
+}
+SWIN_OVERRIDES = [
+    "backbone=swin_large_384_22k",
+    "++backbone.timm_kwargs={embed_dim:16,depths:[1,1,1,1],num_heads:[1,1,1,1],window_size:2}",
+]
+
+
+def test_official_swin_checkpoints_import_to_the_official_logits(digits_root, tmp_path):
+    state, features_of = _swin_official()
+    state |= _official_head(128, 64, 1, 2, [False, False], False, 128, (2, 2))
+    torch.save({"state_dict": state}, tmp_path / "swin.pkl")
+    base = tiny_overrides(digits_root, tmp_path / "cache") + ["dataset.image_size=64"]
+    output = import_official(tmp_path / "swin.pkl", tmp_path / "swin.pt", base + SWIN_OVERRIDES)
+    model, _ = model_from_checkpoint(load_checkpoint(output))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (model(images) - _reference_logits(state, features_of(images), 4, 1, 2)).abs()
+    print(f"swin: max |logit difference| = {float(difference.max()):.2e}")
+    assert float(difference.max()) < 1e-4
+
+
+def _write_config(folder, **fields):
+    (folder / "config_new.json").write_text(json.dumps(fields))
+
+
+def test_the_release_config_beside_the_checkpoint_sets_what_the_weights_do_not(
+    official_checkpoint, digits_root, tmp_path, caplog
+):
+    source, _, _ = official_checkpoint("tresnet_rest_self_attention")
+    overrides = [
+        o
+        for o in tiny_overrides(digits_root, tmp_path / "cache")
+        if not o.startswith("dataset.image_size")  # the run's config says
+    ] + VARIANTS["tresnet_rest_self_attention"][1]
+    # As a release records it: the run's arguments; orid_norm is what TResNet weights want.
+    _write_config(source.parent, img_size=64, orid_norm=True, nheads=4, dropout=0.2, hidden_dim=32)
+    with caplog.at_level(logging.INFO, logger="q2l.import"):
+        output = import_official(source, tmp_path / "a.pt", overrides)
+    checkpoint = load_checkpoint(output)
+    config = checkpoint["config"]
+    assert config["backbone"]["normalization"] == "none"  # mean 0 / std 1
+    assert config["model"]["dropout"] == 0.2 and config["model"]["norm"] == "post"
+    assert config["dataset"]["image_size"] == 64
+    recorded = checkpoint["imported_from"]["official_config"]["recorded"]
+    assert recorded["orid_norm"] is True and recorded["img_size"] == 64
+    assert "not recorded" not in caplog.text
+
+    # Without orid_norm the official code fed ImageNet statistics.
+    _write_config(source.parent, img_size=64)
+    output = import_official(source, tmp_path / "b.pt", overrides)
+    assert load_checkpoint(output)["config"]["backbone"]["normalization"] == "imagenet"
+
+    # A command-line choice wins, and the disagreement is said.
+    _write_config(source.parent, orid_norm=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="q2l.import"):
+        output = import_official(
+            source, tmp_path / "c.pt", [*overrides, "backbone.normalization=imagenet"]
+        )
+    assert load_checkpoint(output)["config"]["backbone"]["normalization"] == "imagenet"
+    assert "backbone.normalization=imagenet from the command line" in caplog.text
+
+
+def test_a_tresnet_import_without_a_recorded_normalisation_warns_naming_the_choice(
+    official_checkpoint, digits_root, tmp_path, caplog
+):
+    source, _, _ = official_checkpoint("tresnet_rest_self_attention")
+    overrides = (
+        tiny_overrides(digits_root, tmp_path / "cache") + VARIANTS["tresnet_rest_self_attention"][1]
+    )
+    with caplog.at_level(logging.WARNING, logger="q2l.import"):
+        output = import_official(source, tmp_path / "q2l.pt", overrides)
+    chosen = load_checkpoint(output)["config"]["backbone"]["normalization"]
+    warning = caplog.text
+    assert "not recorded" in warning and f"backbone.normalization={chosen}" in warning
+    assert "config_new.json" in warning and "--official-config" in warning
+    # A ResNet has nothing to guess: the official code always gave it ImageNet statistics.
+    source, _, _ = official_checkpoint("r18_proj_module_prefix")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="q2l.import"):
+        import_official(source, tmp_path / "r.pt", tiny_overrides(digits_root, tmp_path / "c2"))
+    assert "not recorded" not in caplog.text
+
+
+def test_the_image_size_is_read_from_the_position_buffer_without_a_config(
+    official_checkpoint, digits_root, tmp_path
+):
+    source, _, _ = official_checkpoint("r18_proj_module_prefix")
+    overrides = [
+        o
+        for o in tiny_overrides(digits_root, tmp_path / "cache")
+        if not o.startswith("dataset.image_size")
+    ]
+    output = import_official(source, tmp_path / "q2l.pt", overrides)
+    config = load_checkpoint(output)["config"]
+    assert config["dataset"]["image_size"] == 64  # a 2x2 buffer at stride 32
+    assert config["model"]["dropout"] == 0.1  # the official default, for fine-tuning
+
+
+def test_cvt_and_mismatched_backbones_are_refused_with_what_to_do(
+    official_checkpoint, digits_root, tmp_path
+):
+    source, weights, _ = official_checkpoint("r18_proj_module_prefix")
+    overrides = tiny_overrides(digits_root, tmp_path / "cache")
+    cvt = {k: v for k, v in weights.items() if not k.startswith("backbone.0.")}
+    cvt["backbone.0.stage0.patch_embed.proj.weight"] = torch.zeros(64, 3, 7, 7)
+    torch.save({"state_dict": cvt}, tmp_path / "cvt.pkl")
+    with pytest.raises(ValueError, match="CvT backbones are not supported: q2l builds every"):
+        import_official(tmp_path / "cvt.pkl", tmp_path / "cvt.pt", overrides)
+    # ResNet weights with a TResNet config: said before anything is built.
+    with pytest.raises(ValueError, match="holds a resnet backbone.*experiment=coco_r101_448"):
+        import_official(source, tmp_path / "t.pt", [*overrides, "backbone=tresnet_m"])
+    # The run's config names its backbone: the composed one must be that model.
+    _write_config(source.parent, backbone="resnet101")
+    with pytest.raises(ValueError, match=r"backbone\.name=resnet101\.tv_in1k"):
+        import_official(source, tmp_path / "n.pt", overrides)
+    _write_config(source.parent, backbone="CvT_w24")
+    with pytest.raises(ValueError, match="CvT backbones are not supported"):
+        import_official(source, tmp_path / "c.pt", overrides)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"orid_norm": 1}', "orid_norm=1 is not a true/false"),
+        ('{"img_size": true}', "img_size=True is not a whole number"),
+        ('["a"]', "not an object"),
+        ("{", "cannot be read as JSON"),
+    ],
+)
+def test_a_bad_release_config_is_refused(tmp_path, content, message):
+    path = tmp_path / "config_new.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_official_config(path)
+    assert find_official_config(tmp_path / "checkpoint.pkl") == path
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_official_config(tmp_path / "checkpoint.pkl", tmp_path / "missing.json")

@@ -18,6 +18,7 @@ from q2l.metrics import (
     topk_metrics,
     voc_average_precision,
 )
+from q2l.training.checkpoint_format import upgrade_record
 
 COUNTING_KEYS = {"CP", "CR", "CF1", "OP", "OR", "OF1"}
 
@@ -205,20 +206,88 @@ def test_overall_precision_recall_equal_sklearn_micro() -> None:
     )
 
 
+def _literature_topk(scores: np.ndarray, targets: np.ndarray, k: int, threshold: float) -> dict:
+    """The top-k metrics as ML-GCN's `overall_topk` + `evaluation` compute them (the convention of
+    the published tables), written out as plain loops: a class is predicted for an image when it
+    is among the image's k highest scores and its score is at least `threshold`."""
+    num_images, num_classes = scores.shape
+    predicted = np.zeros_like(targets)
+    for image in range(num_images):
+        for label in np.argsort(-scores[image], kind="stable")[:k]:
+            predicted[image, label] = scores[image, label] >= threshold
+    correct = (predicted * targets).sum(0).astype(float)
+    predictions = np.maximum(predicted.sum(0), 1).astype(float)
+    positives = targets.sum(0).astype(float)
+    op, recall_o = correct.sum() / predictions.sum(), correct.sum() / positives.sum()
+    cp, recall_c = (correct / predictions).mean(), (correct / positives).mean()
+    return {
+        "CP": cp,
+        "CR": recall_c,
+        "CF1": 2 * cp * recall_c / (cp + recall_c),
+        "OP": op,
+        "OR": recall_o,
+        "OF1": 2 * op * recall_o / (op + recall_o),
+    }
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_top3_metrics_follow_the_literature(threshold: float) -> None:
+    scores, targets = _random_problem(num_samples=400, num_classes=9, seed=3)
+    assert (targets.sum(0) > 0).all()  # the reference's recall divides by every class's positives
+    reference = _literature_topk(scores.numpy(), targets.numpy(), 3, threshold)
+    metrics = topk_metrics(scores, targets, k=3, threshold=threshold)
+    for name in COUNTING_KEYS:
+        assert metrics[name] == pytest.approx(reference[name], abs=1e-12), name
+    # Counting all three top classes whatever their score differs: more predictions, lower CP.
+    every_top3 = topk_metrics(scores, targets, k=3, threshold=None)
+    assert every_top3["CP"] < metrics["CP"] and every_top3["CR"] >= metrics["CR"]
+
+
 def test_top3_metrics_match_hand_computed_values() -> None:
-    # Top 3 of image 0: classes 0, 1, 2; of image 1: classes 1, 2, 3 (low scores still count).
+    # Top 3 of image 0: classes 0, 1, 2; of image 1: classes 1, 2, 3.
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.5, 0.4, 0.3, 0.2]])
     targets = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 1]])
 
-    metrics = topk_metrics(scores, targets, k=3)
+    # All three count, low scores too. Per class P: 1, 1/2, 0, 0, 0; R (classes with positives
+    # 0, 1, 3, 4): 1, 1, 0, 0.
+    every = topk_metrics(scores, targets, k=3, threshold=None)
+    assert every["CP"] == pytest.approx(0.3)
+    assert every["CR"] == pytest.approx(0.5)
+    assert every["CF1"] == pytest.approx(0.375)
+    assert every["OP"] == pytest.approx(2 / 6)
+    assert every["OR"] == pytest.approx(2 / 4)
+    assert every["OF1"] == pytest.approx(0.4)
 
-    # Per class P: 1, 1/2, 0, 0, 0; R (classes with positives 0, 1, 3, 4): 1, 1, 0, 0.
-    assert metrics["CP"] == pytest.approx(0.3)
-    assert metrics["CR"] == pytest.approx(0.5)
-    assert metrics["CF1"] == pytest.approx(0.375)
-    assert metrics["OP"] == pytest.approx(2 / 6)
-    assert metrics["OR"] == pytest.approx(2 / 4)
-    assert metrics["OF1"] == pytest.approx(0.4)
+    # At threshold 0.5 only (0, 0), (0, 1), (0, 2) and (1, 1) stay predicted: P 1, 1/2, 0, 0, 0;
+    # R 1, 1, 0, 0; overall 2 of 4 predictions right, 2 of 4 positives found.
+    literature = topk_metrics(scores, targets, k=3, threshold=0.5)
+    assert literature["CP"] == pytest.approx(0.3)
+    assert literature["CR"] == pytest.approx(0.5)
+    assert literature["OP"] == pytest.approx(2 / 4)
+    assert literature["OR"] == pytest.approx(2 / 4)
+
+
+def test_old_records_get_todays_top_k_names() -> None:
+    old = {
+        "epoch": 3,
+        "mAP": 80.0,
+        "CP": 70.0,
+        "CP_top3": 61.9,
+        "OF1_top3": 50.0,
+        "CP_top3_ema": 62.0,
+    }
+    upgraded = upgrade_record(old)  # as every load of a format-1 checkpoint does
+    assert upgraded == {
+        "epoch": 3,
+        "mAP": 80.0,
+        "CP": 70.0,
+        "CP_top3_all": 61.9,
+        "OF1_top3_all": 50.0,
+        "CP_top3_all_ema": 62.0,
+    }
+    assert old["CP_top3"] == 61.9  # the caller's record is not changed
+    today = compute_metrics(*_random_problem(seed=1))
+    assert {f"{name}_top3_all" for name in ("CP", "CR", "CF1", "OP", "OR", "OF1")} <= set(today)
 
 
 def test_compute_metrics_reports_percent_with_named_keys() -> None:
@@ -231,6 +300,7 @@ def test_compute_metrics_reports_percent_with_named_keys() -> None:
         {"mAP", "mAP_voc", "num_classes_without_positives"}
         | COUNTING_KEYS
         | {f"{name}_top3" for name in COUNTING_KEYS}
+        | {f"{name}_top3_all" for name in COUNTING_KEYS}
     )
     assert report["num_classes_without_positives"] == 1
     assert report["mAP"] == pytest.approx(100 * mean_average_precision(scores, targets)[0])
@@ -238,9 +308,11 @@ def test_compute_metrics_reports_percent_with_named_keys() -> None:
         100 * mean_average_precision(scores, targets, interpolated=True)[0]
     )
     thresholded, top = threshold_metrics(scores, targets), topk_metrics(scores, targets, k=3)
+    top_all = topk_metrics(scores, targets, k=3, threshold=None)
     for name in COUNTING_KEYS:
         assert report[name] == pytest.approx(100 * thresholded[name])
         assert report[f"{name}_top3"] == pytest.approx(100 * top[name])
+        assert report[f"{name}_top3_all"] == pytest.approx(100 * top_all[name])
     assert 1 < report["mAP"] <= 100
 
 

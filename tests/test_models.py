@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from q2l.build import build_model
 from q2l.models import Query2Label, TimmBackbone
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.query2label import GroupWiseLinear
+from q2l.training.build import build_model
+from q2l.utils.errors import InputError
 
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 
@@ -75,6 +76,53 @@ def test_pre_norm_head_starts_with_an_identity_encoder_and_no_output_norm():
     assert isinstance(post.transformer.decoder_norm, torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="norm='postnorm'"):
         Query2Label(TimmBackbone("resnet18", pretrained=False), 3, **SMALL_HEAD, norm="postnorm")
+
+
+def test_post_norm_starts_from_the_official_initialisation():
+    """norm="post" draws every tensor from the distribution the official transformer (DETR's,
+    on nn.MultiheadAttention) starts from; the reference is built here from torch's own modules
+    initialised the way the official `_reset_parameters` does."""
+    from scipy.stats import ks_2samp
+
+    from q2l.models.transformer import Transformer
+
+    dim, ffn = 256, 512
+    torch.manual_seed(0)
+    transformer = Transformer(
+        dim, 4, 1, 2, ffn, dropout=0.1, decoder_self_attention="first", norm="post"
+    )
+    transformer.train(False)
+    reference = torch.nn.MultiheadAttention(dim, 4)
+    linear1, linear2 = torch.nn.Linear(dim, ffn), torch.nn.Linear(ffn, dim)
+    for matrix in (reference.in_proj_weight, reference.out_proj.weight, linear1.weight):
+        torch.nn.init.xavier_uniform_(matrix)  # what the official code does to every matrix
+    torch.nn.init.xavier_uniform_(linear2.weight)
+    official_qkv = reference.in_proj_weight.detach().chunk(3)
+    attentions = [transformer.encoder_layers[0].self_attn]
+    attentions += [layer.cross_attn for layer in transformer.decoder_layers]
+    attentions.append(transformer.decoder_layers[0].self_attn)
+    for attention in attentions:
+        for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            projection = getattr(attention, name)
+            assert not projection.bias.any()
+            same = ks_2samp(projection.weight.detach().flatten(), official_qkv[index].flatten())
+            assert same.pvalue > 1e-3, (name, same)
+        assert not attention.out_proj.bias.any()
+        out = ks_2samp(
+            attention.out_proj.weight.detach().flatten(),
+            reference.out_proj.weight.detach().flatten(),
+        )
+        assert out.pvalue > 1e-3
+    for layer in [*transformer.encoder_layers, *transformer.decoder_layers]:
+        for mine, theirs in ((layer.ffn[0], linear1), (layer.ffn[3], linear2)):
+            assert (
+                ks_2samp(mine.weight.detach().flatten(), theirs.weight.detach().flatten()).pvalue
+                > 1e-3
+            )
+            assert ks_2samp(mine.bias.detach(), theirs.bias.detach()).pvalue > 1e-3  # nn.Linear's
+    # Three (D, D) Xavier draws would be wider: the packed bound is sqrt(6 / 4D), not sqrt(6 / 2D).
+    q_proj = transformer.decoder_layers[0].cross_attn.q_proj.weight
+    assert float(q_proj.abs().max()) <= (6 / (4 * dim)) ** 0.5
 
 
 def test_configs_from_before_the_norm_option_build_the_official_layout():
@@ -170,13 +218,13 @@ def test_pretrained_loads_local_file(tmp_path, suffix):
 def test_weights_for_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(TimmBackbone("resnet50", pretrained=False).body.state_dict(), path)
-    with pytest.raises(RuntimeError, match="do not fit resnet18"):
+    with pytest.raises(InputError, match="do not fit resnet18"):
         TimmBackbone("resnet18", pretrained=True, weights=str(path))
 
 
 def test_pretrained_uses_timms_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr("q2l.models.backbone._cached_weights", lambda name: tmp_path / "cached.pth")
+    monkeypatch.setattr("q2l.models.backbone.cached_weights", lambda name: tmp_path / "cached.pth")
     state = {
         k: v.clone()
         for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from q2l.losses import PartialAsymmetricLoss, read_class_priors
-from q2l.train import train
+from q2l.training.run import train
 
 
 def _targets(batch: int = 8, classes: int = 4) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_training_uses_a_named_priors_file(tiny_cfg, tmp_path):
         tmp_path / "run",
     )
     assert summary["status"] == "completed"
-    from q2l.checkpoint import load_checkpoint
+    from q2l.training.checkpoint import load_checkpoint
 
     priors = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loss"]["class_priors"]
     torch.testing.assert_close(priors, torch.tensor([0.01 * (10 - k) for k in range(10)]))

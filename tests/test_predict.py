@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
-from q2l.predict import predict
+from q2l.inference.predict import predict
 
 from .conftest import run_python
+from .helpers.images import write_huge_png
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,18 @@ def test_the_command_line_takes_model_as_the_export_file(exports, photos, tmp_pa
     done = run_python([*command, f"output={output}", "num_workers=0"], cli_env)
     assert done.returncode == 0, done.stderr
     assert len(output.read_text().splitlines()) == 1 + 6  # header and the six readable images
+
+
+def test_an_image_over_max_image_pixels_is_skipped_unread(
+    compose_config, tiny_checkpoint, digits_root, tmp_path
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(next((digits_root / "val2014").glob("*.jpg")), folder / "small.jpg")
+    write_huge_png(folder / "huge.png", 12000, 12000)
+    output = tmp_path / "predictions.jsonl"
+    summary = _run(compose_config, f"ckpt={tiny_checkpoint}", f"input={folder}", f"output={output}")
+    assert summary["num_scored"] == 1 and list(_rows(output)) == [str(folder / "small.jpg")]
+    [(path, reason)] = summary["skipped"]
+    assert path == str(folder / "huge.png") and "12000 x 12000" in reason
+    assert "more than max_image_pixels=89478485" in reason

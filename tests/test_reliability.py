@@ -11,19 +11,19 @@ import sys
 import pytest
 import torch
 
-import q2l.checkpoint as checkpoint_module
-from q2l.checkpoint import (
+import q2l.training.checkpoint as checkpoint_module
+from q2l.losses import AsymmetricLoss
+from q2l.training.checkpoint import (
     CheckpointError,
     find_resumable,
     load_checkpoint,
     purge_periodic,
     save_checkpoint,
 )
-from q2l.engine import NonFiniteError
-from q2l.losses import AsymmetricLoss
-from q2l.preemption import EXIT_PREEMPTED, requeue_slurm_job
-from q2l.rundir import RunDirError
-from q2l.train import train
+from q2l.training.engine import NonFiniteError
+from q2l.training.preemption import EXIT_PREEMPTED, requeue_slurm_job
+from q2l.training.run import train
+from q2l.training.rundir import RunDirError
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
@@ -331,7 +331,7 @@ def test_slurm_requeue_calls_scontrol(monkeypatch, environment, job):
         calls.append(command)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr("q2l.preemption.subprocess.run", fake_run)
+    monkeypatch.setattr("q2l.training.preemption.subprocess.run", fake_run)
     assert requeue_slurm_job()
     assert calls == [["scontrol", "requeue", job]]
 

@@ -18,17 +18,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import q2l.atomic as atomic_module
-import q2l.train as train_module
-from q2l.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
-from q2l.checks import ConfigValueError
-from q2l.data.validate import main as validate_main
+import q2l.training.run as train_module
+import q2l.utils.atomic as atomic_module
+from q2l.cli.validate_data import main as validate_main
+from q2l.config.checks import ConfigValueError
 from q2l.demo.owned import FolderNotOursError
 from q2l.losses import AsymmetricLoss
 from q2l.models.weights import WeightsFileError, read_state_dict
-from q2l.preemption import EXIT_PREEMPTED
-from q2l.rundir import LOCK_NAME, RunDirError
-from q2l.train import train
+from q2l.training.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from q2l.training.preemption import EXIT_PREEMPTED
+from q2l.training.run import train
+from q2l.training.rundir import LOCK_NAME, RunDirError
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
@@ -96,7 +101,7 @@ def test_1_the_demo_pointed_at_a_users_folder_refuses_and_keeps_it(users_coco, t
 def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(
     finished_run, compose_config, tmp_path, users_coco
 ):
-    from q2l.evaluate import evaluate_checkpoint
+    from q2l.evaluation.evaluate import evaluate_checkpoint
 
     payload = load_checkpoint(finished_run / "checkpoints" / "best.pt")
     payload["config"]["prepare"]["data"]["root"] = str(
@@ -504,7 +509,7 @@ def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(
 ):
     import shutil
 
-    from q2l.evaluate import evaluate_checkpoint, output_dir, write_results
+    from q2l.evaluation.evaluate import evaluate_checkpoint, output_dir, write_results
 
     checkpoint_dir = tmp_path / "ckpts"
     checkpoint_dir.mkdir()

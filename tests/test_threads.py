@@ -1,16 +1,20 @@
-"""q2l.threads: usable CPUs from faked affinity and cgroup quotas, the thread plan, the governor."""
+"""q2l.utils.threads: usable CPUs from faked affinity and cgroup quotas, the thread plan, the
+governor."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.types import RunMode
 
-from q2l import threads
 from q2l.data.loader import build_loader
-from q2l.threads import ContentionGovernor, CpuBudget, cgroup_quota, plan_threads
+from q2l.training.preemption import StopRequest
+from q2l.utils import threads
+from q2l.utils.threads import ContentionGovernor, CpuBudget, cgroup_quota, plan_threads
 
 
 def _write(path: Path, text: str) -> None:
@@ -112,6 +116,36 @@ def test_q2ls_own_earlier_choice_is_not_taken_for_the_users(monkeypatch, no_user
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_the_train_command_chooses_threads_and_malloc_before_the_run(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    from q2l.cli import train as train_command
+
+    calls = []
+    monkeypatch.setattr(
+        train_command,
+        "configure_threads",
+        lambda *args, **kwargs: calls.append(("threads", args, kwargs)),
+    )
+    monkeypatch.setattr(
+        train_command, "configure_malloc", lambda **kwargs: calls.append(("malloc", kwargs))
+    )
+    summary = {"status": "completed", "best": {"value": 0.5}}
+    monkeypatch.setattr(
+        train_command, "run_command", lambda *a, **k: calls.append("run") or summary
+    )
+    job = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path)), mode=RunMode.RUN)
+    monkeypatch.setattr(train_command.HydraConfig, "get", staticmethod(lambda: job))
+    monkeypatch.setattr(train_command, "_STOP", StopRequest())  # no signal handlers installed
+    cfg = tiny_cfg("dataset.num_workers=3", "trainer.deterministic=true")
+    assert train_command._hydra_main(cfg) == 0.5  # hydra.main's entry run on a composed config
+    assert calls == [
+        ("threads", (3,), {"adapt": False}),  # deterministic: no governor changing threads
+        ("malloc", {"keep_freed": True}),
+        "run",
+    ]
 
 
 def test_build_loader_caps_its_workers_at_the_usable_cpus(monkeypatch):

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from q2l.checkpoint import load_checkpoint
-from q2l.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
-from q2l.train import train
+from q2l.evaluation.evaluate import evaluate_checkpoint, format_report, output_dir, write_results
+from q2l.training.checkpoint import load_checkpoint
+from q2l.training.run import train
 
 from .conftest import run_python, tiny_overrides
 
@@ -45,7 +45,7 @@ def test_run_directory_holds_everything(trained_run):
     events.Reload()
     step_losses = [e.value for e in events.Scalars("train/step/loss")]
     assert [e.step for e in events.Scalars("train/step/loss")] == list(range(1, 9))  # 2 x 4 steps
-    assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val/mAP")) == 2
+    assert len(events.Scalars("train/step/lr")) == 8 and len(events.Scalars("val_raw/mAP")) == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     # An epoch's train loss is the mean over its steps.
@@ -88,6 +88,26 @@ def test_checkpoint_is_plain_and_complete(trained_run):
     assert (
         isinstance(payload["config"], dict) and payload["config"]["backbone"]["name"] == "resnet18"
     )
+
+
+def test_best_holds_what_evaluation_needs_and_last_what_resuming_needs(trained_run):
+    run_dir, _ = trained_run
+    best, last = run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"
+    kept = torch.load(best, map_location="cpu", weights_only=True)
+    assert {"model", "ema", "config", "class_names", "eval_weights", "metrics"} <= set(kept)
+    assert not {"optimizer", "scheduler", "scaler", "rng", "progress"} & set(kept)
+    assert best.stat().st_size < 0.7 * last.stat().st_size  # no optimizer state
+
+
+def test_top_k_keeps_the_k_best_epochs(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg("trainer.epochs=4", "trainer.save_top_k=2"), tmp_path / "run")
+    tops = sorted((tmp_path / "run" / "checkpoints").glob("top-*.pt"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    best_two = sorted(records, key=lambda r: (-r["mAP_best"], r["epoch"]))[:2]
+    assert sorted(p.name.rsplit("epoch", 1)[1] for p in tops) == sorted(
+        f"{r['epoch']:04d}.pt" for r in best_two
+    )
+    assert summary["best"]["epoch"] == best_two[0]["epoch"]
 
 
 def test_eval_reproduces_training_map(trained_run, compose_config):
@@ -222,12 +242,10 @@ def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
         cli_env,
     )
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    assert [row["overrides"].split()[-1] for row in rows] == [
-        "optimizer.lr=0.001",
-        "optimizer.lr=-1",
-    ]
+    assert [row["optimizer.lr"] for row in rows] == ["0.001", "-1"]  # a column per swept key
     assert [row["status"] for row in rows] == ["completed", "failed"]
     assert float(rows[0]["best_mAP"]) > 0
     assert (sweep_dir / "summary.md").is_file()
     assert "optimizer.lr=-1.0: must be 0 or more" in rows[1]["error"]
     assert result.returncode != 0  # the sweep as a whole reports the failure
+    assert result.stdout.count("sweep summary (") == 1  # once, after the last job

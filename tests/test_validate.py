@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,12 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+import q2l.training.run as train_module
+from q2l.cli.validate_data import main
 from q2l.data.dataset import BadImageError, MultiLabelImageDataset
 from q2l.data.loader import build_loader
 from q2l.data.table import TableMultiLabel
 from q2l.data.transforms import build_eval_transform
-from q2l.data.validate import DataValidationError, main, validate_splits
-from q2l.train import train
+from q2l.data.validate import DataValidationError, validate_splits
+from q2l.training.run import train
+
+from .helpers.images import write_huge_png
 
 
 def _table(root: Path, rows: list[tuple[str, str]], name: str = "train.csv") -> Path:
@@ -102,6 +107,67 @@ def test_training_stops_before_any_step_when_an_image_is_missing(tiny_cfg, digit
     with pytest.raises(DataValidationError, match=victim.name):
         train(tiny_cfg(f"dataset.root={root}"), tmp_path / "run")
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+def test_a_split_without_a_single_positive_label_is_a_problem(tmp_path, capsys):
+    train, val = _pair(tmp_path, TRAIN_ROWS, VAL_ROWS)
+    val.labels = np.zeros_like(val.labels)  # every image annotated as showing no class
+    with pytest.raises(DataValidationError) as error:
+        validate_splits(train, val)
+    assert "val: not one positive label in its 2 images" in str(error.value)
+    assert "train:" not in str(error.value)
+    # Classes without positives stay warnings: here both of val's.
+    assert any("val: 2 class(es) without a positive" in w for w in error.value.report.warnings)
+    # The command line names it too (exit 1), with the table's rows all unlabelled.
+    (tmp_path / "train.csv").write_text(
+        "image,labels\n" + "".join(f"{f},\n" for f, _ in TRAIN_ROWS)
+    )
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("cat\ndog\n")
+    overrides = [
+        f"dataset.root={tmp_path}",
+        f"dataset.val_file={tmp_path / 'val.csv'}",
+        f"dataset.class_file={class_file}",
+    ]
+    assert main(["dataset=table", *overrides]) == 1
+    assert "PROBLEM: train: not one positive label in its 4 images" in capsys.readouterr().out
+
+
+def test_an_image_over_the_pixel_limit_is_reported_unless_the_limit_allows_it(tmp_path, capsys):
+    _table(tmp_path, TRAIN_ROWS + VAL_ROWS)
+    write_huge_png(tmp_path / "c.jpg", 12000, 12000)  # Pillow reads the content, not the name
+    overrides = ["dataset=table", f"dataset.root={tmp_path}", "dataset.val_fraction=0.34"]
+    assert main(overrides) == 1
+    output = capsys.readouterr().out
+    assert "1 unreadable image file(s)" in output
+    assert "c.jpg: image" in output and "is 12000 x 12000 = 144,000,000 pixels" in output
+    assert "dataset.max_image_pixels=89478485" in output
+    assert main([*overrides, "dataset.max_image_pixels=null"]) == 0  # the header check passes
+    assert main([*overrides, "dataset.max_image_pixels=0"]) == 2  # and the value is checked
+
+
+def _without_annotations(digits_root: Path, root: Path, split: str) -> Path:
+    """A copy of the digits data set whose `split` annotation file lists its images but no
+    object: every image of that split has no label."""
+    shutil.copytree(digits_root, root)
+    annotations = root / "annotations" / f"instances_{split}2014.json"
+    coco = json.loads(annotations.read_text())
+    annotations.write_text(json.dumps({**coco, "annotations": []}))
+    return root
+
+
+@pytest.mark.parametrize(("split", "validate"), [("train", "quick"), ("val", "off")])
+def test_training_refuses_a_split_without_positives_before_the_model_is_built(
+    tiny_cfg, digits_root, tmp_path, monkeypatch, split, validate
+):
+    root = _without_annotations(digits_root, tmp_path / "digits", split)
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("model built"))
+    images = {"train": 64, "val": 32}[split]
+    with pytest.raises(ValueError, match=f"{split}: not one positive label in its {images} images"):
+        train(tiny_cfg(f"dataset.root={root}", f"dataset.validate={validate}"), tmp_path / "run")
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "annotation files" in metrics["error"]
 
 
 # ---- bad images while training (dataset.on_bad_image) ----

@@ -18,7 +18,12 @@ operations, which extra threads barely speed up and stall badly when the cores a
 
 Thresholded metrics follow ML-GCN and the Query2Label paper: CP and CR are per-class means, CF1 =
 2·CP·CR/(CP+CR) (not the mean of per-class F1, which ASL's validate.py reports), and OP/OR/OF1 pool
-the counts over all classes. `compute_metrics` gathers everything for a report.
+the counts over all classes. The top-3 variants (`*_top3`) follow the literature's convention too,
+ML-GCN's code (`overall_topk`), which the published tables use: an image predicts a class when it
+is among its 3 highest scores AND its score passes the threshold. Predicting all three whatever
+their scores (what q2l reported as `*_top3` before; the checkpoint format's upgrade renames such
+old records, q2l.training.checkpoint_format) is kept as `*_top3_all`. `compute_metrics` gathers
+everything for a report.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 _COUNTING_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+# A top-k key as records before the literature's convention wrote it: name, k, EMA suffix.
 # Score dtypes that float32 holds exactly, so ranking them as float32 keeps every tie.
 _FLOAT32_EXACT = (torch.float16, torch.bfloat16, torch.float32)
 # PyTorch's CPU sort radix-sorts 1-D integer tensors from this length on (at::internal::GRAIN_SIZE).
@@ -132,7 +138,7 @@ def threshold_metrics(
         scores: (N, K) probabilities (apply the sigmoid before calling).
         targets: (N, K) with values in {-1, 0, 1}; -1 entries are ignored.
         threshold: probability at or above which a class is predicted: one for all classes, or
-            (K,) per class (calibrated thresholds, q2l.calibration).
+            (K,) per class (calibrated thresholds, q2l.evaluation.calibration).
 
     Returns:
         CP, CR, CF1, OP, OR, OF1 as fractions in [0, 1]; see `_counting_metrics` for definitions.
@@ -143,21 +149,26 @@ def threshold_metrics(
 
 
 @single_threaded()
-def topk_metrics(scores: Tensor, targets: Tensor, k: int = 3) -> dict[str, float]:
-    """CP, CR, CF1, OP, OR, OF1 where each image predicts exactly its k highest-scoring classes.
+def topk_metrics(
+    scores: Tensor, targets: Tensor, k: int = 3, threshold: float | None = 0.5
+) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 where each image predicts those of its k highest-scoring classes
+    whose score is at least `threshold` (the literature's top-k, as ML-GCN computes it), or all k
+    with `threshold=None`.
 
     Ties at the k-th score are broken by `torch.topk`'s order.
 
     Args:
-        scores: (N, K) confidences.
+        scores: (N, K) probabilities (confidences of any scale when `threshold` is None).
         targets: (N, K) with values in {-1, 0, 1}; -1 entries are ignored.
-        k: number of classes predicted per image, 1 ≤ k ≤ K.
+        k: most classes predicted per image, 1 ≤ k ≤ K.
+        threshold: probability a top-k class must reach to be predicted; None predicts all k.
 
     Returns:
         The six metrics as fractions in [0, 1]; see `_counting_metrics` for definitions.
     """
     scores, targets = _validate(scores, targets)
-    return _counting_metrics(_topk_predictions(scores, k), targets)
+    return _counting_metrics(_topk_predictions(scores, k, threshold), targets)
 
 
 @single_threaded()
@@ -174,20 +185,23 @@ def compute_metrics(
 
     Returns:
         Percentages (0-100): `mAP` (non-interpolated, sklearn), `mAP_voc` (interpolated, official
-        Q2L), `CP CR CF1 OP OR OF1` at `threshold`, and the same six suffixed `_top{top_k}`
-        (e.g. `CF1_top3`). `num_classes_without_positives` is a plain count: those classes are left
-        out of both mAPs.
+        Q2L), `CP CR CF1 OP OR OF1` at `threshold`, the same six suffixed `_top{top_k}` (e.g.
+        `CF1_top3`: the top_k classes that also pass `threshold`, the literature's convention) and
+        suffixed `_top{top_k}_all` (all top_k classes predicted, whatever their score).
+        `num_classes_without_positives` is a plain count: those classes are left out of both mAPs.
     """
     scores, targets = _validate(scores, targets)
     ranking = _rank(scores, targets)
     mean_ap, num_without_positives = _mean_over_classes(_average_precision(ranking))
     mean_voc_ap, _ = _mean_over_classes(_voc_average_precision(ranking))
     thresholded = _counting_metrics(scores >= threshold, targets)
-    top = _counting_metrics(_topk_predictions(scores, top_k), targets)
+    top = _counting_metrics(_topk_predictions(scores, top_k, threshold), targets)
+    top_all = _counting_metrics(_topk_predictions(scores, top_k, None), targets)
 
     report = {"mAP": 100.0 * mean_ap, "mAP_voc": 100.0 * mean_voc_ap}
     report.update({name: 100.0 * value for name, value in thresholded.items()})
     report.update({f"{name}_top{top_k}": 100.0 * value for name, value in top.items()})
+    report.update({f"{name}_top{top_k}_all": 100.0 * value for name, value in top_all.items()})
     report["num_classes_without_positives"] = num_without_positives
     return report
 
@@ -370,13 +384,15 @@ def _mean_over_classes(per_class: Tensor) -> tuple[float, int]:
     return float(per_class[has_positive].mean()), num_left_out
 
 
-def _topk_predictions(scores: Tensor, k: int) -> Tensor:
-    """(N, K) boolean mask of each row's k highest scores."""
+def _topk_predictions(scores: Tensor, k: int, threshold: float | None) -> Tensor:
+    """(N, K) boolean mask of each row's k highest scores, keeping only those at or above
+    `threshold` unless it is None."""
     num_classes = scores.shape[1]
     if not 1 <= k <= num_classes:
         raise ValueError(f"k must be between 1 and the number of classes ({num_classes}), got {k}")
     top_classes = scores.topk(k, dim=1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_classes, True)
+    predicted = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_classes, True)
+    return predicted if threshold is None else predicted & (scores >= threshold)
 
 
 def _counting_metrics(predicted: Tensor, targets: Tensor) -> dict[str, float]:

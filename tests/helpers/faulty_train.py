@@ -3,15 +3,21 @@
     torchrun ... tests/helpers/faulty_train.py <train overrides>
 
 Q2L_TEST_FAULT="nan:<rank>:<call>" makes the loss NaN at the <call>-th loss evaluation of <rank>;
-"exit:<rank>:<call>" kills that rank there (os._exit, as a crash would). Q2L_TEST_RECORD=<dir>
-records each rank's pid (pid-<rank>) once training starts and its exit code (exit-<rank>).
+"exit:<rank>:<call>" kills that rank there (os._exit, as a crash would). Q2L_TEST_SIGNAL=
+"<rank>:<phase>:<SIGNAME>" sends <rank> that signal during a start-up phase: "validate" (the data
+check), "model" (building the model), "resume" (finding the checkpoint to resume). Q2L_TEST_RECORD=
+<dir> records each rank's pid (pid-<rank>) once training starts and its exit code (exit-<rank>).
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
-from q2l import train
+import q2l.training.build
+import q2l.training.plan
+import q2l.training.run
+from q2l.cli import train
 from q2l.losses import AsymmetricLoss
 
 RANK = int(os.environ.get("RANK", 0))
@@ -38,8 +44,33 @@ def _inject() -> None:
     AsymmetricLoss.forward = forward
 
 
+# Where each start-up phase can be caught: (module, function name).
+PHASES = {
+    "validate": (q2l.training.build, "validate_splits"),
+    "model": (q2l.training.run, "build_model"),
+    "resume": (q2l.training.plan, "find_resumable"),
+}
+
+
+def _inject_signal() -> None:
+    if not os.environ.get("Q2L_TEST_SIGNAL"):
+        return
+    rank, phase, name = os.environ["Q2L_TEST_SIGNAL"].split(":")
+    if int(rank) != RANK:
+        return
+    module, function = PHASES[phase]
+    original = getattr(module, function)
+
+    def signalled(*args, **kwargs):
+        signal.raise_signal(getattr(signal, name))
+        return original(*args, **kwargs)
+
+    setattr(module, function, signalled)
+
+
 if __name__ == "__main__":
     _inject()
+    _inject_signal()
     sys.argv[0] = "train.py"
     try:
         train.main()

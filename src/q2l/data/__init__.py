@@ -1,7 +1,7 @@
 """Data sets, transforms and loaders.
 
 A checkpoint's config is file input: `DATASETS` lists the readers that may be rebuilt from one
-(q2l.build.instantiate_allowed), so no other `_target_` read from a file is imported.
+(q2l.training.build.instantiate_allowed), so no other `_target_` read from a file is imported.
 """
 
 from __future__ import annotations

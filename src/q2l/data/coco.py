@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from q2l.atomic import atomic_write
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.atomic import atomic_write
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class CocoMultiLabel(MultiLabelImageDataset):
         keep_unannotated: keep images without any annotation as all-negative rows (the official
             Query2Label does; ASL/ML-Decoder drop them, which changes val mAP slightly).
         cache_dir: where the parsed labels are cached; None disables the cache.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(
@@ -122,12 +124,12 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO(str(annotation_file))
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(
+        raise InputError(
             f"{annotation_file}: not a valid COCO annotation file ({error})"
         ) from error
     category_ids = sorted(coco.getCatIds())
     if not category_ids:
-        raise ValueError(f"{annotation_file}: no categories")
+        raise InputError(f"{annotation_file}: no categories")
     column = {category_id: index for index, category_id in enumerate(category_ids)}
     class_names = [coco.cats[category_id]["name"] for category_id in category_ids]
     image_ids = sorted(coco.getImgIds())
@@ -155,7 +157,7 @@ def read_coco_labels(annotation_file: Path) -> tuple[list[str], list[str], np.nd
         if counts
     ]
     if problems:
-        raise ValueError(f"{annotation_file}: " + "; ".join(problems))
+        raise InputError(f"{annotation_file}: " + "; ".join(problems))
     file_names = [coco.imgs[image_id]["file_name"] for image_id in image_ids]
     return [str(i) for i in image_ids], file_names, labels, class_names
 

@@ -7,8 +7,9 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,18 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from q2l.data.seeding import SampleKey, seeded_sample
+from q2l.utils.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
+# Pillow's own default limit (PIL.Image.MAX_IMAGE_PIXELS): about a 9500 x 9500 image, whose decode
+# takes 256 MiB as RGB. Larger files are refused (dataset.max_image_pixels, predict's
+# max_image_pixels) before any pixel is decoded: a small PNG can declare billions of pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image that cannot be read or decoded; the message names the file."""
 
 
@@ -49,6 +55,8 @@ class MultiLabelImageDataset(Dataset):
         image_ids: N ids as the annotations name the images (for reports); default: the paths.
         on_bad_image: "error" or "skip".
         max_bad_fraction: share of bad images tolerated with "skip", in [0, 1].
+        max_image_pixels: an image whose header declares more pixels (width x height) is a bad
+            image, refused before it is decoded; None: no limit.
     """
 
     def __init__(
@@ -60,25 +68,28 @@ class MultiLabelImageDataset(Dataset):
         image_ids: Sequence[str] | None = None,
         on_bad_image: str = "error",
         max_bad_fraction: float = 0.01,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if labels.ndim != 2 or labels.shape != (len(image_paths), len(class_names)):
-            raise ValueError(
+            raise InputError(
                 f"labels must be (num_images={len(image_paths)}, num_classes={len(class_names)}), "
                 f"got {labels.shape}"
             )
         if not np.isin(labels, (-1, 0, 1)).all():
-            raise ValueError(
+            raise InputError(
                 "labels must be 1, 0 or -1; got values "
                 f"{sorted(set(np.unique(labels)) - {-1, 0, 1})}"
             )
         if image_ids is not None and len(image_ids) != len(image_paths):
-            raise ValueError(f"{len(image_ids)} image ids for {len(image_paths)} images")
+            raise InputError(f"{len(image_ids)} image ids for {len(image_paths)} images")
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
             )
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be at least 1 or None, got {max_image_pixels}")
         self.image_paths = [Path(p) for p in image_paths]
         self.labels = labels.astype(np.int8, copy=False)
         self.class_names = list(class_names)
@@ -90,6 +101,7 @@ class MultiLabelImageDataset(Dataset):
         )
         self.on_bad_image = on_bad_image
         self.max_bad_fraction = max_bad_fraction
+        self.max_image_pixels = max_image_pixels
         # One flag per image in shared memory: allocated before the workers fork or spawn, so every
         # worker's finds are visible to the others and to the main process.
         self._bad_flags = (
@@ -125,7 +137,9 @@ class MultiLabelImageDataset(Dataset):
             if self._bad_flags is not None and self._bad_flags[candidate]:
                 continue
             try:
-                image = load_rgb(self.image_paths[candidate], min_size=min_size)
+                image = load_rgb(
+                    self.image_paths[candidate], min_size=min_size, max_pixels=self.max_image_pixels
+                )
             except BadImageError as error:
                 if self._bad_flags is None:
                     raise
@@ -149,7 +163,12 @@ class MultiLabelImageDataset(Dataset):
             )
 
 
-def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+def load_rgb(
+    path: Path,
+    min_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_key: str = "dataset.max_image_pixels",
+) -> Image.Image:
     """Decode an image fully into RGB, upright according to its EXIF orientation.
 
     With `min_size`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8
@@ -157,18 +176,49 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     4000 px photo for a 448 px model decodes several times faster.
 
     The decode is forced here (not left to the first transform) so a truncated file fails inside
-    this function, with the file named.
+    this function, with the file named. An image over `max_pixels` (see `open_image`) fails before
+    its decode, naming `limit_key`, the config key that sets the limit.
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels, limit_key) as image:
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
-                array = np.asarray(image, dtype=np.float32)
-                peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-                image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise BadImageError(f"cannot read image {path}: {error}") from error
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` (opened or in memory) as RGB, upright according to its EXIF orientation; 16- and
+    32-bit greyscale scaled to 8 bits. What `load_rgb` does after opening a file."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
+        array = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def open_image(
+    path: Path, max_pixels: int | None, limit_key: str = "dataset.max_image_pixels"
+) -> Iterator[Image.Image]:
+    """`PIL.Image.open(path)` (the header only; nothing decoded yet), refused with BadImageError
+    naming the file, its size and `limit_key` when width x height exceeds `max_pixels` (None: no
+    limit).
+
+    q2l applies its own configured limit in place of Pillow's process-wide one
+    (`PIL.Image.MAX_IMAGE_PIXELS`), which is turned off here: Pillow's would only warn between its
+    limit and twice that, and refuse above whatever the config says.
+    """
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImageError(
+                f"image {path} is {width} x {height} = {width * height:,} pixels, more than "
+                f"{limit_key}={max_pixels}; a file you trust can be allowed by raising "
+                f"{limit_key} (null: no limit)"
+            )
+        yield image

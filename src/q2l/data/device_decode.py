@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode, v2
 
-from q2l.data.dataset import BadImageError, MultiLabelImageDataset
+from q2l.data.dataset import BadImageError, MultiLabelImageDataset, open_image
 from q2l.data.randaugment import (
     CUTOUT_COLOUR,
     CUTOUT_SIZES,
@@ -36,8 +36,8 @@ from q2l.data.randaugment import (
     OPERATIONS,
     POSTERIZE_BITS,
 )
+from q2l.utils.errors import ConfigError
 
-DECODE_CHOICES = ("workers", "device")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
 
@@ -49,7 +49,7 @@ class DeviceAugment:
     resize to `image_size` (or a random resized crop with `scale`), horizontal flip, Cutout,
     RandAugment ("official": the Query2Label policy, q2l.data.randaugment; "torchvision":
     T.RandAugment), then normalisation with `mean`/`std`. timm's policies (`auto_augment`) and
-    RandomErasing are not offered here and raise ValueError.
+    RandomErasing are not offered here and raise ConfigError.
 
     __call__(batch, targets) -> (images, targets): `batch` an EncodedBatch of B files, targets
     (B, K); images (B, 3, S, S) float32 on `device` (channels_last with `channels_last`).
@@ -76,13 +76,13 @@ class DeviceAugment:
         random_erasing_count: int = 1,
     ) -> None:
         if auto_augment or random_erasing > 0:
-            raise ValueError(
+            raise ConfigError(
                 "dataset.decode=device offers resize/crop, hflip, cutout and randaugment; "
                 "augment.auto_augment and augment.random_erasing need dataset.decode=workers"
             )
         policy = str(getattr(randaugment_policy, "value", randaugment_policy))
         if randaugment and policy not in ("official", "torchvision"):
-            raise ValueError(f"augment.randaugment_policy={policy!r}: official or torchvision")
+            raise ConfigError(f"augment.randaugment_policy={policy!r}: official or torchvision")
         self.device = device
         self.image_size = image_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -139,7 +139,8 @@ class EncodedBatch:
 
 
 class EncodedImages(Dataset):
-    """A MultiLabelImageDataset whose items are files, not decoded images.
+    """A MultiLabelImageDataset whose items are files, not decoded images (their headers are
+    read: an image over the data set's max_image_pixels raises BadImageError).
 
     __getitem__(index) -> (bytes (uint8, 1-D), target (K,) float32, file name). The labels,
     class names and length are the wrapped data set's.
@@ -154,8 +155,14 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         path = self.dataset.image_paths[int(index)]
         try:
+            # The header first: a file declaring more than dataset.max_image_pixels is refused
+            # before anything decodes it, as the workers' pipeline refuses it (load_rgb).
+            with open_image(path, self.dataset.max_image_pixels):
+                pass
             data = read_file(str(path))
-        except (OSError, RuntimeError) as error:
+        except BadImageError:
+            raise
+        except (OSError, RuntimeError, ValueError, SyntaxError) as error:
             raise BadImageError(f"cannot read image {path}: {error}") from error
         target = torch.from_numpy(self.dataset.labels[int(index)].astype("float32"))
         return data, target, str(path)
@@ -279,7 +286,7 @@ def _apply_operation(image: torch.Tensor, name: str, level: int, sign: int) -> t
         return F.equalize(image)
     if name == "invert":
         return F.invert(image)
-    raise ValueError(f"unknown operation {name!r}; choose one of {OPERATIONS}")
+    raise ConfigError(f"unknown operation {name!r}; choose one of {OPERATIONS}")
 
 
 def _affine(

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from q2l.messages import and_more
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 UNLISTED_POLICIES = ("negative", "unknown")
 UNKNOWN_LABEL_POLICIES = ("error", "ignore")
@@ -42,10 +43,10 @@ def read_class_file(path: str | Path) -> list[str]:
 def check_class_names(names: Sequence[str], source: str | Path) -> None:
     """Refuse an empty class list or one naming a class twice (columns would be ambiguous)."""
     if not names:
-        raise ValueError(f"{source}: no class names")
+        raise InputError(f"{source}: no class names")
     repeated = [name for name, count in collections.Counter(names).items() if count > 1]
     if repeated:
-        raise ValueError(f"{source}: class names listed more than once: {and_more(repeated)}")
+        raise InputError(f"{source}: class names listed more than once: {and_more(repeated)}")
 
 
 def split_names(text: str | Sequence[str] | None, delimiter: str) -> list[str]:
@@ -81,7 +82,7 @@ def label_matrix(
     if unlisted not in UNLISTED_POLICIES:
         raise ValueError(f"unlisted must be one of {UNLISTED_POLICIES}, got {unlisted!r}")
     if unknown_labels not in UNKNOWN_LABEL_POLICIES:
-        raise ValueError(
+        raise InputError(
             f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}"
         )
     column = {name: index for index, name in enumerate(class_names)}
@@ -98,7 +99,7 @@ def label_matrix(
                 else:
                     strangers[name] += 1
     if strangers and unknown_labels == "error":
-        raise ValueError(
+        raise InputError(
             f"{source}: {len(strangers)} label name(s) not in the class list (name: rows): "
             f"{and_more(f'{name!r}: {count}' for name, count in strangers.most_common())}. "
             "Fix the annotations, add the classes to the class list, or set unknown_labels=ignore"

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.device_decode import EncodedImages, collate_encoded
 from q2l.data.seeding import SampleKey
-from q2l.threads import cap_workers
+from q2l.utils.threads import cap_workers
 
 
 class EpochSampler(Sampler[int | SampleKey]):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from timm.data.mixup import Mixup
 
+from q2l.utils.errors import ConfigError
+
 MIX_MODES = ("batch", "pair", "elem")
 
 
@@ -44,9 +46,9 @@ class MultiLabelMixup:
         mode: str = "batch",
     ) -> None:
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
-            raise ValueError("MixUp/CutMix needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise ConfigError("MixUp/CutMix needs mixup_alpha > 0 or cutmix_alpha > 0")
         if mode not in MIX_MODES:
-            raise ValueError(f"mix mode must be one of {MIX_MODES}, got {mode!r}")
+            raise ConfigError(f"mix mode must be one of {MIX_MODES}, got {mode!r}")
         self.num_classes = num_classes
         # Targets travel with an unknown-indicator block appended, mixed by the same weights.
         self._mixup = Mixup(
@@ -64,7 +66,7 @@ class MultiLabelMixup:
         self, images: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) % 2:
-            raise ValueError(
+            raise ConfigError(
                 "MixUp/CutMix pairs each sample with its mirror and needs an even batch, got "
                 f"{len(images)}"
             )
@@ -80,7 +82,7 @@ def build_batch_transform(mix: dict, num_classes: int, batch_size: int) -> Multi
     if mix.get("mixup_alpha", 0) <= 0 and mix.get("cutmix_alpha", 0) <= 0:
         return None
     if batch_size % 2:
-        raise ValueError(
+        raise ConfigError(
             "augment.mix needs an even dataset.batch_size (samples are mixed in pairs), got "
             f"{batch_size}"
         )

@@ -28,6 +28,7 @@ from q2l.data.label_lists import (
     read_class_file,
 )
 from q2l.data.paths import confine_all
+from q2l.utils.errors import InputError
 
 
 class NusWideMultiLabel(MultiLabelImageDataset):
@@ -41,7 +42,8 @@ class NusWideMultiLabel(MultiLabelImageDataset):
         unknown_labels: labels outside class_file: "error", or "ignore" (e.g. the 1,006-tag
             zero-shot CSV read with the 81-concept list).
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class NusWideMultiLabel(MultiLabelImageDataset):
         rows = read_nus_wide_csv(csv_file)
         splits = sorted({row_split for _, _, row_split in rows})
         if split not in splits:
-            raise ValueError(
+            raise InputError(
                 f"{csv_file}: no image in split {split!r}; the CSV has splits {splits}"
             )
         if class_file is not None:
@@ -91,7 +93,7 @@ def read_nus_wide_csv(csv_file: str | Path) -> list[tuple[str, ImageLabels, str]
             if not record:
                 continue
             if len(record) < 3 or not record[0].strip():
-                raise ValueError(
+                raise InputError(
                     f"{csv_file}:{reader.line_num}: expected image path, label list, split; got "
                     f"{record}"
                 )

@@ -33,7 +33,8 @@ import numpy as np
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.label_lists import UNKNOWN_LABEL_POLICIES, check_class_names
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 _REQUIRED_COLUMNS = ("ImageID", "LabelName", "Confidence")
 _DESCRIPTIONS_HEADER = ("LabelName", "DisplayName")
@@ -51,7 +52,8 @@ class OpenImagesMultiLabel(MultiLabelImageDataset):
         unknown_labels: rows naming a class outside class_file: "ignore" or "error".
         image_extension: file name suffix of the images.
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(
@@ -66,7 +68,7 @@ class OpenImagesMultiLabel(MultiLabelImageDataset):
         **options: Any,
     ) -> None:
         if unknown_labels not in UNKNOWN_LABEL_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}"
             )
         image_dir = Path(image_dir)
@@ -105,7 +107,7 @@ def read_image_labels(annotation_file: str | Path) -> list[tuple[str, str, float
         header = next(reader, [])
         missing = [name for name in _REQUIRED_COLUMNS if name not in header]
         if missing:
-            raise ValueError(f"{annotation_file}: no column {missing} in the header {header}")
+            raise InputError(f"{annotation_file}: no column {missing} in the header {header}")
         image, label, confidence = (header.index(name) for name in _REQUIRED_COLUMNS)
         rows = []
         for record in reader:
@@ -114,7 +116,7 @@ def read_image_labels(annotation_file: str | Path) -> list[tuple[str, str, float
             try:
                 rows.append((record[image], record[label], float(record[confidence])))
             except (IndexError, ValueError) as error:
-                raise ValueError(
+                raise InputError(
                     f"{annotation_file}:{reader.line_num}: bad row {record} ({error})"
                 ) from error
     return rows
@@ -162,7 +164,7 @@ def _label_matrix(
         entries.append((index, column[label], value))
     if strangers and unknown_labels == "error":
         shown = and_more(f"{name!r}: {count}" for name, count in strangers.most_common())
-        raise ValueError(
+        raise InputError(
             f"{source}: {len(strangers)} LabelName(s) not in the class list (name: rows): {shown}"
         )
     labels = np.full((len(row_of), len(label_names)), -1, dtype=np.int8)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from q2l.utils.errors import ConfigError
+
 # Fixed, so the hidden labels for a seed never depend on anything but the labels.
 _ROWS_PER_BLOCK = 8192
 
@@ -22,7 +24,7 @@ def hide_labels(labels: np.ndarray, keep_ratio: float, seed: int = 0) -> np.ndar
     unchanged copy.
     """
     if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"partial.keep_ratio must be in (0, 1], got {keep_ratio}")
+        raise ConfigError(f"partial.keep_ratio must be in (0, 1], got {keep_ratio}")
     hidden = labels.copy()
     if keep_ratio == 1.0:
         return hidden

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from q2l.messages import and_more
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 
 def confine_all(
@@ -32,7 +33,7 @@ def confine_all(
         else:
             paths.append(image_root / name)
     if escaping:
-        raise ValueError(
+        raise InputError(
             f"{source}: file name escapes the image folder {image_root} (absolute or containing "
             f"'..') in {len(escaping)} image(s): {and_more(map(repr, escaping))}"
         )

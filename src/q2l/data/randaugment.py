@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from q2l.utils.errors import ConfigError
+
 OPERATIONS = (
     "invert",
     "cutout",
@@ -109,7 +111,7 @@ def apply_operation(image: Image.Image, name: str, level: int, sign: int = 1) ->
         return ImageOps.equalize(image)
     if name == "invert":
         return ImageOps.invert(image)
-    raise ValueError(f"unknown operation {name!r}; choose one of {OPERATIONS}")
+    raise ConfigError(f"unknown operation {name!r}; choose one of {OPERATIONS}")
 
 
 def _level_value(start: float, stop: float, level: int) -> float:

@@ -67,7 +67,8 @@ class TableMultiLabel(MultiLabelImageDataset):
         unlisted: what a class a row does not mention is: "negative" (0) or "unknown" (-1).
         unknown_labels: label names outside class_file: "error" or "ignore".
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(

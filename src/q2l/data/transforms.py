@@ -23,6 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 from q2l.data.randaugment import OfficialRandAugment
+from q2l.utils.errors import ConfigError
 
 # RandomResizedCrop's default aspect-ratio range; its lower end bounds the narrowest crop side.
 _MIN_CROP_ASPECT = 3.0 / 4.0
@@ -64,15 +65,21 @@ def build_train_transform(
     the timm steps follow timm's own order.
 
     Args:
+        hflip: probability of a horizontal flip.
         scale: RandomResizedCrop area range; None resizes the whole image to a square.
+        cutout_factor: Cutout's hole side as a share of the image side (0: no Cutout).
+        randaugment: apply RandAugment (the policy `randaugment_policy` names).
+        randaugment_num_ops: operations per image (randaugment_policy=torchvision).
+        randaugment_magnitude: their strength, 0-30 (randaugment_policy=torchvision).
         randaugment_policy: "torchvision" (T.RandAugment with `randaugment_num_ops` operations at
             `randaugment_magnitude`) or "official": the PyPI `randaugment` 1.0.2 policy the
             official Query2Label and ASL code use (q2l.data.randaugment; two operations at random
             levels, each with probability 0.5; the num_ops/magnitude options do not apply).
         auto_augment: a timm policy string: "rand-m9-mstd0.5-inc1" (RandAugment), "original",
             "originalr", "v0", "v0r" (AutoAugment), "augmix-m5-w3" (AugMix); None for none.
-        random_erasing: probability of timm's RandomErasing; random_erasing_mode is const, rand
-            or pixel, and random_erasing_count the most boxes erased per image.
+        random_erasing: probability of timm's RandomErasing.
+        random_erasing_mode: what fills an erased box: const, rand or pixel.
+        random_erasing_count: the most boxes erased per image.
     """
     steps: list = []
     if scale is not None:
@@ -89,7 +96,7 @@ def build_train_transform(
     if randaugment:
         policy = str(getattr(randaugment_policy, "value", randaugment_policy))
         if policy not in RANDAUGMENT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.randaugment_policy={policy!r}: choose one of {RANDAUGMENT_POLICIES}"
             )
         steps.append(
@@ -139,7 +146,7 @@ def build_timm_policy(
             return augment_and_mix_transform(policy, {**hparams, "translate_pct": 0.3})
         return auto_augment_transform(policy, hparams)
     except (AssertionError, KeyError, ValueError) as error:  # timm checks its strings with assert
-        raise ValueError(
+        raise ConfigError(
             f"augment.auto_augment={policy!r} is not a timm policy string such as "
             "rand-m9-mstd0.5-inc1, "
             f"original, v0 or augmix-m5-w3 ({type(error).__name__}: {error})"
@@ -154,7 +161,7 @@ class Cutout:
 
     def __init__(self, factor: float = 0.5) -> None:
         if not 0 < factor <= 1:
-            raise ValueError(f"cutout factor must be in (0, 1], got {factor}")
+            raise ConfigError(f"cutout factor must be in (0, 1], got {factor}")
         self.factor = factor
 
     def __call__(self, image: Image.Image) -> Image.Image:

@@ -7,8 +7,9 @@
 level="full"), and at the label matrices, and returns a `DataReport` of counts; if anything is
 wrong it raises one `DataValidationError` listing every problem, not the first. Problems: missing
 or unreadable files, an image listed twice in a split, an image in both splits, splits with
-different classes, an empty split. A class without positives in a split is a warning: its AP is
-undefined, and mAP leaves it out.
+different classes, an empty split, a split without a single positive label (`without_positives`:
+nothing to learn from, or no AP to measure). A class without positives in a split is a warning:
+its AP is undefined, and mAP leaves it out.
 
 Annotation-level problems (unknown categories, file names that are absolute or contain '..',
 broken annotation files) are found earlier, when the format reader builds the split; the command
@@ -20,7 +21,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +30,9 @@ from typing import Any
 
 from PIL import Image
 
-from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb
-from q2l.messages import and_more
+from q2l.data.dataset import BadImageError, MultiLabelImageDataset, load_rgb, open_image
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ LEVELS = ("quick", "full")
 _THREADS = min(32, 4 * (os.cpu_count() or 1))
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """Every problem found, one per line; `report` holds the counts."""
 
     def __init__(self, report: DataReport) -> None:
@@ -190,8 +191,9 @@ def _check_split(dataset: MultiLabelImageDataset, level: str) -> SplitReport:
             if not has
         ],
     )
+    limit = getattr(dataset, "max_image_pixels", None)
     with ThreadPoolExecutor(_THREADS) as pool:
-        outcomes = pool.map(lambda path: _check_file(path, level), dataset.image_paths)
+        outcomes = pool.map(lambda path: _check_file(path, level, limit), dataset.image_paths)
         for path, outcome in zip(dataset.image_paths, outcomes, strict=True):
             if outcome == "missing":
                 split.missing.append(str(path))
@@ -200,23 +202,23 @@ def _check_split(dataset: MultiLabelImageDataset, level: str) -> SplitReport:
     return split
 
 
-def _check_file(path: Path, level: str) -> str | None:
-    """None if the file reads, "missing", or the decoder's reason."""
+def _check_file(path: Path, level: str, max_pixels: int | None) -> str | None:
+    """None if the file reads, "missing", or the decoder's reason (or that the image is larger
+    than `max_pixels`, the data set's max_image_pixels)."""
     try:
         if level == "full":
-            load_rgb(path)
+            load_rgb(path, max_pixels=max_pixels)
         else:
-            with Image.open(path) as image:
+            with open_image(path, max_pixels) as image:
                 image.verify()
         return None
     except FileNotFoundError:
         return "missing"
     except BadImageError as error:
-        return (
-            "missing"
-            if isinstance(error.__cause__, FileNotFoundError)
-            else str(error.__cause__ or error)
-        )
+        if isinstance(error.__cause__, FileNotFoundError):
+            return "missing"
+        # A decoder's reason already follows the path in the report; the size limit's is whole.
+        return str(error.__cause__) if error.__cause__ is not None else str(error)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
 
@@ -227,6 +229,8 @@ def _judge_split(
     """Sort one split's findings into problems and warnings."""
     if split.images == 0:
         problems.append(f"{name}: no images")
+    elif split.positives == 0:
+        problems.append(without_positives(name, split.images, split.unknown))
     bad = len(split.missing) + len(split.unreadable)
     tolerated = tolerance is not None and bad <= tolerance * max(split.images, 1)
     sink = warnings if tolerated else problems
@@ -252,6 +256,19 @@ def _judge_split(
         )
 
 
+def without_positives(split: str, images: int, unknown: int) -> str:
+    """The problem of a split of `images` images in which no image has a single positive label
+    (`unknown` of its entries are -1): the message training refuses with, and validation lists."""
+    kind = "unknown (-1) or negative" if unknown else "negative"
+    return (
+        f"{split}: not one positive label in its {images} images (every entry is {kind}), so "
+        f"{'there is nothing to learn' if split == 'train' else 'no AP or mAP can be measured'}. "
+        "Check that the annotation files are the ones meant for these images and that they "
+        "name the images' classes (dataset.root, the annotation options of dataset=...); "
+        "`q2l-validate-data dataset=...` prints each split's counts"
+    )
+
+
 def _duplicated(values: Sequence[Any]) -> list[str]:
     return [str(value) for value, count in collections.Counter(values).items() if count > 1]
 
@@ -260,58 +277,3 @@ def _shared_images(train_paths: Sequence[Path], val_paths: Sequence[Path]) -> li
     """Files both splits read, compared after resolving symlinks and '.' parts."""
     resolved_train = {os.path.realpath(p) for p in train_paths}
     return sorted({str(p) for p in val_paths if os.path.realpath(p) in resolved_train})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`q2l-validate-data dataset=<name> [dataset.root=...] [dataset.validate=full] [overrides]`.
-
-    Composes the training config (so any dataset option and override works), builds both splits
-    without transforms, checks them and prints the report. Exit status 0: no problems; 1: problems
-    (all printed); 2: the overrides do not compose.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from hydra.utils import instantiate
-    from omegaconf.errors import OmegaConfBaseException
-
-    from q2l.checks import ConfigValueError, check_values, choice
-    from q2l.config import CONFIG_DIR
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(overrides):
-        print(main.__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
-        check_values(cfg)
-        data = cfg.dataset
-        level = choice(data.get("validate", "quick"))
-    except (HydraException, OmegaConfBaseException, ConfigValueError) as error:
-        print(f"q2l-validate-data: {error}", file=sys.stderr)
-        return 2
-    # Only reads: a data set's `prepare` step (the demo's builder) is not run by a check.
-    splits, problems = {}, []
-    for name in ("train", "val"):
-        try:
-            splits[name] = instantiate(data[name])
-        except HydraException as error:
-            problems.append(f"{name}: {error.__cause__ or error}")
-    print(f"data set {data.name} at {data.get('root')}")
-    if problems:
-        print("\n".join(f"PROBLEM: {text}" for text in problems))
-        return 1
-    try:
-        report = validate_splits(
-            splits["train"], splits["val"], level="full" if level == "full" else "quick"
-        )
-    except DataValidationError as error:
-        print(error.report.format())
-        return 1
-    print(report.format())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,8 @@ import numpy as np
 
 from q2l.data.dataset import MultiLabelImageDataset
 from q2l.data.paths import confine_all
-from q2l.messages import and_more
+from q2l.utils.errors import InputError
+from q2l.utils.messages import and_more
 
 VOC_CLASSES = (
     "aeroplane",
@@ -66,7 +67,8 @@ class VocMultiLabel(MultiLabelImageDataset):
         difficult: target of a class present only as difficult objects: "ignore", "positive" or
             "negative".
         transform: PIL image -> tensor.
-        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction).
+        options: decoding options of `MultiLabelImageDataset` (on_bad_image, max_bad_fraction,
+            max_image_pixels).
     """
 
     def __init__(
@@ -78,7 +80,7 @@ class VocMultiLabel(MultiLabelImageDataset):
         **options: Any,
     ) -> None:
         if difficult not in DIFFICULT_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"difficult must be one of {sorted(DIFFICULT_POLICIES)}, got {difficult!r}"
             )
         root = Path(root)
@@ -99,7 +101,7 @@ def read_image_set(list_file: Path) -> list[str]:
     lines = list_file.read_text(encoding="utf-8").splitlines()
     image_ids = [line.split()[0] for line in lines if line.strip()]
     if not image_ids:
-        raise ValueError(f"{list_file}: no image ids")
+        raise InputError(f"{list_file}: no image ids")
     return image_ids
 
 
@@ -128,7 +130,7 @@ def read_voc_labels(annotation_files: list[Path], difficult_target: int) -> np.n
             if labels[row, index] != 1:
                 labels[row, index] = difficult_target
     if problems:
-        raise ValueError(
+        raise InputError(
             f"{len(problems)} problem(s) in VOC annotations:\n  "
             + and_more(problems, separator="\n  ")
         )
@@ -141,14 +143,14 @@ def parse_objects(annotation_file: Path) -> list[tuple[str, bool]]:
         raise FileNotFoundError(f"{annotation_file}: annotation file missing")
     data = annotation_file.read_bytes()
     if len(data) > _MAX_XML_BYTES:
-        raise ValueError(f"{annotation_file}: {len(data)} bytes, too large for a VOC annotation")
+        raise InputError(f"{annotation_file}: {len(data)} bytes, too large for a VOC annotation")
     try:
         _refuse_doctype(data)
         root = ElementTree.fromstring(data)
     except (ElementTree.ParseError, ExpatError) as error:
-        raise ValueError(f"{annotation_file}: not valid XML ({error})") from error
+        raise InputError(f"{annotation_file}: not valid XML ({error})") from error
     except _DoctypeFound:
-        raise ValueError(
+        raise InputError(
             f"{annotation_file}: DTD or entity declarations are not accepted in annotations"
         ) from None
     objects = []

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from q2l.demo.owned import build_owned_folder, data_dir_hint
+from q2l.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +135,14 @@ def _check_arguments(
     seed: int,
 ) -> None:
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"need at least one canvas per split, got {num_train=} {num_val=}")
+        raise ConfigError(f"need at least one canvas per split, got {num_train=} {num_val=}")
     if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits=} {max_digits=}")
+        raise ConfigError(f"need 1 <= min_digits <= max_digits, got {min_digits=} {max_digits=}")
     if not 0.0 <= empty_fraction < 1.0:
-        raise ValueError(f"empty_fraction must be in [0, 1), got {empty_fraction}")
+        raise ConfigError(f"empty_fraction must be in [0, 1), got {empty_fraction}")
     cell_size = canvas_size // _grid_side(max_digits)
     if cell_size < _MIN_DIGIT_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"a {canvas_size} px canvas split for {max_digits} digits leaves {cell_size} px per "
             f"digit; need at least {_MIN_DIGIT_SIZE}: raise canvas_size or lower max_digits"
         )

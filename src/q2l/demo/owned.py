@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from q2l.messages import and_more
+from q2l.utils.messages import and_more
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from q2l.amp import autocast, resolve_precision
 from q2l.demo.digits import split_digit_scans
 from q2l.demo.owned import build_owned_folder, data_dir_hint
 from q2l.models.backbone import normalization
-from q2l.threads import rebalance_threads
+from q2l.utils.amp import autocast, resolve_precision
+from q2l.utils.atomic import give_default_mode
+from q2l.utils.progress import track
+from q2l.utils.threads import rebalance_threads
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def pretrain_digits_backbone(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        # bf16 where this CPU has bf16 units (q2l.amp), as the demo's training itself.
+        # bf16 where this CPU has bf16 units (q2l.utils.amp), as the demo's training itself.
         "precision": resolve_precision("auto", torch.device("cpu")),
         "version": 3,
     }
@@ -97,6 +99,13 @@ def _pretrain(
 ) -> None:
     """The training itself: writes the backbone's state dict (classifier removed) to `output`."""
     start = time.perf_counter()
+    log.info(
+        "pretraining the demo's %s backbone on %d single digits for %d epochs (once: it is "
+        "cached for later runs)",
+        name,
+        num_images,
+        epochs,
+    )
     generator = torch.Generator().manual_seed(seed)
     images, labels = _render_single_digits(num_images, image_size, digit_size, seed, generator)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(name))
@@ -114,7 +123,9 @@ def _pretrain(
     correct = 0
     for epoch in range(epochs):
         order = torch.randperm(num_images, generator=generator)
-        for step in range(steps_per_epoch):
+        where = f"pretrain epoch {epoch + 1}/{epochs}"
+        steps = track(range(steps_per_epoch), steps_per_epoch, where)
+        for step in steps:
             batch = order[step * batch_size : (step + 1) * batch_size]
             with autocast(torch.device("cpu"), precision):
                 logits = model(images[batch])
@@ -126,9 +137,11 @@ def _pretrain(
             rebalance_threads()
             if epoch == epochs - 1:
                 correct += int((logits.argmax(1) == labels[batch]).sum())
+        log.info("%s done (%.0f s so far)", where, time.perf_counter() - start)
     torch.random.set_rng_state(rng_state)  # leave the caller's random stream as it was
     model.reset_classifier(0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output))
+    give_default_mode(output)  # save_file creates the file 0600
     log.info(
         # No path here: `output` is still the temporary folder build_owned_folder renames.
         "pretrained %s on single digits: %.1f%% train accuracy in the last epoch, %.0f s",

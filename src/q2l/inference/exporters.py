@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from q2l.atomic import link_new
 from q2l.inference.model_info import ModelInfo
+from q2l.utils.atomic import give_default_mode, link_new
+from q2l.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(UserError, RuntimeError):
     """An exported model whose scores differ from PyTorch's by more than the tolerance."""
 
 
@@ -46,7 +47,7 @@ def export_onnx(
     import_onnxruntime()  # fail before the slow export when the check cannot run
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if size > _ONNX_SINGLE_FILE_LIMIT:
-        raise ValueError(
+        raise ConfigError(
             f"the model's weights take {size / 2**30:.1f} GiB, more than one ONNX "
             "file holds; export format=safetensors instead"
         )
@@ -112,6 +113,7 @@ def export_safetensors(
         # Tensors that share memory (none in Query2Label today) would need one copy each.
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path), metadata={"format": "pt"})
+        give_default_mode(path)  # save_file creates the file 0600
 
     def score(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         # The rebuilt module reads the record beside the final name; check with a temporary one.

@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from q2l.data.dataset import BadImageError, load_rgb
+from q2l.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb, upright_rgb
+from q2l.utils.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -42,7 +44,7 @@ def resolve_inputs(spec: str) -> list[Path]:
     else:
         raise FileNotFoundError(f"input={spec}: no such folder, .txt list, image or glob match")
     if not found:
-        raise ValueError(
+        raise InputError(
             f"input={spec}: the {where} holds no image (extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
@@ -51,7 +53,8 @@ def resolve_inputs(spec: str) -> list[Path]:
 
 def _read_list(path: Path) -> list[Path]:
     entries = []
-    for line in path.read_text().splitlines():
+    # A listed name that is not UTF-8 reads as the same bytes Python's own os calls would give it.
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             entry = Path(line).expanduser()
@@ -62,22 +65,39 @@ def _read_list(path: Path) -> list[Path]:
 class ImageFiles(Dataset):
     """Images for prediction: item i -> (image (3, H, W) float32, i, error).
 
+    `paths` are image files or images already in memory (PIL), which go through the same
+    conversion (`upright_rgb`) and `transform` as a decoded file.
+
     `error` is "" for a readable image; for an unreadable one it is the reason (the file named)
-    and the image is zeros, so that one bad file never stops a batch or a DataLoader worker.
+    and the image is zeros, so that one bad file never stops a batch or a DataLoader worker. An
+    image whose header declares more than `max_pixels` pixels (None: no limit) is unreadable too,
+    and never decoded; the reason names the `max_image_pixels` option.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: Callable, image_size: int) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path | Image.Image],
+        transform: Callable,
+        image_size: int,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.image_size = image_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         min_size = getattr(self.transform, "min_decode_size", None)
+        item = self.paths[index]
         try:
-            image = self.transform(load_rgb(self.paths[index], min_size=min_size))
+            if isinstance(item, Image.Image):
+                image = upright_rgb(item)
+            else:
+                image = load_rgb(item, min_size, self.max_pixels, "max_image_pixels")
+            image = self.transform(image)
         except (BadImageError, OSError) as error:
             blank = torch.zeros(3, self.image_size, self.image_size)
             return blank, index, str(error)

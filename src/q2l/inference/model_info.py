@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from q2l.atomic import atomic_write
 from q2l.models.backbone import normalization
+from q2l.utils.atomic import atomic_write
+from q2l.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ModelInfo:
 
     thresholds: per-class thresholds (K floats) when calibrated, else None: `threshold` applies.
     model_config: the `backbone`, `model` and `dataset.image_size` entries of the run's config,
-        enough to rebuild the module (q2l.build.build_model, allowlisted).
+        enough to rebuild the module (q2l.training.build.build_model, allowlisted).
     """
 
     class_names: list[str]
@@ -50,7 +51,7 @@ class ModelInfo:
     model_config: dict[str, Any]
     thresholds: list[float] | None = None
     thresholds_source: dict[str, Any] | None = None
-    weights: str = "model"
+    weights: str = "raw"
     epoch: int | None = None
     step: int | None = None
     input_name: str = "images"
@@ -63,7 +64,7 @@ class ModelInfo:
     def from_checkpoint(
         cls, checkpoint: dict[str, Any], weights: str, image_size: int | None = None
     ) -> ModelInfo:
-        """The record of `checkpoint` with `weights` ("model"/"ema") and no thresholds yet."""
+        """The record of `checkpoint` with `weights` ("raw"/"ema") and no thresholds yet."""
         config = checkpoint["config"]
         size = int(image_size or config["dataset"]["image_size"])
         backbone_config = config["backbone"]
@@ -93,7 +94,8 @@ class ModelInfo:
         if record is None:
             return ModelInfo(**{**asdict(self), "thresholds": None, "thresholds_source": None})
         check_classes(record["classes"], self.class_names, record.get("path", "thresholds file"))
-        source = {k: record[k] for k in ("rule", "split", "checkpoint_step", "path") if k in record}
+        keys = ("rule_name", "rule", "split", "checkpoint_step", "path")
+        source = {k: record[k] for k in keys if k in record}
         return ModelInfo(
             **{
                 **asdict(self),
@@ -115,11 +117,11 @@ class ModelInfo:
         try:
             record = json.loads(text)
         except ValueError as error:
-            raise ValueError(f"{source}: the q2l model record is not JSON ({error})") from None
+            raise InputError(f"{source}: the q2l model record is not JSON ({error})") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise ValueError(f"{source} carries no q2l model record (format {FORMAT!r})")
+            raise InputError(f"{source} carries no q2l model record (format {FORMAT!r})")
         if record.get("version", 0) > VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{source}: model record version {record['version']} is newer than "
                 f"this q2l understands ({VERSION}); upgrade q2l"
             )
@@ -153,7 +155,7 @@ def check_classes(
     )
     if mismatch is None:
         mismatch = f"{source}: its classes do not match the model's"
-    raise ValueError(f"{mismatch} ({detail})")
+    raise InputError(f"{mismatch} ({detail})")
 
 
 def _first_names(names: list[str], shown: int = 10) -> str:
@@ -184,16 +186,16 @@ def read_thresholds(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"thresholds file {path} does not exist") from None
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read thresholds file {path}: {error}") from None
+        raise InputError(f"cannot read thresholds file {path}: {error}") from None
     if not isinstance(record, dict) or record.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{path} is not a q2l thresholds file (format {THRESHOLDS_FORMAT!r})")
+        raise InputError(f"{path} is not a q2l thresholds file (format {THRESHOLDS_FORMAT!r})")
     thresholds = record.get("thresholds")
     if (
         not isinstance(thresholds, list)
         or len(thresholds) != len(record.get("classes", []))
         or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds)
     ):
-        raise ValueError(f"{path}: thresholds must be one finite number per class")
+        raise InputError(f"{path}: thresholds must be one finite number per class")
     return {**record, "path": str(path)}
 
 
@@ -216,8 +218,9 @@ def choose_thresholds(info: ModelInfo, option: str, ckpt: str | None) -> tuple[M
     if info.thresholds is not None:
         source = info.thresholds_source or {}
         return info, (
-            f"per-class thresholds embedded in the model file ({source.get('rule', 'calibrated')}"
-            f", chosen on {source.get('split', {}).get('dataset', 'an evaluated split')})"
+            f"per-class thresholds embedded in the model file (rule "
+            f"{source.get('rule_name', 'calibrated')}, chosen on "
+            f"{source.get('split', {}).get('dataset', 'an evaluated split')})"
         )
     return info, _run_threshold_note(info, "no calibrated thresholds found")
 

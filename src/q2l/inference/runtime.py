@@ -1,24 +1,28 @@
 """Scorers: images (B, 3, H, W) preprocessed float32 -> probabilities (B, K) float32 on CPU.
 
 One per kind of model file, all with the same call and a `ModelInfo`:
-- `TorchScorer`: a module rebuilt from a q2l checkpoint or from an exported safetensors file,
-  run under the one autocast context (q2l.amp) like evaluation;
+- `TorchScorer`: a module rebuilt from a q2l checkpoint or from an exported safetensors file, or
+  a TorchScript export, run under the one autocast context (q2l.utils.amp) like evaluation;
 - `OnnxScorer`: an exported .onnx file under ONNX Runtime (fp32).
-`load_scorer` picks by file.
+`load_scorer` (ckpt= or model_file=, as the predict command takes them) picks by file, telling the
+kinds apart with `model_file_kind`; q2l.inference.classifier.load does the same for any path.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from q2l import dist
-from q2l.amp import autocast, resolve_precision
 from q2l.inference.model_info import ModelInfo
+from q2l.utils import dist
+from q2l.utils.amp import autocast, resolve_precision
+from q2l.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,10 @@ class OnnxScorer:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for a bad file
-            raise ValueError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
+            raise InputError(f"model_file={path}: ONNX Runtime cannot load it ({error})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "q2l" not in metadata:
-            raise ValueError(
+            raise InputError(
                 f"model_file={path} carries no q2l model record; export it with q2l-export"
             )
         self.info = ModelInfo.from_json(metadata["q2l"], str(path))
@@ -96,39 +100,82 @@ def load_scorer(
     device: str = "auto",
     precision: str = "checkpoint",
 ) -> TorchScorer | OnnxScorer:
-    """The scorer for `ckpt` (a q2l checkpoint) or `model_file` (a .onnx or .safetensors export).
+    """The scorer for `ckpt` (a q2l checkpoint) or `model_file` (a .onnx, .safetensors or
+    TorchScript export).
 
-    precision: "checkpoint" (what the run trained with, as eval uses) or auto/fp32/bf16/fp16;
-    ONNX models always run in fp32.
+    precision: "checkpoint" (what the run trained with, as eval uses; fp32 for an export) or
+    auto/fp32/bf16/fp16; ONNX models always run in fp32.
     """
-    from q2l.checkpoint import load_checkpoint, model_from_checkpoint
-
     if bool(ckpt) == bool(model_file):
-        raise ValueError(
-            "pass exactly one of ckpt=PATH (a checkpoint) or model_file=PATH (.onnx or "
-            ".safetensors from q2l-export)"
+        raise InputError(
+            "pass exactly one of ckpt=PATH (a checkpoint) or model_file=PATH (.onnx, "
+            ".safetensors or .torchscript.pt from q2l-export)"
         )
-    torch_device = dist.resolve_device(device)
-    checkpoint = None
     if ckpt:
-        checkpoint = load_checkpoint(ckpt)
-        module, chosen = model_from_checkpoint(checkpoint, weights)
-        info = ModelInfo.from_checkpoint(checkpoint, chosen)
-    else:
-        path = Path(model_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model_file={model_file}: no such file")
-        suffix = path.suffix.lower()
-        if suffix == ".onnx":
-            return OnnxScorer(path, torch_device.type)
-        if suffix != ".safetensors":
-            raise ValueError(
-                f"model_file={model_file}: predict reads .onnx or .safetensors exports (use "
-                "ckpt= for a checkpoint)"
-            )
-        module, info = load_safetensors_export(path)
+        return checkpoint_scorer(ckpt, weights, device, precision)
+    path = _existing(model_file, "model_file")
+    if model_file_kind(path) == "checkpoint":
+        raise InputError(
+            f"model_file={model_file} is not an export from q2l-export (.onnx, .safetensors, "
+            ".torchscript.pt); pass a checkpoint as ckpt="
+        )
+    return export_scorer(path, device, precision)
+
+
+def model_file_kind(path: Path) -> str:
+    """ "onnx", "safetensors", "torchscript" or "checkpoint" (anything else, checked on load).
+
+    A TorchScript export is a zip archive holding the extra file q2l.json (whatever its name);
+    a checkpoint is a zip archive too, without it.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".safetensors"):
+        return suffix[1:]
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/extra/q2l.json") for name in archive.namelist()):
+                return "torchscript"
+    return "checkpoint"
+
+
+def checkpoint_scorer(
+    ckpt: str | Path, weights: str = "auto", device: str = "auto", precision: str = "checkpoint"
+) -> TorchScorer:
+    """A q2l checkpoint's model with `weights` (auto/raw/ema), in the run's precision by default."""
+    from q2l.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    torch_device = dist.resolve_device(device)
+    checkpoint = load_checkpoint(ckpt)
+    module, chosen = model_from_checkpoint(checkpoint, weights)
+    info = ModelInfo.from_checkpoint(checkpoint, chosen)
     chosen_precision, channels_last = run_settings(precision, torch_device, checkpoint)
     return TorchScorer(module, info, torch_device, chosen_precision, channels_last)
+
+
+def export_scorer(
+    path: Path, device: str = "auto", precision: str = "checkpoint"
+) -> TorchScorer | OnnxScorer:
+    """An export's scorer: ONNX under ONNX Runtime, safetensors rebuilt, TorchScript loaded."""
+    torch_device = dist.resolve_device(device)
+    kind = model_file_kind(path)
+    if kind == "onnx":
+        return OnnxScorer(path, torch_device.type)
+    if kind == "safetensors":
+        module, info = load_safetensors_export(path)
+    else:
+        module, info = load_torchscript_export(path)
+    chosen_precision, channels_last = run_settings(precision, torch_device)
+    scorer = TorchScorer(module, info, torch_device, chosen_precision, channels_last)
+    if kind == "torchscript":
+        scorer.description = f"TorchScript on {torch_device}, {chosen_precision}"
+    return scorer
+
+
+def _existing(path: str | Path, key: str) -> Path:
+    found = Path(path).expanduser()
+    if not found.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    return found
 
 
 def run_settings(
@@ -149,6 +196,22 @@ def run_settings(
     return resolve_precision(chosen, device), channels_last
 
 
+def load_torchscript_export(path: Path) -> tuple[nn.Module, ModelInfo]:
+    """The traced module and record (extra file q2l.json) of a TorchScript export, on the CPU."""
+    extra = {"q2l.json": ""}
+    with warnings.catch_warnings():
+        # torch.jit.load warns that TorchScript is deprecated; docs/inference.md says so once.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except RuntimeError as error:
+            raise InputError(f"{path}: TorchScript cannot load it ({error})") from None
+    if not extra["q2l.json"]:
+        raise InputError(f"{path} carries no q2l model record; export it with q2l-export")
+    return module, ModelInfo.from_json(extra["q2l.json"], str(path))
+
+
 def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     """The module and record of a safetensors export (weights + `<stem>.json` beside it).
 
@@ -157,7 +220,7 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     """
     from safetensors.torch import load_file
 
-    from q2l.build import build_model
+    from q2l.training.build import build_model
 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
@@ -167,5 +230,5 @@ def load_safetensors_export(path: Path) -> tuple[nn.Module, ModelInfo]:
     try:
         module.load_state_dict(load_file(str(path)))
     except Exception as error:  # safetensors' own errors for a truncated file; shape mismatches
-        raise ValueError(f"{path} does not fit the model its record describes: {error}") from None
+        raise InputError(f"{path} does not fit the model its record describes: {error}") from None
     return module.eval(), info

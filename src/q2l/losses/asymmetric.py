@@ -96,6 +96,9 @@ class BCEWithLogitsLoss(nn.Module):
     mean over the batch), so the value is on the same scale as `AsymmetricLoss`. Entries with target
     -1 get weight 0 ("mean" still divides by B*K), so the baseline also runs on partial labels.
 
+    Args:
+        reduction: "sum", "batchmean" (sum over classes, mean over the batch) or "mean".
+
     Shapes:
         logits: (B, K), any float dtype.
         targets: (B, K) in [0, 1] (soft targets allowed) or -1 for not annotated.

@@ -4,6 +4,8 @@ log-likelihoods and focusing weight of ASL, and the reductions."""
 import torch
 from torch import Tensor
 
+from q2l.utils.errors import ConfigError
+
 REDUCTIONS = ("sum", "batchmean", "mean")
 
 
@@ -57,22 +59,22 @@ def reduce(loss: Tensor, reduction: str) -> Tensor:
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def check_clip(clip: float) -> None:
     if not 0.0 <= clip < 1.0:
-        raise ValueError(f"clip must be in [0, 1), got {clip}")
+        raise ConfigError(f"clip must be in [0, 1), got {clip}")
 
 
 def check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise ConfigError(f"{name} must be >= 0, got {value}")
 
 
 def check_num_classes(priors: Tensor, num_classes: int) -> None:
     if priors.numel() != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"class_priors has {priors.numel()} classes but the logits have {num_classes}"
         )

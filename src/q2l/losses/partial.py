@@ -20,6 +20,7 @@ from q2l.losses.common import (
     focusing_weight,
     reduce,
 )
+from q2l.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class PartialAsymmetricLoss(nn.Module):
         self.prior_class_names: list[str] | None = None
         if class_priors_file is not None:
             if class_priors is not None:
-                raise ValueError("give class_priors or class_priors_file, not both")
+                raise ConfigError("give class_priors or class_priors_file, not both")
             self.prior_class_names, class_priors = read_class_priors(class_priors_file)
         check_non_negative(
             gamma_neg=gamma_neg,
@@ -118,11 +119,11 @@ class PartialAsymmetricLoss(nn.Module):
         check_clip(clip)
         check_reduction(reduction)
         if mode not in _PARTIAL_MODES:
-            raise ValueError(f"mode must be one of {_PARTIAL_MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {_PARTIAL_MODES}, got {mode!r}")
         if prior_threshold is not None and not 0.0 <= prior_threshold <= 1.0:
-            raise ValueError(f"prior_threshold must be in [0, 1] or None, got {prior_threshold}")
+            raise ConfigError(f"prior_threshold must be in [0, 1] or None, got {prior_threshold}")
         if not 0.0 <= prior_momentum <= 1.0:
-            raise ValueError(f"prior_momentum must be in [0, 1], got {prior_momentum}")
+            raise ConfigError(f"prior_momentum must be in [0, 1], got {prior_momentum}")
         self.gamma_neg, self.gamma_pos, self.gamma_unann = gamma_neg, gamma_pos, gamma_unann
         self.alpha_pos, self.alpha_neg, self.alpha_unann = alpha_pos, alpha_neg, alpha_unann
         self.clip = clip
@@ -142,7 +143,7 @@ class PartialAsymmetricLoss(nn.Module):
             # float() per item also accepts an OmegaConf ListConfig from Hydra.
             priors = torch.tensor([float(value) for value in class_priors], dtype=torch.float32)
             if priors.ndim != 1 or priors.numel() == 0 or bool(((priors < 0) | (priors > 1)).any()):
-                raise ValueError(
+                raise ConfigError(
                     f"class_priors must be a non-empty list of floats in [0, 1], got {class_priors}"
                 )
         self.register_buffer("class_priors", priors)
@@ -158,7 +159,7 @@ class PartialAsymmetricLoss(nn.Module):
         if sorted(names) != sorted(class_names):
             missing = sorted(set(class_names) - set(names))
             extra = sorted(set(names) - set(class_names))
-            raise ValueError(
+            raise ConfigError(
                 f"loss.class_priors_file names other classes than the data set: missing {missing}"
                 f", not in the data set {extra}"
             )
@@ -326,7 +327,7 @@ def read_class_priors(path: str | Path) -> tuple[list[str] | None, list[float]]:
         names = None if name_column is None else [row[name_column].strip() for row in rows]
         return names, [float(row[value_column]) for row in rows]
     except (ValueError, StopIteration, IndexError, TypeError, AttributeError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"loss.class_priors_file={path}: not a list of class priors ({error!r}); see "
             "q2l.losses.read_class_priors for the accepted layouts"
         ) from None

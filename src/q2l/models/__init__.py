@@ -6,7 +6,8 @@ config schema (conf/model/*.yaml) is read from its signature by `q2l.config`.
 
 Training builds models with `hydra.utils.instantiate` from the composed config. A checkpoint's
 config is file input: `MODEL_TARGETS` lists what may be rebuilt from one
-(`q2l.build.instantiate_allowed`), so a `_target_` read from a file is never imported otherwise.
+(`q2l.training.build.instantiate_allowed`), so a `_target_` read from a file is never imported
+otherwise.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 timm is the backbone registry: `name` is any `timm.list_models()` entry. CNNs give (B, C, H, W)
 directly; token models (ViT, DeiT, Swin, ...) are reshaped to a map so the Query2Label head sees
-the same thing whatever the backbone. Weights never come from a hub at run time: `pretrained=True`
-loads a local file (`weights=...`) or what timm already has in its offline cache. A file in its
+the same thing whatever the backbone. `pretrained=True` loads a local file (`weights=...`), else
+timm's own hub weights of `name` through the Hugging Face hub client: from its cache when they are
+there, else downloaded into it (honouring HF_HUB_OFFLINE=1: then a clear error says which file to
+place where; scripts/fetch_weights.py fills a cache for machines without internet). A file in its
 original layout (torchvision ResNet, Alibaba-MIIL TResNet, Microsoft Swin, ...) goes through the
 conversion timm applies to its own hub weights (`checkpoint_filter_fn` of the model's timm module).
 
@@ -30,6 +32,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from q2l.models.weights import read_state_dict
+from q2l.utils.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,9 @@ class TimmBackbone(nn.Module):
 
     Args:
         name: timm model name, e.g. "resnet101", "tresnet_l", "vit_small_patch16_224".
-        pretrained: load pretrained weights (from `weights`, else timm's offline cache; never a
-            download). Query2Label is trained from a pretrained backbone, hence the default.
+        pretrained: load pretrained weights (from `weights`, else timm's hub weights from the
+            Hugging Face cache, downloaded there if missing and allowed). Query2Label is trained
+            from a pretrained backbone, hence the default.
         weights: path to a local .pth/.pt/.safetensors state dict for this model.
         image_size: input size for models that need it fixed at build time (ViT, Swin).
         freeze: "none"; "stem" or "stem_layer1" keep the parameters before layer1 (or before
@@ -72,13 +76,13 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.name={name!r} is not a timm model; see timm.list_models() for choices"
             )
         if freeze not in FREEZE_CHOICES:
-            raise ValueError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_CHOICES}")
+            raise ConfigError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_CHOICES}")
         if normalization not in NORMALIZATION_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.normalization={normalization!r}: choose one of {NORMALIZATION_CHOICES}"
             )
         kwargs = _plain(timm_kwargs or {})  # timm wants tuples/lists, not config containers
@@ -158,31 +162,99 @@ def _token_grid(body: nn.Module, image_hw: torch.Size, num_tokens: int) -> tuple
 
 
 def pretrained_weights_path(name: str, weights: str | None) -> Path:
-    """The weights file for timm `name`: `weights`, or timm's offline cache when it is empty.
+    """The weights file for timm `name`: `weights`, or (when it is empty) timm's hub weights in
+    the Hugging Face cache, downloaded there first if they are missing and the network is allowed.
 
-    A missing file gives an error that says how to supply one.
+    A missing file gives an error that says which file to supply and how.
     """
     if weights:
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
             raise FileNotFoundError(
                 f"backbone.weights={weights!r}: no such file. Supply the pretrained weights of "
-                f"{name!r} as a local .pth/.safetensors state dict ({_where_to_get(name)}), or "
-                "train from scratch with backbone.pretrained=false"
+                f"{name!r} as a local .pth/.safetensors state dict, leave backbone.weights empty "
+                "to use timm's hub weights, or train from scratch with backbone.pretrained=false"
             )
-    else:
-        path = _cached_weights(name)
-        if path is None:
+        return path
+    return cached_weights(name) or download_weights(name)
+
+
+def download_weights(name: str, cache_dir: str | Path | None = None) -> Path:
+    """timm's hub weights of `name` in the Hugging Face cache (`cache_dir`, else HF_HUB_CACHE /
+    HF_HOME's), downloaded by the hub client unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, revision, filenames = hub_source(name)
+    cache = str(cache_dir or hub_cache_dir())
+    if hub_offline():
+        raise FileNotFoundError(
+            f"backbone.pretrained=true: the weights of {name!r} are not on this machine and "
+            f"HF_HUB_OFFLINE is set, so they cannot be downloaded. {_how_to_place(name, cache)}"
+        )
+    log.info("backbone %s: downloading %s/%s into %s", name, repo, filenames[0], cache)
+    for filename in filenames:
+        try:
+            found = hf_hub_download(repo, filename, revision=revision, cache_dir=cache)
+        except EntryNotFoundError:
+            continue  # the repository has the weights under the next name
+        except Exception as error:  # no network, a proxy, a gated repository, ...
+            reason = str(error).strip().splitlines()[0]
             raise FileNotFoundError(
-                f"backbone.pretrained=true but no weights for {name!r} are on this machine, and "
-                "q2l never downloads. Pass backbone.weights=/path/to/file.pth|.safetensors "
-                f"({_where_to_get(name)}), or train from scratch with backbone.pretrained=false"
-            )
-    return path
+                f"backbone.pretrained=true: downloading the weights of {name!r} failed "
+                f"({type(error).__name__}: {reason}). {_how_to_place(name, cache)}"
+            ) from None
+        return Path(found)
+    raise FileNotFoundError(f"{repo} holds none of {filenames}: timm's hub entry for {name!r}")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub client reads it (1/ON/YES/TRUE), read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """Where the Hugging Face hub client keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub (read now, so a changed environment is seen)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_source(name: str) -> tuple[str, str | None, list[str]]:
+    """(repository, revision, file names to try) of timm's hub weights for `name`."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise FileNotFoundError(
+            f"backbone.pretrained=true: timm has no pretrained weights for {name!r} on the "
+            "Hugging Face hub. Pass backbone.weights=/path/to/file.pth|.safetensors, or train "
+            "from scratch with backbone.pretrained=false"
+        )
+    repo, _, revision = hub_id.partition("@")
+    filenames = (
+        [pretrained_cfg.hf_hub_filename]
+        if pretrained_cfg.hf_hub_filename
+        else ["model.safetensors", "pytorch_model.bin"]  # timm's names, safetensors preferred
+    )
+    return repo, revision or None, filenames
+
+
+def _how_to_place(name: str, cache: str) -> str:
+    repo, _, filenames = hub_source(name)
+    return (
+        f"On a machine with internet, `python scripts/fetch_weights.py --backbones {name} "
+        f"--cache-dir DIR` downloads {repo}/{filenames[0]}; copy DIR here and set "
+        f"HF_HUB_CACHE=DIR (now {cache}). Or pass backbone.weights=/path/to/file.pth|"
+        ".safetensors, or train from scratch with backbone.pretrained=false"
+    )
 
 
 def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
-    """Load backbone weights from a local file or timm's offline cache; never download."""
+    """Load backbone weights from a local file or timm's hub weights (pretrained_weights_path)."""
     path = pretrained_weights_path(name, weights)
     state = convert_state_dict(read_state_dict(path), body, name)
     classifier = body.default_cfg.get("classifier")
@@ -190,12 +262,12 @@ def load_pretrained(body: nn.Module, name: str, weights: str | None) -> None:
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise RuntimeError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
+        raise InputError(f"backbone weights {str(path)!r} do not fit {name}: {error}") from error
     # Files saved before PyTorch 0.4.1 (torchvision's ResNets) or by inplace_abn (TResNet) have no
     # BatchNorm step counters; they only matter for momentum=None, which no timm model uses.
     missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if missing:
-        raise RuntimeError(
+        raise InputError(
             f"backbone weights {str(path)!r} do not fit {name}: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
@@ -218,7 +290,7 @@ def _freeze_batch_norm(body: nn.Module, name: str) -> nn.Module:
     """`body` with every BatchNorm2d (and timm BatchNormAct2d) frozen: fixed statistics and affine
     as buffers, so neither training nor `train()` mode changes them."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules()):
-        raise ValueError(
+        raise ConfigError(
             f"backbone.frozen_bn=true: {name} has no BatchNorm layers to freeze (it normalises "
             "with LayerNorm or GroupNorm); use frozen_bn=false"
         )
@@ -236,7 +308,7 @@ def _freeze_stem(body: nn.Module, name: str, through_layer1: bool) -> None:
         if re.search(rf"(^|\.){first_trained}\.", key)
     ]
     if not starts:
-        raise ValueError(
+        raise ConfigError(
             f"backbone.freeze={'stem_layer1' if through_layer1 else 'stem'}: {name} has no "
             "ResNet-style stages (layer1 ... layer4); freezing by stage is defined for "
             "ResNet-like timm models (resnet*, resnext*, tresnet*, ...). Use backbone.freeze=none"
@@ -245,18 +317,7 @@ def _freeze_stem(body: nn.Module, name: str, through_layer1: bool) -> None:
         parameter.requires_grad_(False)
 
 
-def _where_to_get(name: str) -> str:
-    """Where the weights of timm model `name` come from, for error messages."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(name)
-    source = getattr(pretrained_cfg, "hf_hub_id", None) or getattr(pretrained_cfg, "url", None)
-    where = f"timm takes them from {source}" if source else "e.g. from timm"
-    return (
-        f"{where}; on a machine with internet, `timm.create_model({name!r}, pretrained=True)` "
-        "fills timm's cache, which q2l then finds offline"
-    )
-
-
-def _cached_weights(name: str) -> Path | None:
+def cached_weights(name: str) -> Path | None:
     """The file timm would load for `name` if it is already on disk (Hugging Face or torch hub
     cache); looked up without any network access."""
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
@@ -265,9 +326,11 @@ def _cached_weights(name: str) -> Path | None:
     if pretrained_cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        repo_id = pretrained_cfg.hf_hub_id.split("@")[0]
-        for filename in ("model.safetensors", "pytorch_model.bin", pretrained_cfg.hf_hub_filename):
-            found = try_to_load_from_cache(repo_id, filename) if filename else None
+        repo, revision, filenames = hub_source(name)
+        for filename in filenames:
+            found = try_to_load_from_cache(
+                repo, filename, cache_dir=str(hub_cache_dir()), revision=revision
+            )
             if isinstance(found, str):
                 return Path(found)
     if pretrained_cfg.url:

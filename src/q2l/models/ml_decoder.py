@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from q2l.models.transformer import Attention, FeedForward
+from q2l.models.transformer import Attention, FeedForward, init_like_multihead_attention
+from q2l.utils.errors import ConfigError
 
 
 class MLDecoder(nn.Module):
@@ -51,9 +52,9 @@ class MLDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+            raise ConfigError(f"num_groups must be >= 1, got {num_groups}")
         if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
         groups = min(num_classes, num_groups)
         self.backbone = backbone
         self.input_proj = nn.Linear(backbone.num_channels, hidden_dim)
@@ -91,7 +92,7 @@ class CrossAttentionDecoderLayer(nn.Module):
         self.ffn = FeedForward(hidden_dim, ffn_dim, dropout)
         self.norm3 = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        _init_like_multihead_attention(self.cross_attn)
+        init_like_multihead_attention(self.cross_attn)
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         if self.training:  # a dropout mask per image, as for queries repeated over the batch
@@ -120,14 +121,3 @@ class GroupFullyConnected(nn.Module):
     def forward(self, group_features: torch.Tensor) -> torch.Tensor:
         logits = torch.einsum("bgd,gdf->bgf", group_features, self.weight)  # (B, G, F)
         return logits.flatten(1)[:, : self.num_classes] + self.bias  # (B, K)
-
-
-def _init_like_multihead_attention(attention: Attention) -> None:
-    """nn.MultiheadAttention's initialisation: Xavier-uniform over the packed (3D, D) input
-    projection, zero input and output biases."""
-    dim = attention.q_proj.in_features
-    bound = math.sqrt(6.0 / (dim + 3 * dim))
-    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-        nn.init.uniform_(projection.weight, -bound, bound)
-        nn.init.zeros_(projection.bias)
-    nn.init.zeros_(attention.out_proj.bias)

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from q2l.models.backbone import convert_state_dict
+from q2l.models.official_config import CVT_UNSUPPORTED
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.transformer import SELF_ATTENTION_CHOICES, decoder_self_attention_layers
 from q2l.models.weights import unwrap_state_dict
+from q2l.utils.errors import InputError
 
 # (official pattern, q2l replacement), tried in order; the first match renames a key.
 _RENAMES: list[tuple[str, str]] = [
@@ -59,10 +61,52 @@ def official_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     or the dict itself, with DDP's `module.` prefixes removed."""
     state = unwrap_state_dict(checkpoint, ("state_dict", "model"))
     if state is None or "query_embed.weight" not in state:
-        raise ValueError(
+        raise InputError(
             "not an official Query2Label checkpoint: no query_embed.weight in its state dict"
         )
     return state
+
+
+# Where each backbone family's weights sit in an official state dict; the first match names it.
+_FAMILY_PREFIXES: list[tuple[str, str]] = [
+    ("backbone.0.body.body.", "tresnet"),  # TResNet under the IntermediateLayerGetter
+    ("backbone.0.body.layer1.", "resnet"),
+    ("backbone.0.layers.0.blocks.", "swin"),
+    ("backbone.0.stage0.", "cvt"),
+]
+# Families whose timm model names start with the family's name (resnet101, tresnet_l, swin_...).
+_TIMM_FAMILIES = ("resnet", "tresnet", "swin")
+
+
+def official_backbone_family(state: dict[str, torch.Tensor]) -> str:
+    """The backbone family of official weights, from where its keys sit: "resnet", "tresnet",
+    "swin", "cvt", or "unknown"."""
+    return next(
+        (family for prefix, family in _FAMILY_PREFIXES if any(k.startswith(prefix) for k in state)),
+        "unknown",
+    )
+
+
+def check_backbone_family(state: dict[str, torch.Tensor], timm_name: str) -> None:
+    """Raise ValueError, saying what to pass, when official weights hold another kind of backbone
+    than timm model `timm_name`, or one q2l cannot build (CvT)."""
+    family = official_backbone_family(state)
+    if family == "cvt":
+        raise ValueError(f"this official checkpoint holds a CvT backbone. {CVT_UNSUPPORTED}")
+    if family not in _TIMM_FAMILIES:
+        return  # an unknown layout: the strict load names whatever does not fit
+    architecture = timm_name.split(".")[0]
+    # resnetv2 is another architecture (and tresnet does not start with "resnet").
+    if not architecture.startswith(family) or architecture.startswith("resnetv2"):
+        examples = {
+            "resnet": "experiment=coco_r101_448 (or backbone=resnet101_tv)",
+            "tresnet": "experiment=coco_tresnetl_448 or coco_tresnetl22k_448",
+            "swin": "experiment=coco_swinl_384 (or backbone=swin_large_384_22k)",
+        }
+        raise ValueError(
+            f"this official checkpoint holds a {family} backbone, but the composed config builds "
+            f"{timm_name}: pass the matching backbone, e.g. {examples[family]}"
+        )
 
 
 def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -85,7 +129,7 @@ def official_head_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         None,
     )
     if choice is None:
-        raise ValueError(f"decoder layers with self-attention {kept}: no official flags give that")
+        raise InputError(f"decoder layers with self-attention {kept}: no official flags give that")
     return {
         "num_classes": int(num_classes),
         "hidden_dim": int(hidden_dim),
@@ -128,7 +172,7 @@ def convert_official_state_dict(
             else:
                 converted[renamed] = value
     if unplaced:
-        raise ValueError(f"official checkpoint keys q2l cannot place: {unplaced[:8]}")
+        raise InputError(f"official checkpoint keys q2l cannot place: {unplaced[:8]}")
     backbone = model.backbone
     body_state = convert_state_dict(backbone_state, backbone.body, backbone.name)
     converted.update({f"backbone.body.{key}": value for key, value in body_state.items()})
@@ -168,7 +212,7 @@ def _check_positions(buffer: torch.Tensor) -> None:
     expected = SinePositionEncoding(buffer.shape[1] // 2)(torch.zeros(1, *buffer.shape[1:]))
     difference = float((buffer[:1].float() - expected).abs().max())
     if difference > 1e-4:
-        raise ValueError(
+        raise InputError(
             f"the official position buffer differs from q2l's sine encoding by {difference:.2g}; "
             "this checkpoint's positions are not the official code's normalised sine ones"
         )

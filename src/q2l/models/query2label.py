@@ -20,6 +20,7 @@ from torch import nn
 
 from q2l.models.position_encoding import SinePositionEncoding
 from q2l.models.transformer import Transformer
+from q2l.utils.errors import ConfigError
 
 
 class Query2Label(nn.Module):
@@ -31,7 +32,11 @@ class Query2Label(nn.Module):
         backbone: module mapping images to features (B, C, H', W'), with `num_channels` = C.
         num_classes: K, one label query per class.
         hidden_dim: transformer width D.
-        num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: transformer sizes.
+        num_encoder_layers: transformer encoder layers over the feature map (0: none).
+        num_decoder_layers: decoder layers in which the label queries attend to the features.
+        num_heads: attention heads (hidden_dim must be divisible by it).
+        ffn_dim: width of the feed-forward layers.
+        dropout: dropout in the transformer (the paper's 0.1; q2l's default 0, docs/heads.md).
         decoder_self_attention: decoder layers that keep self-attention among label queries:
             "none" (the paper), "first", "rest" or "all" (the official code's
             --keep_first_self_attn_dec / --keep_other_self_attn_dec).
@@ -56,7 +61,7 @@ class Query2Label(nn.Module):
         super().__init__()
         channels = backbone.num_channels
         if not input_proj and channels != hidden_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"input_proj=false needs hidden_dim == backbone channels ({channels}), got "
                 f"{hidden_dim}"
             )

@@ -6,7 +6,11 @@
   per-label classifiers lets the head's output collapse to an image-independent vector during
   warm-up and starves the backbone's gradient; docs/heads.md has the measurements.
 - norm="post": the official Query2Label (DETR) layout, post-norm blocks and a final decoder
-  LayerNorm, for the paper presets and imported official checkpoints.
+  LayerNorm, for the paper presets and imported official checkpoints. It also starts from the
+  official initialisation: the official code builds its attention from nn.MultiheadAttention, so
+  Xavier-uniform runs over each packed (3D, D) q/k/v projection (a narrower range than over three
+  (D, D) ones) and every attention bias starts at zero; other matrices are Xavier-uniform and the
+  FFN biases keep nn.Linear's default, as there.
 
 Batch-first throughout and built on `F.scaled_dot_product_attention`, so PyTorch picks the fused
 attention kernel for the device. The decoder's self-attention can be removed, as the Query2Label
@@ -19,11 +23,14 @@ Shape legend: B batch, N = H·W image tokens, K label queries, D hidden.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from q2l.utils.errors import ConfigError
 
 
 class Transformer(nn.Module):
@@ -58,15 +65,15 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm={norm!r}: choose pre or post")
+            raise ConfigError(f"norm={norm!r}: choose pre or post")
         pre = norm == "pre"
         keep_self_attention = decoder_self_attention_layers(
             decoder_self_attention, num_decoder_layers
         )
         if num_decoder_layers < 1:
-            raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
+            raise ConfigError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
         if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
         self.encoder_layers = nn.ModuleList(
             EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout, pre)
             for _ in range(num_encoder_layers)
@@ -77,13 +84,16 @@ class Transformer(nn.Module):
         )
         # Post-norm's final LayerNorm; pre-norm feeds the classifiers the residual stream.
         self.decoder_norm = nn.Identity() if pre else nn.LayerNorm(hidden_dim)
-        self._reset_parameters(zero_branches=pre)
+        self._reset_parameters(official=not pre)
 
-    def _reset_parameters(self, zero_branches: bool) -> None:
+    def _reset_parameters(self, official: bool) -> None:
         for parameter in self.parameters():
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
-        if not zero_branches:
+        if official:
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    init_like_multihead_attention(module)
             return
         # Residual branches that start at zero: the encoder is the identity and each decoder FFN a
         # no-op at step 0, so the backbone first trains under a near-linear head (as under global
@@ -121,7 +131,7 @@ def decoder_self_attention_layers(choice: str | bool, num_layers: int) -> list[b
     text = str(choice).lower()
     text = {"true": "all", "false": "none"}.get(text, text)
     if text not in SELF_ATTENTION_CHOICES:
-        raise ValueError(
+        raise ConfigError(
             f"decoder_self_attention={choice!r}: choose one of {', '.join(SELF_ATTENTION_CHOICES)}"
         )
     return [
@@ -158,6 +168,19 @@ class Attention(nn.Module):
         """(B, L, D) -> (B, h, L, D/h)."""
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+
+def init_like_multihead_attention(attention: Attention) -> None:
+    """nn.MultiheadAttention's initialisation (which the official Query2Label and ML-Decoder layers
+    start from): Xavier-uniform over the packed (3D, D) q/k/v projection, i.e. each of q_proj,
+    k_proj, v_proj uniform in ±sqrt(6 / 4D), and zero q/k/v and output biases. The output
+    projection's weight is left as it is (Xavier-uniform over (D, D) in both official codes)."""
+    dim = attention.q_proj.in_features
+    bound = math.sqrt(6.0 / (dim + 3 * dim))
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+        nn.init.uniform_(projection.weight, -bound, bound)
+        nn.init.zeros_(projection.bias)
+    nn.init.zeros_(attention.out_proj.bias)
 
 
 class FeedForward(nn.Sequential):

@@ -1,21 +1,31 @@
-"""Reading weight files from disk: never executing code from them, and saying plainly what is wrong.
+"""Reading weight files from disk: never executing code from them, never trusting damaged bytes,
+and saying plainly what is wrong.
 
 `torch.load(weights_only=True)` refuses a file that pickles Python objects, and its error then
 suggests retrying with `weights_only=False`, which would run whatever code the file carries. q2l
 never does that and never suggests it: `load_torch_file` names the file and the refused object.
+
+A file written by `torch.save` is a zip archive whose every record (each tensor's bytes, the
+pickled structure) carries a CRC-32 checksum, but `torch.load` never checks them: a checkpoint
+with flipped bits loads silently, with wrong weights. `load_torch_file` checks every record's
+checksum first (`verify_checksums`) and refuses a damaged file, naming it and the record.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from q2l.utils.errors import InputError
 
-class WeightsFileError(ValueError):
+
+class WeightsFileError(InputError):
     """A weights or checkpoint file that is missing, unreadable or holds more than plain data."""
 
 
@@ -34,6 +44,8 @@ def load_torch_file(
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(f"{what} not found: {path}")
+    if not mmap:  # a memory-mapped look reads a few entries only; a full load checks them all
+        verify_checksums(path, what)
     allowed = _numpy_scalar_globals() if numpy_scalars else []
     try:
         with torch.serialization.safe_globals(allowed):
@@ -51,6 +63,28 @@ def load_torch_file(
             f"{what} {path} cannot be read; it is truncated, corrupt or not a PyTorch file "
             f"({error})"
         ) from None
+
+
+def verify_checksums(path: Path, what: str = "file") -> None:
+    """Check the CRC-32 of every record of a torch.save zip archive; raise WeightsFileError naming
+    the first damaged one. Files in torch's legacy (non-zip) format carry no checksum and pass.
+
+    Reads the whole file once (about as long as loading it, from the page cache).
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:
+        raise WeightsFileError(
+            f"{what} {path} is damaged: its zip structure cannot be read ({error})"
+        ) from None
+    if damaged is not None:
+        raise WeightsFileError(
+            f"{what} {path} is damaged: record {damaged!r} fails its CRC-32 checksum (the bytes "
+            "changed after the file was written: a disk, copy or transfer error). It was not used"
+        )
 
 
 def _numpy_scalar_globals() -> list[Any]:
