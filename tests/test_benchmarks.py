@@ -339,3 +339,18 @@ def test_table_lists_every_row_with_its_target_and_spread(tmp_path):
     saved = tmp_path / "bench.json"
     saved.write_text(json.dumps({"rows": [row.as_dict()]}))
     assert load_rows(saved) == [row]
+
+
+def test_the_step_profile_puts_every_operator_in_a_bucket_and_the_shares_add_up():
+    from benchmarks.profile_step import bucket_of, profile_steps, render
+
+    assert bucket_of("aten::convolution_backward") == "convolution backward"
+    assert bucket_of("aten::mkldnn_convolution") == "convolution forward"
+    assert bucket_of("aten::_to_copy") == "casts and copies"
+    assert bucket_of("aten::_fused_adamw_") == "optimizer (fused AdamW)"
+    assert bucket_of("aten::something_new") == "other"
+    result = profile_steps("demo", steps=1, warmup=1, precision="fp32")
+    assert result["precision"] == "fp32"
+    assert sum(result["buckets"].values()) == pytest.approx(1.0)
+    assert result["buckets"]["convolution backward"] > 0.1  # a CNN step's biggest part
+    assert "| convolution backward |" in render(result)

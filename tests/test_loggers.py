@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import re
+import subprocess
 import sys
 
 import pytest
@@ -251,3 +252,21 @@ def test_help_lists_the_loggers_and_names_their_keys_as_typed():
     keys = command_help("train", "logger=mlflow")
     assert "logger.mlflow.tracking_uri" in keys and "logger.mlflow.experiment_name" in keys
     assert "logger.tensorboard.max_classes" in command_help("train", "logger")
+
+
+def test_the_commands_start_without_wandb_until_its_logger_asks_for_it():
+    """timm imports wandb when installed (about a second of every start); the commands defer it,
+    and logger=wandb still finds the package."""
+    pytest.importorskip("wandb")
+    code = (
+        "import sys\n"
+        "import q2l.cli.train, q2l.training.run, timm\n"
+        "assert sys.modules.get('wandb') is None, 'wandb imported at start'\n"
+        "from q2l.training.loggers import check_packages\n"
+        "check_packages({'wandb': {'_target_': 'q2l.training.loggers.wandb.WandbLogger'}})\n"
+        "import wandb\n"
+        "print(wandb.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "wandb"

@@ -25,6 +25,7 @@ from hydra.utils import get_class
 from q2l.config.checks import ConfigValueError
 from q2l.training.loggers.base import RunLogger, RunOutcome
 from q2l.training.loggers.hyperparameters import Hyperparameters, run_hyperparameters
+from q2l.utils.optional_imports import allow_import
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def check_packages(loggers: Mapping[str, Any] | None) -> None:
     for name, node in _chosen(loggers).items():
         backend = get_class(node["_target_"])
         package = getattr(backend, "package", None)
+        if package:
+            allow_import(package)
         if package and importlib.util.find_spec(package) is None:
             missing.append(
                 f"logger={name} needs the {package} package, which is not installed: "

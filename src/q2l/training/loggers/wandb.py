@@ -21,6 +21,7 @@ from q2l.training.loggers.backend_runs import BackendRun, save_run, saved_run
 from q2l.training.loggers.base import STEP_LOSS, STEP_LR, RunLogger, RunOutcome, epoch_scalars
 from q2l.training.loggers.hyperparameters import Hyperparameters
 from q2l.training.records import EpochRecord
+from q2l.utils.optional_imports import allow_import
 
 STEP = "step"  # every metric's x axis: the optimizer step
 
@@ -68,6 +69,7 @@ class WandbLogger(RunLogger):
         self.run = None
 
     def start(self, hparams: Hyperparameters, history: Sequence[EpochRecord]) -> None:
+        allow_import("wandb")
         import wandb
 
         location = f"{self.entity or ''}/{self.project}"
