@@ -6,7 +6,7 @@ CKPT ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval test test-fast bench lint format tensorboard clean clean-outputs
+.PHONY: help install train eval test test-fast bench gpu-check lint format tensorboard clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,13 +41,16 @@ test-fast: ## the suite without the tests that train for real
 bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds the official Q2L rows
 	$(PY) -m benchmarks $(ARGS)
 
+gpu-check: ## on a machine with a GPU: scripts/gpu_check.py (CUDA paths, throughput vs the official code)
+	$(PY) scripts/gpu_check.py $(ARGS)
+
 lint: ## ruff
-	$(VENV)/bin/ruff check src tests benchmarks train.py eval.py predict.py
-	$(VENV)/bin/ruff format --check src tests benchmarks train.py eval.py predict.py
+	$(VENV)/bin/ruff check src tests benchmarks scripts train.py eval.py predict.py
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts train.py eval.py predict.py
 
 format: ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests benchmarks train.py eval.py predict.py
-	$(VENV)/bin/ruff format src tests benchmarks train.py eval.py predict.py
+	$(VENV)/bin/ruff check --fix --select I src tests benchmarks scripts train.py eval.py predict.py
+	$(VENV)/bin/ruff format src tests benchmarks scripts train.py eval.py predict.py
 
 tensorboard: ## TensorBoard over outputs/ (localhost only)
 	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    contention,
     distributed,
     exact_map,
     flops,
@@ -47,15 +48,18 @@ SECTIONS = {
     "a": "throughput: train step and inference, q2l at its defaults vs plain fp32 eager and "
     "(paper case, with --official) vs the official Query2Label code",
     "b": "exact mAP on a COCO-val-sized matrix vs sklearn and torchmetrics",
-    "c": "data pipeline images/s vs plain PIL + torchvision",
+    "c": "data pipeline images/s per worker core: 448 px paper augmentation vs the official code "
+    "(with --official), eval transforms vs plain PIL + torchvision; cores per GPU",
     "d": "peak resident memory of a short training run, and its growth across epochs",
     "e": "FLOPs per image and share of the measured matmul peak",
     "levers": "each default speed setting alone against the plain baseline",
     "f": "`make train` (the demo) end to end, from nothing: wall time and mAP",
     "g": "DDP on CPU: 2 processes (gloo, 1 thread each) vs 1 process (2 threads), demo model",
     "h": "inference: predict images/s, ONNX Runtime vs PyTorch, attention-map hook cost",
+    "i": "contention: `make train` beside a busy 2-thread neighbour vs quiet (within 2x), and the "
+    "governed training step vs a fixed thread count beside it",
 }
-QUICK_SKIPS = {"f"}
+QUICK_SKIPS = {"f", "i"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
         for key in dict.fromkeys(args.cases + args.lever_cases):
             paper = key == "paper"
             rounds = args.rounds or (2 if quick else 5)
-            with throughput.build_sides(throughput.CASES[key], 1 if paper else 4) as sides:
+            with throughput.build_sides(throughput.CASES[key], 3 if paper else 4) as sides:
                 if key in args.cases and args.sections & {"a", "e"}:
                     measured = section(
                         f"a {key}",
@@ -202,7 +206,13 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
         rows += section("b", exact_map.measure_exact_map, rounds) or []
     if "c" in args.sections:
         rounds = args.rounds or (2 if quick else 4)
-        rows += section("c", pipeline.measure_pipeline, 24 if quick else 64, rounds) or []
+        official_root = official.locate(args.official)
+        if official_root is None:
+            extra["skipped"].append(f"official data pipeline row: {official.HOW_TO_SUPPLY}")
+        rows += (
+            section("c", pipeline.measure_pipeline, 24 if quick else 64, rounds, official_root)
+            or []
+        )
     if "d" in args.sections:
         epochs, num_train = (3, 256) if quick else (6, 512)
         rows += section("d", memory.measure_memory, epochs, num_train, num_train // 4) or []
@@ -212,6 +222,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], dict]:
         rows += (
             section("g", distributed.measure_ddp_scaling, args.rounds or (1 if quick else 3)) or []
         )
+    if "i" in args.sections:
+        rows += section("i", contention.measure_contention, args.rounds or 5) or []
     if "h" in args.sections:
         cases = ["demo"] if quick else args.cases
         rows += (

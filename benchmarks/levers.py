@@ -1,13 +1,16 @@
 """Each of q2l's default speed settings on its own, against plain fp32 eager PyTorch.
 
 q2l's defaults combine bf16 autocast (trainer.precision=auto on a CPU with bf16 units),
-channels_last convolutions and fused AdamW; evaluation runs under `torch.inference_mode`. Here
+channels_last convolutions and fused AdamW, in a process whose malloc keeps freed memory
+(q2l.utils.allocator); evaluation runs under `torch.inference_mode`. Here
 each of them is switched on alone in the hand-written plain loop, so its own share is visible;
 section a measures them together through q2l's engine. `--compile` adds torch.compile, after
 checking that the compiled model gives the eager model's logits.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -34,12 +37,18 @@ def measure_levers(
             nhwc_model, nhwc_optimizer, loss_fn, batches, channels_last=True
         ),
         "fused AdamW": plain_train(model, optimizer, loss_fn, batches, adamw="fused"),
+        "malloc keeps freed memory": replace(
+            plain_train(model, optimizer, loss_fn, batches), keep_freed_memory=True
+        ),
     }
     infer = {
         "plain": plain_inference(model, batches),
         "bf16 autocast": plain_inference(model, batches, precision="bf16"),
         "channels_last": plain_inference(nhwc_model, batches, channels_last=True),
         "inference_mode": plain_inference(model, batches, grad_mode="inference_mode"),
+        "malloc keeps freed memory": replace(
+            plain_inference(model, batches), keep_freed_memory=True
+        ),
     }
     notes = {}
     if with_compile:

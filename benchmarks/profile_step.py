@@ -5,10 +5,11 @@
     python -m benchmarks.profile_step --precision fp32       # the same step without autocast
 
 The step is `q2l.training.engine.train_one_epoch` at the config's defaults (precision=auto,
-channels_last, fused AdamW, weight EMA), on the synthetic batches section a times. Each operator's
-self CPU time is put into one bucket (convolution forward/backward, matmul, BatchNorm, casts and
-copies, optimizer, EMA, ...); the table gives each bucket's share of the profiled steps, the
-heaviest operators beside it. Shares, not absolute times, are what carries between machines.
+channels_last, fused AdamW, weight EMA, malloc keeping freed memory), on the synthetic batches
+section a times. Each operator's self CPU time is put into one bucket (convolution
+forward/backward, matmul, BatchNorm, casts and copies, optimizer, EMA, ...); the table gives each
+bucket's share of the profiled steps, the heaviest operators beside it. Shares, not absolute
+times, are what carries between machines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.throughput import CASES, build_sides, q2l_train
+from q2l.utils.allocator import configure_malloc
 
 # First match wins: (bucket, substrings of the operator's name).
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -60,11 +62,16 @@ def profile_steps(case_key: str, steps: int, warmup: int, precision: str | None)
     with build_sides(case, steps) as sides:
         workload = q2l_train(sides.state, sides.options, sides.batches[:1])
         workload.prepare()
-        for _ in range(warmup):
-            workload.run()
-        timed = q2l_train(sides.state, sides.options, sides.batches)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed.run()
+        # malloc as `python train.py` sets it (no page faults for what a step allocates again).
+        configure_malloc(keep_freed=workload.keep_freed_memory)
+        try:
+            for _ in range(warmup):
+                workload.run()
+            timed = q2l_train(sides.state, sides.options, sides.batches)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                timed.run()
+        finally:
+            configure_malloc(keep_freed=False)  # and the kept heap back, for the caller
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         buckets: dict[str, float] = defaultdict(float)

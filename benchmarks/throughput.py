@@ -211,7 +211,7 @@ def q2l_train(
         train_one_epoch(state, batches, options)
         return count_images(batches)
 
-    return Workload(run, prepare=prepare)
+    return Workload(run, prepare=prepare, keep_freed_memory=True)
 
 
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
@@ -224,7 +224,8 @@ def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Work
         evaluate(model, batches, options)
         return count_images(batches)
 
-    return Workload(run)
+    # As validation runs inside `python train.py`.
+    return Workload(run, keep_freed_memory=True)
 
 
 def stem_and_layer1(model: nn.Module) -> list[nn.Parameter]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from q2l.utils.allocator import configure_malloc
 from q2l.utils.amp import resolve_precision
 
 
@@ -28,10 +29,15 @@ class Workload:
 
     `prepare()` runs untimed before each `run()`: switching a shared model's memory format or an
     optimizer's implementation between workloads is not part of what is measured.
+    keep_freed_memory: the malloc setting the workload runs under
+        (q2l.utils.allocator.configure_malloc): True for q2l's side, as `python train.py` sets
+        it; False, glibc's own behaviour, for the baselines, as they would run in a process of
+        their own.
     """
 
     run: Callable[[], int]
     prepare: Callable[[], None] = lambda: None
+    keep_freed_memory: bool = False
 
 
 @dataclass
@@ -70,18 +76,23 @@ def interleaved(workloads: dict[str, Workload], rounds: int, warmup: int = 1) ->
     names = list(workloads)
     for _ in range(warmup):
         for name in names:
-            workloads[name].prepare()
+            _prepare(workloads[name])
             workloads[name].run()
     rates = {name: Rates([]) for name in names}
     for index in range(max(rounds, 1)):
         _quiet_round()
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            workloads[name].prepare()
+            _prepare(workloads[name])
             start = time.perf_counter()
             items = workloads[name].run()
             rates[name].samples.append(items / (time.perf_counter() - start))
     return rates
+
+
+def _prepare(workload: Workload) -> None:
+    configure_malloc(keep_freed=workload.keep_freed_memory)
+    workload.prepare()
 
 
 def _quiet_round() -> None:

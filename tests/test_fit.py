@@ -148,3 +148,13 @@ def test_runs_started_before_the_new_options_resume_unchanged():
         "model.norm: 'post' -> 'pre'",
         "trainer.monitor: 'mAP' -> 'mAP_voc'",
     ]
+
+
+def test_runs_started_before_dataset_decode_resume_unchanged():
+    from q2l.training.checkpoint_format import upgrade
+
+    saved = {"format_version": 2, "config": {"dataset": {"num_workers": 2}}, "eval_weights": "raw"}
+    saved["metrics"] = {"CP_top3": 0.5, "CP_top3_all": 0.4}
+    upgraded = upgrade(saved)
+    assert upgraded["config"]["dataset"] == {"num_workers": 2, "decode": "workers"}
+    assert upgraded["metrics"] == saved["metrics"]  # version 2's names are today's

@@ -30,6 +30,8 @@ from q2l.training.sweep import (
     write_sweep_summary,
 )
 from q2l.utils import dist
+from q2l.utils.allocator import configure_malloc
+from q2l.utils.threads import configure_threads
 
 log = logging.getLogger("q2l.train")
 
@@ -84,6 +86,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         with stop.immediately():  # joining the process group waits for the other tasks
             dist.init()  # the tasks of a SLURM job join here; torchrun's processes did in main()
         dist.quiet_other_ranks()  # after Hydra set up logging
+        configure_threads(cfg.dataset.num_workers, adapt=not cfg.trainer.deterministic)
+        configure_malloc(keep_freed=True)  # no page faults for what each step allocates again
         summary = run_command("q2l-train", train, cfg, run_dir, hydra_config, stop, logged=True)
     except StopRequested:
         summary = {"status": "preempted"}

@@ -54,6 +54,11 @@ class ValidateLevel(str, Enum):
     off = "off"
 
 
+class DecodePlace(str, Enum):
+    workers = "workers"  # DataLoader workers decode and augment each image (PIL)
+    device = "device"  # workers read files; the step decodes and augments on the device (nvJPEG)
+
+
 class BadImagePolicy(str, Enum):
     error = "error"  # stop, naming the file and the decoder's reason
     skip = "skip"  # log it once, use the next readable sample, stop above max_bad_fraction
@@ -90,6 +95,11 @@ class DatasetConf:
     image_size: int = option(448, "images are resized to image_size x image_size")
     batch_size: int = option(32, "images per batch, per process")
     num_workers: int = option(8, "DataLoader worker processes (at most the usable CPUs)")
+    decode: DecodePlace = option(
+        DecodePlace.workers,
+        "training images decoded and augmented by: workers (PIL, CPU) or device (the training "
+        "device, nvJPEG on CUDA; no auto_augment or random_erasing)",
+    )
     train: Any = option(MISSING, "the training split: a `_target_` node (format reader)")
     val: Any = option(MISSING, "the validation split: a `_target_` node")
     validate: ValidateLevel = option(

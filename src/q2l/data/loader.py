@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from q2l.data.dataset import MultiLabelImageDataset
+from q2l.data.device_decode import EncodedImages, collate_encoded
 from q2l.data.seeding import SampleKey
+from q2l.utils.threads import cap_workers
 
 
 class EpochSampler(Sampler[int | SampleKey]):
@@ -92,8 +94,11 @@ def build_loader(
     """DataLoader over an `EpochSampler`; training drops the last partial batch.
 
     Training batches of a MultiLabelImageDataset are augmented with randomness seeded per
-    (seed, epoch, sample index). Workers persist across epochs; memory is pinned for CUDA copies.
+    (seed, epoch, sample index), so the batches do not depend on the number of workers: it is
+    capped at the CPUs this process may use (more workers than CPUs only queue for them). Workers
+    persist across epochs; memory is pinned for CUDA copies.
     """
+    num_workers = cap_workers(num_workers)
     sampler = EpochSampler(
         len(dataset),
         shuffle=train,
@@ -112,6 +117,7 @@ def build_loader(
         drop_last=train,
         persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_encoded if isinstance(dataset, EncodedImages) else None,
         # The loader draws a base seed per epoch; from its own generator, not the global one the
         # model's dropout and MixUp use, so those do not depend on how the data is loaded.
         generator=torch.Generator().manual_seed(seed),

@@ -30,6 +30,7 @@ from q2l.models.backbone import normalization
 from q2l.utils.amp import autocast, resolve_precision
 from q2l.utils.atomic import give_default_mode
 from q2l.utils.progress import track
+from q2l.utils.threads import rebalance_threads
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def _pretrain(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            rebalance_threads()
             if epoch == epochs - 1:
                 correct += int((logits.argmax(1) == labels[batch]).sum())
         log.info("%s done (%.0f s so far)", where, time.perf_counter() - start)

@@ -20,11 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from q2l.config.checks import choice
+from q2l.data.device_decode import DeviceAugment, EncodedImages
 from q2l.data.mix import build_batch_transform
 from q2l.data.partial import hide_labels
 from q2l.data.transforms import build_eval_transform, build_train_transform
 from q2l.data.validate import validate_splits, without_positives
 from q2l.models import MODEL_TARGETS
+from q2l.models.backbone import normalization
 from q2l.training.engine import StepOptions, TrainState
 from q2l.utils import dist
 from q2l.utils.errors import InputError
@@ -134,6 +136,8 @@ def build_datasets(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, .
     dist.on_main(
         _validate_data, cfg, train_set, val_set
     )  # reads every file once, not once per rank
+    if choice(data.decode) == "device":
+        train_set = EncodedImages(train_set)  # step_options' DeviceAugment decodes the batches
     return train_set, val_set
 
 
@@ -241,7 +245,18 @@ def build_state(
 def step_options(
     cfg: DictConfig, device: torch.device, precision: str, num_classes: int
 ) -> StepOptions:
-    """How training steps run, as `cfg.trainer` (and `augment.mix`) say."""
+    """How training steps run, as `cfg.trainer` (and `augment`, `dataset.decode`) say."""
+    decode = None
+    if choice(cfg.dataset.decode) == "device":
+        augment = OmegaConf.to_container(cfg.augment, enum_to_str=True)
+        augment.pop("mix", None)
+        decode = DeviceAugment(
+            device,
+            cfg.dataset.image_size,
+            *normalization(cfg.backbone.name, cfg.backbone.normalization),
+            channels_last=cfg.trainer.channels_last,
+            **augment,
+        )
     return StepOptions(
         device,
         precision=precision,
@@ -252,4 +267,5 @@ def step_options(
         # Collective under DDP, so that every rank stops at the same step.
         is_finite=lambda loss: not dist.any_rank(not bool(torch.isfinite(loss))),
         batch_transform=_batch_transform(cfg, num_classes),
+        decode=decode,
     )

@@ -18,6 +18,9 @@ Version 1 (q2l 0.1 and its successors up to this refactor) to version 2:
   vocabulary of eval's `weights=` option;
 - the top-3 metrics that counted all three classes are `*_top3_all` (today's `*_top3` follows the
   literature: a top-3 class counts only at or above the threshold, q2l.metrics).
+
+Version 2 to version 3: `dataset.decode` exists (the runs before it decoded in the DataLoader
+workers: "workers").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Config keys added after runs were started, with the value a run had in effect before, and
 # which nodes have them (by the node's `_target_` ending; None: every such node).
@@ -39,6 +42,7 @@ _ADDED_KEYS: list[tuple[str, Any, str | None]] = [
     ("trainer.early_stop_rule", "best", None),
     ("loss.class_priors_file", None, "PartialAsymmetricLoss"),
     ("augment.randaugment_policy", "torchvision", None),
+    ("dataset.decode", "workers", None),  # version 3
 ]
 # Values retyped after runs were started: (key, saved value, the same value today).
 _RETYPED = [
@@ -57,9 +61,10 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if version >= FORMAT_VERSION:
         return checkpoint
     upgraded = {**checkpoint}
-    _config_in_effect(upgraded)
-    _loop_position(upgraded)
-    _record_names(upgraded)
+    _config_in_effect(upgraded)  # fills only the keys a config lacks: right for every version
+    if version < 2:
+        _loop_position(upgraded)
+        _record_names(upgraded)
     upgraded["format_version"] = FORMAT_VERSION
     return upgraded
 
