@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from q2l.training.rundir import LOCK_NAME, RunDirError
 from q2l.training.sweep import check_continuation, summarize_sweep, to_markdown, write_sweep_summary
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides
+from .helpers.damage import flip_a_bit
 
 TRAIN = str(REPO_ROOT / "train.py")
 FAULTY = str(REPO_ROOT / "tests" / "helpers" / "faulty_train.py")
@@ -466,18 +466,6 @@ def test_7_weights_that_turn_non_finite_are_never_saved(tiny_cfg, tmp_path, monk
     assert train(tiny_cfg("trainer.checkpoint_every_steps=1"), run_dir)["status"] == "completed"
 
 
-def _flip_a_bit(path: Path) -> str:
-    """Flip one bit inside the largest tensor record of a torch.save archive; its name."""
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)
-    data = bytearray(path.read_bytes())
-    offset = record.header_offset + 30 + len(record.filename) + len(record.extra)
-    offset += record.file_size // 2
-    data[offset] ^= 0x04
-    path.write_bytes(bytes(data))
-    return record.filename
-
-
 def test_7_a_checkpoint_with_flipped_bits_is_refused_everywhere_and_auto_falls_back(
     tiny_cfg, compose_config, tmp_path, caplog
 ):
@@ -490,7 +478,7 @@ def test_7_a_checkpoint_with_flipped_bits_is_refused_everywhere_and_auto_falls_b
     best = run_dir / "checkpoints" / "best.pt"
     best.unlink()  # a hard link to last.pt: make it a file of its own, still intact
     best.write_bytes(last.read_bytes())
-    record = _flip_a_bit(last)
+    record = flip_a_bit(last)
     torch.load(last, weights_only=True)  # what torch itself would load, silently
     damaged = rf"{last} is damaged: record '{record}' fails its CRC-32 checksum"
     with pytest.raises(CheckpointError, match=damaged):
@@ -521,7 +509,7 @@ def test_7_predict_and_import_check_the_checksum_too(
 
     copy = tmp_path / "best.pt"
     copy.write_bytes(tiny_checkpoint.read_bytes())
-    _flip_a_bit(copy)
+    flip_a_bit(copy)
     (tmp_path / "photos").mkdir()
     shutil.copy(next((digits_root / "val2014").iterdir()), tmp_path / "photos")
     with pytest.raises(CheckpointError, match="fails its CRC-32 checksum"):
@@ -533,7 +521,7 @@ def test_7_predict_and_import_check_the_checksum_too(
         )
     official = tmp_path / "official.pkl"
     torch.save({"state_dict": {"a": torch.randn(1000)}}, official)
-    _flip_a_bit(official)
+    flip_a_bit(official)
     with pytest.raises(ValueError, match="official Query2Label checkpoint .* is damaged"):
         import_official(official, tmp_path / "imported.pt")
 

@@ -18,7 +18,6 @@ from q2l.metrics import (
     topk_metrics,
     voc_average_precision,
 )
-from q2l.training.checkpoint_format import upgrade_record
 
 COUNTING_KEYS = {"CP", "CR", "CF1", "OP", "OR", "OF1"}
 
@@ -265,29 +264,6 @@ def test_top3_metrics_match_hand_computed_values() -> None:
     assert literature["CR"] == pytest.approx(0.5)
     assert literature["OP"] == pytest.approx(2 / 4)
     assert literature["OR"] == pytest.approx(2 / 4)
-
-
-def test_old_records_get_todays_top_k_names() -> None:
-    old = {
-        "epoch": 3,
-        "mAP": 80.0,
-        "CP": 70.0,
-        "CP_top3": 61.9,
-        "OF1_top3": 50.0,
-        "CP_top3_ema": 62.0,
-    }
-    upgraded = upgrade_record(old)  # as every load of a format-1 checkpoint does
-    assert upgraded == {
-        "epoch": 3,
-        "mAP": 80.0,
-        "CP": 70.0,
-        "CP_top3_all": 61.9,
-        "OF1_top3_all": 50.0,
-        "CP_top3_all_ema": 62.0,
-    }
-    assert old["CP_top3"] == 61.9  # the caller's record is not changed
-    today = compute_metrics(*_random_problem(seed=1))
-    assert {f"{name}_top3_all" for name in ("CP", "CR", "CF1", "OP", "OR", "OF1")} <= set(today)
 
 
 def test_compute_metrics_reports_percent_with_named_keys() -> None:

@@ -5,7 +5,6 @@ docs/reliability.md lists these guarantees with the tests below.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -19,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 
 import q2l.training.run as train_module
-import q2l.utils.atomic as atomic_module
 from q2l.cli.validate_data import main as validate_main
 from q2l.config.checks import ConfigValueError
 from q2l.demo.owned import FolderNotOursError
@@ -366,69 +364,8 @@ def test_8_validate_data_refuses_impossible_values(digits_root, capsys):
     assert "dataset.max_bad_fraction=-1" in capsys.readouterr().err
 
 
-# 9. A full disk says so, naming the file; the previous checkpoint survives.
-
-
-class _FullDisk:
-    """A file whose writes fail with ENOSPC after `room` bytes, as a real full disk's do."""
-
-    def __init__(self, handle, room: int = 300) -> None:
-        self._handle, self._room = handle, room
-        self.name = handle.name
-
-    def write(self, data) -> int:
-        if self._room < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._room -= len(data)
-        return self._handle.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self._handle.close()
-
-
-def test_9_disk_full_is_reported_as_such(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"step": 1}, path)
-    real = atomic_module.tempfile.NamedTemporaryFile
-    monkeypatch.setattr(
-        atomic_module.tempfile, "NamedTemporaryFile", lambda *a, **k: _FullDisk(real(*a, **k))
-    )
-    with pytest.raises(
-        CheckpointError, match=rf"{path}: No space left on device; the previous last.pt is intact"
-    ):
-        save_checkpoint({"step": 2, "weights": torch.zeros(10_000)}, path)
-    monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-def test_9_a_really_full_file_system(tmp_path):
-    """The same on a real 64 KiB tmpfs where this machine allows mounting one (root)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        save_checkpoint({"step": 1}, mount / "last.pt")
-        with pytest.raises(
-            CheckpointError, match="No space left on device; the previous last.pt is intact"
-        ):
-            save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, mount / "last.pt")
-        assert load_checkpoint(mount / "last.pt")["step"] == 1
-        assert [p.name for p in mount.iterdir()] == ["last.pt"]
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+# 9. A full disk says so, naming the file; the previous checkpoint survives: save_checkpoint's own
+# tests, in tests/test_checkpoint.py (test_9_*).
 
 
 # 10. One process per run directory; a dead holder does not block.
