@@ -141,3 +141,48 @@ def test_the_documented_help_commands_run():
         )
         shown = command_help(command, help_topic(arguments))
         assert not shown.startswith("no help"), (entry, arguments, shown)
+
+
+def _cited_tests(table_default: list[str], cell: str) -> list[tuple[str, str]]:
+    """(files, test) for each test a reliability.md table cell names: `tests/x.py::test_y`,
+    `::test_y` (in the file named before it in the cell) or `test_y` (in the table's own files or
+    the one named before it); files joined by |."""
+    cited, named = [], None
+    for path, colons, name in re.findall(r"`(tests/test_\w+\.py)?(::)?(test_\w+)?`", cell):
+        if path:
+            named = path
+        if not name:
+            continue
+        if path:
+            cited.append((path, name))
+        elif colons:
+            assert named, f"::{name} follows no file in: {cell}"
+            cited.append((named, name))
+        else:
+            cited.append(("|".join([*table_default, *([named] if named else [])]), name))
+    return cited
+
+
+def test_every_test_reliability_md_names_is_in_the_file_it_says():
+    defined = {
+        path.relative_to(REPO_ROOT).as_posix(): set(
+            re.findall(r"^def (test_\w+)", path.read_text(), re.M)
+        )
+        for path in (REPO_ROOT / "tests").glob("test_*.py")
+    }
+    cited, default = [], ["tests/test_reliability.py"]
+    for line in (REPO_ROOT / "docs" / "reliability.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[-1].startswith("test"):  # a table's header
+            default = re.findall(r"`(tests/test_\w+\.py)`", cells[-1]) or [
+                "tests/test_reliability.py"
+            ]
+        elif line.startswith("|"):
+            cited += _cited_tests(default, cells[-1])
+    assert len(cited) > 50
+    missing = [
+        f"{files}::{name}"
+        for files, name in cited
+        if not any(name in defined[path] for path in files.split("|"))
+    ]
+    assert missing == [], "\n".join(missing)
