@@ -16,7 +16,6 @@ from q2l.data.dataset import MultiLabelImageDataset, load_rgb
 from q2l.data.loader import build_loader
 from q2l.data.mix import MultiLabelMixup, build_batch_transform
 from q2l.data.transforms import build_eval_transform, build_train_transform
-from q2l.training.engine import StepOptions, TrainState, train_one_epoch
 
 MEAN = STD = (0.5, 0.5, 0.5)
 EVERYTHING = {
@@ -147,33 +146,6 @@ def test_mix_refuses_odd_batches():
         )
         is None
     )
-
-
-def test_train_one_epoch_applies_the_batch_transform():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
-    loader = [(torch.rand(4, 3, 4, 4), torch.tensor([[1.0, 0.0]] * 4)) for _ in range(3)]
-    seen = []
-
-    def batch_transform(images, targets):
-        seen.append(targets.shape)
-        return images, targets * 0.5
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = TrainState(
-        model,
-        torch.nn.BCEWithLogitsLoss(),
-        optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        torch.amp.GradScaler("cpu", enabled=False),
-    )
-    losses = []
-    steps = train_one_epoch(
-        state,
-        loader,
-        StepOptions(torch.device("cpu"), batch_transform=batch_transform),
-        on_step=lambda loss, skipped, batches: losses.append(float(loss)) or False,
-    )
-    assert seen == [(4, 2)] * 3 and steps == 3 == state.step and np.isfinite(losses).all()
 
 
 def test_large_jpegs_decode_at_reduced_size_but_never_below_need(tmp_path):

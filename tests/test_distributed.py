@@ -19,7 +19,6 @@ import torch
 
 from q2l.data.loader import EpochSampler
 from q2l.training.checkpoint import load_checkpoint
-from q2l.training.engine import StepOptions, TrainState, train_one_epoch
 
 from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
 
@@ -264,31 +263,6 @@ def test_a_two_process_run_resumes_in_one_process(
     summary = train(cfg, run_dir)
     assert summary["status"] == "completed" and summary["epochs_run"] == 3
     assert summary["steps"] == 8 + 8  # one process takes all 64 images: 8 steps of 8
-
-
-def test_accumulated_batches_take_the_step_of_one_large_batch():
-    torch.manual_seed(0)
-    images, targets = torch.randn(8, 3, 4, 4), (torch.rand(8, 5) > 0.5).float()
-
-    def one_step(accumulate: int, batches: list) -> dict:
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(48, 5)
-        )  # no batch statistics
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        loss = torch.nn.BCEWithLogitsLoss()  # a mean over the batch, like q2l's batchmean
-        state = TrainState(
-            model, loss, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
-        )
-        train_one_epoch(state, batches, StepOptions(torch.device("cpu"), accumulate=accumulate))
-        assert state.step == 1
-        return model.state_dict()
-
-    big = one_step(1, [(images, targets)])
-    accumulated = one_step(4, [(images[i : i + 2], targets[i : i + 2]) for i in range(0, 8, 2)])
-    for key in big:
-        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-6, atol=1e-6)
 
 
 def test_sampler_resumes_mid_epoch_with_any_number_of_ranks():
