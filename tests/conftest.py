@@ -51,6 +51,21 @@ def wait_for(*paths: Path, timeout: float = 240.0, process=None) -> None:
         time.sleep(0.01)
 
 
+def fail_if_called(monkeypatch, target, name: str, what: str) -> None:
+    """Replace `target.name` with a sentinel that fails the test with `what` when it is called:
+    how a test shows that a check stops a run before, say, any data is read.
+
+    A sentinel that is never reached passes silently, also when the code stopped calling
+    `target.name` (renamed, imported elsewhere). So each use has a positive control beside it: the
+    same call with the check passing reaches the sentinel (`pytest.raises(SENTINEL, match=what)`).
+    """
+    monkeypatch.setattr(target, name, lambda *args, **kwargs: pytest.fail(what))
+
+
+# What a sentinel raises: pytest's Failed, a BaseException that no `except Exception` swallows.
+SENTINEL = pytest.fail.Exception
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """A 64 + 32 image digits data set at 32 px, built once per session."""

@@ -14,6 +14,8 @@ from q2l.config import CONFIG_DIR
 from q2l.config.checks import ConfigValueError, check_values
 from q2l.training.run import train
 
+from .conftest import SENTINEL, fail_if_called
+
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # Each command's config with its required keys: nothing named here exists.
 COMMANDS = {
@@ -51,12 +53,19 @@ def test_every_commands_defaults_pass_the_checks(compose_config, command):
 def test_a_non_finite_number_anywhere_fails_training_before_the_data(
     tiny_cfg, tmp_path, monkeypatch, override, shown
 ):
-    monkeypatch.setattr(train_module, "build_datasets", lambda *a: pytest.fail("data was read"))
+    fail_if_called(monkeypatch, train_module, "build_datasets", "data was read")
     with pytest.raises(ConfigValueError) as error:
         train(tiny_cfg(override), tmp_path / "run")
     assert f"{shown}: must be a finite number" in str(error.value)
     assert "must be 0 or more" not in str(error.value)  # one reason per key: the real one
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_a_finite_config_reaches_the_data(tiny_cfg, tmp_path, monkeypatch):
+    """The positive control of the test above: its sentinel is on the path train() takes."""
+    fail_if_called(monkeypatch, train_module, "build_datasets", "data was read")
+    with pytest.raises(SENTINEL, match="data was read"):
+        train(tiny_cfg(), tmp_path / "run")
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from q2l.data.validate import DataValidationError
 from q2l.training.resume import RESUME_IGNORED_KEYS, config_diff
 from q2l.training.run import train
 
+from .conftest import SENTINEL
 from .helpers.images import write_huge_png
 
 
@@ -245,6 +246,15 @@ def never_decode(monkeypatch):
         return load(self, *args, **kwargs)
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decode)
+
+
+def test_without_the_limit_a_huge_image_reaches_the_decode_sentinel(huge_png, never_decode):
+    """The positive control of never_decode: a dataset decodes through the method it replaces."""
+    dataset = MultiLabelImageDataset(
+        [huge_png], np.ones((1, 1), np.int8), ["x"], max_image_pixels=None
+    )
+    with pytest.raises(SENTINEL, match="huge.png was decoded"):
+        dataset[0]
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(huge_png, never_decode):

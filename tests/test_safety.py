@@ -33,7 +33,7 @@ from q2l.training.preemption import EXIT_PREEMPTED
 from q2l.training.run import train
 from q2l.training.rundir import LOCK_NAME, RunDirError
 
-from .conftest import REPO_ROOT, run_python, tiny_overrides, wait_for
+from .conftest import REPO_ROOT, SENTINEL, fail_if_called, run_python, tiny_overrides, wait_for
 
 EXACT = ("trainer.deterministic=true", "model.dropout=0.1")
 
@@ -346,12 +346,19 @@ def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(
 def test_8_impossible_values_fail_at_start_naming_the_key(
     tiny_cfg, tmp_path, monkeypatch, override
 ):
-    monkeypatch.setattr(train_module, "build_datasets", lambda *a: pytest.fail("data was read"))
+    fail_if_called(monkeypatch, train_module, "build_datasets", "data was read")
     key = override.split("=")[0]
     with pytest.raises(ConfigValueError, match=f"{key}="):
         train(tiny_cfg(override), tmp_path / "run")
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_8_a_possible_value_reaches_the_data(tiny_cfg, tmp_path, monkeypatch):
+    """The positive control of the test above: its sentinel is on the path train() takes."""
+    fail_if_called(monkeypatch, train_module, "build_datasets", "data was read")
+    with pytest.raises(SENTINEL, match="data was read"):
+        train(tiny_cfg("trainer.epochs=1"), tmp_path / "run")
 
 
 def test_8_validate_data_refuses_impossible_values(digits_root, capsys):
@@ -435,10 +442,13 @@ def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(
 ):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
+    resume = tiny_cfg("trainer.epochs=2", "resume=auto", "allow_config_change=true")
+    fail_if_called(monkeypatch, train_module, "build_datasets", "data was read")
+    with pytest.raises(SENTINEL, match="data was read"):  # positive control: writable, it reads
+        train(resume, run_dir)
     read_only(run_dir / "checkpoints")
-    monkeypatch.setattr(train_module, "build_datasets", lambda *a: pytest.fail("data was read"))
     with pytest.raises(RunDirError, match=r"checkpoints is not writable"):
-        train(tiny_cfg("trainer.epochs=2", "resume=auto", "allow_config_change=true"), run_dir)
+        train(resume, run_dir)
 
 
 def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(

@@ -20,6 +20,7 @@ from q2l.data.transforms import build_eval_transform
 from q2l.data.validate import DataValidationError, validate_splits
 from q2l.training.run import train
 
+from .conftest import SENTINEL, fail_if_called
 from .helpers.images import write_huge_png
 
 
@@ -161,13 +162,23 @@ def test_training_refuses_a_split_without_positives_before_the_model_is_built(
     tiny_cfg, digits_root, tmp_path, monkeypatch, split, validate
 ):
     root = _without_annotations(digits_root, tmp_path / "digits", split)
-    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("model built"))
+    fail_if_called(monkeypatch, train_module, "build_model", "model built")
     images = {"train": 64, "val": 32}[split]
     with pytest.raises(ValueError, match=f"{split}: not one positive label in its {images} images"):
         train(tiny_cfg(f"dataset.root={root}", f"dataset.validate={validate}"), tmp_path / "run")
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "annotation files" in metrics["error"]
+
+
+@pytest.mark.parametrize("validate", ["quick", "off"])
+def test_training_with_positives_in_both_splits_reaches_the_model_build(
+    tiny_cfg, tmp_path, monkeypatch, validate
+):
+    """The positive control of the test above: its sentinel is on the path train() takes."""
+    fail_if_called(monkeypatch, train_module, "build_model", "model built")
+    with pytest.raises(SENTINEL, match="model built"):
+        train(tiny_cfg(f"dataset.validate={validate}"), tmp_path / "run")
 
 
 # ---- bad images while training (dataset.on_bad_image) ----
