@@ -35,7 +35,7 @@ TEST_RUN := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 test: ## run the whole test suite (CPU, a few minutes on 2 cores)
 	$(TEST_RUN) $(ARGS)
 
-test-fast: ## the suite without the tests that train for real
+test-fast: ## the suite without the tests marked slow (they train, or start a command in a subprocess)
 	$(TEST_RUN) -m "not slow" $(ARGS)
 
 bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds the official Q2L rows

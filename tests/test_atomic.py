@@ -46,6 +46,7 @@ def test_atomic_write_gives_the_mode_of_open(tmp_path, umask):
         assert _mode(tmp_path / "run" / LOCK_NAME) == 0o666 & ~umask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027], indirect=True, ids=oct)
 def test_a_runs_files_an_export_and_predictions_follow_the_umask(
     tiny_cfg, compose_config, digits_root, tmp_path, umask

@@ -341,6 +341,7 @@ def test_table_lists_every_row_with_its_target_and_spread(tmp_path):
     assert load_rows(saved) == [row]
 
 
+@pytest.mark.slow
 def test_the_step_profile_puts_every_operator_in_a_bucket_and_the_shares_add_up():
     from benchmarks.profile_step import bucket_of, profile_steps, render
 

@@ -52,6 +52,7 @@ def _readable(predictions):
     return [prediction for prediction in predictions if not prediction.error]
 
 
+@pytest.mark.slow
 def test_import_q2l_loads_no_torch_until_the_api_is_used():
     code = "import sys, q2l; print('torch' in sys.modules, q2l.__version__); q2l.load; "
     code += "print('torch' in sys.modules)"

@@ -370,6 +370,7 @@ def _signal_in(monkeypatch, module, function: str, number=signal.SIGTERM) -> Non
     monkeypatch.setattr(module, function, signalled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("phase", "module", "function"),
     [
@@ -395,6 +396,7 @@ def test_5_a_signal_during_start_up_stops_at_once_and_the_rerun_completes(
     assert summary["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_5_a_signal_while_loading_the_checkpoint_to_resume_changes_nothing(
     tiny_cfg, tmp_path, monkeypatch
 ):
@@ -436,6 +438,7 @@ def test_5_the_cli_stopped_during_start_up_exits_75(name, digits_root, tmp_path,
 # 7. Checkpoints: never non-finite; a checksum verified on every load; auto resume falls back.
 
 
+@pytest.mark.slow
 def test_7_weights_that_turn_non_finite_are_never_saved(tiny_cfg, tmp_path, monkeypatch):
     original = torch.optim.AdamW.step
     calls = {"n": 0}
@@ -466,6 +469,7 @@ def test_7_weights_that_turn_non_finite_are_never_saved(tiny_cfg, tmp_path, monk
     assert train(tiny_cfg("trainer.checkpoint_every_steps=1"), run_dir)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_7_a_checkpoint_with_flipped_bits_is_refused_everywhere_and_auto_falls_back(
     tiny_cfg, compose_config, tmp_path, caplog
 ):

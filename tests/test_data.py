@@ -299,6 +299,7 @@ def test_the_limit_is_configurable_and_null_lifts_it(tmp_path):
         MultiLabelImageDataset([small], np.ones((1, 1), np.int8), ["x"], max_image_pixels=0)
 
 
+@pytest.mark.slow
 def test_training_takes_the_limit_from_the_config_and_skips_over_it(
     tiny_cfg, digits_root, tmp_path, huge_png, never_decode
 ):

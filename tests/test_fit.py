@@ -73,6 +73,7 @@ def test_the_two_rules_differ_where_main_mlc_differs():
     assert _q2l_epochs_run([(50, 50)] * 6, 1, "best") == 2
 
 
+@pytest.mark.slow
 def test_monitor_map_voc_with_the_official_rule_end_to_end(tiny_cfg, tmp_path):
     summary = train(
         tiny_cfg(

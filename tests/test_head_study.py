@@ -22,6 +22,7 @@ TINY = StudySize(
 )
 
 
+@pytest.mark.slow
 def test_the_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setitem(head_study.SIZES, "tiny", TINY)
     argv = ["--out", str(tmp_path), "--size", "tiny", "--arms", "baseline", "official"]

@@ -262,6 +262,7 @@ def test_imported_model_gives_the_official_logits(
     assert difference < 1e-4
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_works_with_eval_and_init_from(
     official_checkpoint, digits_root, tmp_path, compose_config, tiny_cfg
 ):

@@ -116,6 +116,7 @@ def logged_run(tmp_path_factory, digits_root):
     return run_dir, uri, wandb_files
 
 
+@pytest.mark.slow
 def test_mlflow_holds_option_names_and_every_epoch_in_one_resumed_run(logged_run):
     from mlflow.tracking import MlflowClient
 
@@ -143,6 +144,7 @@ def test_mlflow_holds_option_names_and_every_epoch_in_one_resumed_run(logged_run
     assert run.data.metrics["best/mAP"] == pytest.approx(max(r["mAP_best"] for r in lines))
 
 
+@pytest.mark.slow
 def test_mlflow_run_status_follows_the_outcome_and_a_restart_reopens_it(logged_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -166,6 +168,7 @@ def test_mlflow_run_status_follows_the_outcome_and_a_restart_reopens_it(logged_r
     assert client.get_run(done_id).data.params == {"loss": "bce", "seed": "0"}
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_same_and_its_resume_keeps_the_run_id(logged_run):
     run_dir, _, wandb_files = logged_run
     first, resumed = (read_offline_run(path) for path in wandb_files)
@@ -182,6 +185,7 @@ def test_wandb_offline_run_holds_the_same_and_its_resume_keeps_the_run_id(logged
     assert resumed.summary["status"] == "completed" and resumed.summary["best/epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_csv_files_hold_the_history_hyperparameters_and_summary(logged_run):
     folder = logged_run[0] / "csv"
     with (folder / "epochs.csv").open() as handle:
@@ -254,6 +258,7 @@ def test_help_lists_the_loggers_and_names_their_keys_as_typed():
     assert "logger.tensorboard.max_classes" in command_help("train", "logger")
 
 
+@pytest.mark.slow
 def test_the_commands_start_without_wandb_until_its_logger_asks_for_it():
     """timm imports wandb when installed (about a second of every start); the commands defer it,
     and logger=wandb still finds the package."""

@@ -73,6 +73,7 @@ def test_bad_priors_files_are_refused(tmp_path):
         PartialAsymmetricLoss(class_priors=[0.1], class_priors_file=str(tmp_path / "p.json"))
 
 
+@pytest.mark.slow
 def test_training_uses_a_named_priors_file(tiny_cfg, tmp_path):
     names = ["nine", "eight", "seven", "six", "five", "four", "three", "two", "one", "zero"]
     (tmp_path / "priors.json").write_text(

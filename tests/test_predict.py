@@ -118,6 +118,7 @@ def test_bad_requests_are_refused_before_work_naming_the_culprit(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.jsonl"]
 
 
+@pytest.mark.slow
 def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
     tiny_checkpoint, photos, tmp_path, cli_env
 ):
@@ -138,6 +139,7 @@ def test_the_command_line_logs_periodic_progress_lines_when_not_a_terminal(
     assert len(output.read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_model_as_the_export_file(exports, photos, tmp_path, cli_env):
     # `model` is also the head's config group; predict reads model=PATH as model_file=PATH.
     output = tmp_path / "onnx.csv"

@@ -12,6 +12,7 @@ from q2l.models import TimmBackbone
 TINY = {"num_images": 64, "epochs": 1, "batch_size": 32}
 
 
+@pytest.mark.slow
 def test_pretraining_writes_weights_the_backbone_loads(tmp_path):
     folder = tmp_path / "resnet18"
     path = pretrain_digits_backbone(folder, seed=0, **TINY)
@@ -38,6 +39,7 @@ def test_a_users_weights_file_is_never_overwritten(tmp_path):
     assert (mine / "weights.safetensors").read_bytes() == b"my imagenet weights"
 
 
+@pytest.mark.slow
 def test_pretraining_leaves_the_callers_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)

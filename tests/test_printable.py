@@ -59,6 +59,7 @@ def _run_strict(args: list[str], timeout: int = 300) -> tuple[int, str]:
     return done.returncode, output
 
 
+@pytest.mark.slow
 def test_csv_escapes_a_name_and_the_log_survives_a_strict_pipe(
     tiny_checkpoint, odd_names, tmp_path
 ):
@@ -77,6 +78,7 @@ def test_csv_escapes_a_name_and_the_log_survives_a_strict_pipe(
     ]
 
 
+@pytest.mark.slow
 def test_jsonl_keeps_the_exact_name_and_a_list_reads_it(tiny_checkpoint, odd_names, tmp_path):
     listing = tmp_path / "images.txt"
     listing.write_bytes(b"photos/odd\xfe.jpg\nphotos/good.jpg\nphotos/bad\xff.jpg\n")
@@ -109,6 +111,7 @@ def digits_with_an_odd_name(digits_root, tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_train_log_and_console_name_a_bad_image_whose_name_is_not_utf8(
     digits_with_an_odd_name, tmp_path
 ):
@@ -129,6 +132,7 @@ def test_train_log_and_console_name_a_bad_image_whose_name_is_not_utf8(
         assert "unreadable image file(s) (tolerated" in text  # the data check's warning
 
 
+@pytest.mark.slow
 def test_validate_data_reports_the_name_on_a_strict_pipe(digits_with_an_odd_name, tmp_path):
     root = digits_with_an_odd_name
     command = ["-m", "q2l.cli.validate_data", "experiment=demo", f"dataset.root={root}"]

@@ -70,6 +70,7 @@ def uninterrupted(tmp_path_factory, digits_root):
     return base / "run", summary
 
 
+@pytest.mark.slow
 def test_sigterm_mid_step_saves_at_the_boundary_then_resume_is_exact(
     uninterrupted, tiny_cfg, tmp_path, monkeypatch
 ):
@@ -94,6 +95,7 @@ def test_sigterm_mid_step_saves_at_the_boundary_then_resume_is_exact(
     assert summary["best"]["mAP"] == reference["best"]["mAP"]
 
 
+@pytest.mark.slow
 def test_second_signal_during_the_run_does_no_harm(tiny_cfg, tmp_path, monkeypatch):
     original = AsymmetricLoss.forward
     calls = {"n": 0}
@@ -146,6 +148,7 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(
     )
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_detected_and_auto_falls_back(tiny_cfg, tmp_path, caplog):
     run_dir = tmp_path / "run"
     train(tiny_cfg(*EXACT, "trainer.epochs=1"), run_dir)
@@ -162,6 +165,7 @@ def test_truncated_checkpoint_is_detected_and_auto_falls_back(tiny_cfg, tmp_path
     assert summary["status"] == "completed" and load_checkpoint(last)["step"] == 4
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_with_the_diff(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
@@ -178,6 +182,7 @@ def test_resume_refuses_a_changed_config_with_the_diff(tiny_cfg, tmp_path):
     assert summary["epochs_run"] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_class_count_naming_the_keys(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg("trainer.epochs=1"), run_dir)
@@ -194,6 +199,7 @@ def test_resume_refuses_another_class_count_naming_the_keys(tiny_cfg, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_init_from_loads_matching_weights_only(tiny_cfg, tmp_path, caplog):
     train(tiny_cfg("trainer.epochs=1"), tmp_path / "source")
     source = tmp_path / "source" / "checkpoints" / "last.pt"
@@ -203,6 +209,7 @@ def test_init_from_loads_matching_weights_only(tiny_cfg, tmp_path, caplog):
     assert "init_from" in caplog.text and "loaded" in caplog.text
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(
     tiny_cfg, tmp_path, monkeypatch
 ):
@@ -227,6 +234,7 @@ def test_nan_loss_stops_before_the_step_and_never_reaches_a_checkpoint(
             assert torch.isfinite(tensor.float()).all()
 
 
+@pytest.mark.slow
 def test_fp16_scaler_skips_are_bounded(tiny_cfg, tmp_path, monkeypatch):
     # On CPU, fp16 autocast + GradScaler run the same code as on CUDA; a huge loss overflows the
     # fp16 gradients every step, so the scaler skips every update.
@@ -243,6 +251,7 @@ def test_fp16_scaler_skips_are_bounded(tiny_cfg, tmp_path, monkeypatch):
         )
 
 
+@pytest.mark.slow
 def test_every_checkpoint_loads_with_weights_only(tiny_cfg, tmp_path):
     train(tiny_cfg(*EXACT), tmp_path / "run")
     paths = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
@@ -286,6 +295,7 @@ def test_slurm_requeue_calls_scontrol(monkeypatch, environment, job):
     assert calls == [["scontrol", "requeue", job]]
 
 
+@pytest.mark.slow
 def test_preempted_cli_run_exits_with_the_documented_code(cli_env, digits_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [

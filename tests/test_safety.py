@@ -96,6 +96,7 @@ def test_1_the_demo_pointed_at_a_users_folder_refuses_and_keeps_it(users_coco, t
     assert _tree(users_coco) == before
 
 
+@pytest.mark.slow
 def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(
     finished_run, compose_config, tmp_path, users_coco
 ):
@@ -123,6 +124,7 @@ def test_1_eval_never_runs_a_preparation_step_from_a_checkpoint(
 # 2. A user's weights file is never overwritten; a mistyped path is an error.
 
 
+@pytest.mark.slow
 def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(
     compose_config, digits_root, tmp_path, monkeypatch
 ):
@@ -173,6 +175,7 @@ def test_2_a_mistyped_weights_path_fails_and_creates_nothing(tiny_cfg, tmp_path)
 # 4. A refused resume leaves a finished run exactly as it was; resume=auto alone continues a run.
 
 
+@pytest.mark.slow
 def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_env):
     before = _tree(finished_run)
     result = run_python(
@@ -183,6 +186,7 @@ def test_4_a_refused_resume_touches_nothing_of_a_finished_run(finished_run, cli_
     assert _tree(finished_run) == before
 
 
+@pytest.mark.slow
 def test_4_resume_null_never_trains_over_a_run_with_checkpoints(finished_run, tiny_cfg):
     before = _tree(finished_run)
     with pytest.raises(RunDirError, match="holds a run with checkpoints, and resume=null"):
@@ -190,6 +194,7 @@ def test_4_resume_null_never_trains_over_a_run_with_checkpoints(finished_run, ti
     assert _tree(finished_run) == before
 
 
+@pytest.mark.slow
 def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env):
     before = _tree(finished_run)
     result = run_python(["train.py", "resume=auto", f"hydra.run.dir={finished_run}"], cli_env)
@@ -272,6 +277,7 @@ def test_5_dataloader_workers_leave_stop_signals_to_the_main_process():
 # 6. Leftover temporary files are removed; resume picks the newest checkpoint by recorded step.
 
 
+@pytest.mark.slow
 def test_6_resume_takes_the_highest_step_and_clears_leftovers(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(
@@ -305,6 +311,7 @@ def test_6_resume_takes_the_highest_step_and_clears_leftovers(tiny_cfg, tmp_path
 # 7. A resumed epoch's record covers the whole epoch.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [2, 4])  # mid-epoch, and at the epoch's last step
 def test_7_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(
     tiny_cfg, tmp_path, monkeypatch, stop_at
@@ -390,6 +397,7 @@ def test_10_a_second_process_on_a_live_run_is_refused(tiny_cfg, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
 
 
+@pytest.mark.slow
 def test_10_a_lock_held_by_a_killed_process_is_free(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -437,6 +445,7 @@ def read_only():
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(
     tiny_cfg, tmp_path, read_only, monkeypatch
 ):
@@ -451,6 +460,7 @@ def test_11_a_read_only_checkpoints_folder_fails_before_data_loading(
         train(resume, run_dir)
 
 
+@pytest.mark.slow
 def test_11_eval_prints_its_metrics_when_it_cannot_write_and_never_overwrites(
     finished_run, cli_env, tmp_path, read_only, compose_config
 ):

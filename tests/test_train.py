@@ -14,6 +14,8 @@ from q2l.training.run import train
 
 from .conftest import run_python, tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test here trains, reads a trained run or starts train.py
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, digits_root):
@@ -207,7 +209,6 @@ def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, messa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(digits_root, tmp_path / "cache")
@@ -226,7 +227,6 @@ def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
     assert "nine" in result.stdout
 
 
-@pytest.mark.slow
 def test_cli_sweep_survives_a_failing_job(cli_env, digits_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = tiny_overrides(digits_root, tmp_path / "cache")
