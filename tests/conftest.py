@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -66,12 +71,37 @@ def fail_if_called(monkeypatch, target, name: str, what: str) -> None:
 SENTINEL = pytest.fail.Exception
 
 
+def _once_per_run(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> Any:
+    """`build(folder)`'s result (JSON), computed once per test run.
+
+    A session fixture is built once per process, and so once per pytest-xdist worker: each of
+    `make test`'s workers would train the tiny checkpoint and export it again. Under xdist the
+    workers share `name` in the run's temporary root instead; the first to take its lock builds,
+    the others wait and read the result.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: the session scope builds it once
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{folder}.lock"):
+        done = folder / "done.json"
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    """A 64 + 32 image digits data set at 32 px, built once per session."""
-    root = tmp_path_factory.mktemp("data") / "digits"
-    build_digits_coco(root, num_train=64, num_val=32, canvas_size=32, seed=0)
-    return root
+    """A 64 + 32 image digits data set at 32 px, built once per test run."""
+
+    def build(folder: Path) -> str:
+        root = build_digits_coco(
+            folder / "digits", num_train=64, num_val=32, canvas_size=32, seed=0
+        )
+        return str(root)
+
+    return Path(_once_per_run(tmp_path_factory, "data", build))
 
 
 def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
@@ -132,41 +162,48 @@ def cli_env(tmp_path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
-    """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports)."""
+    """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports),
+    trained once per test run."""
     from q2l.training.run import train
 
-    base = tmp_path_factory.mktemp("inference-run")
-    overrides = [
-        *tiny_overrides(digits_root, base / "cache"),
-        "trainer.epochs=1",
-        "trainer.precision=fp32",  # predict/export parity is checked in fp32
-        "trainer.channels_last=false",
-    ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides)
-    GlobalHydra.instance().clear()
-    train(cfg, base / "run")
-    return base / "run" / "checkpoints" / "best.pt"
+    def build(base: Path) -> str:
+        overrides = [
+            *tiny_overrides(digits_root, base / "cache"),
+            "trainer.epochs=1",
+            "trainer.precision=fp32",  # predict/export parity is checked in fp32
+            "trainer.channels_last=false",
+        ]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides)
+        GlobalHydra.instance().clear()
+        train(cfg, base / "run")
+        return str(base / "run" / "checkpoints" / "best.pt")
+
+    return Path(_once_per_run(tmp_path_factory, "inference-run", build))
 
 
 @pytest.fixture(scope="session")
 def exports(tiny_checkpoint, tmp_path_factory):
-    """All three formats of the tiny checkpoint: {format: (path, export() result)}."""
+    """All three formats of the tiny checkpoint, exported once per test run:
+    {format: (path, export() result)}."""
     from q2l.inference.export import export
 
-    folder = tmp_path_factory.mktemp("exports")
     names = {
         "onnx": "model.onnx",
         "torchscript": "model.torchscript.pt",
         "safetensors": "model.safetensors",
     }
-    made = {}
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for fmt, name in names.items():
-            overrides = [f"ckpt={tiny_checkpoint}", f"format={fmt}", f"output={folder / name}"]
-            cfg = compose("export", overrides)
-            made[fmt] = (folder / name, export(cfg))
-    GlobalHydra.instance().clear()
-    return made
+
+    def build(folder: Path) -> dict[str, Any]:
+        made = {}
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            for fmt, name in names.items():
+                overrides = [f"ckpt={tiny_checkpoint}", f"format={fmt}", f"output={folder / name}"]
+                made[fmt] = (str(folder / name), export(compose("export", overrides)))
+        GlobalHydra.instance().clear()
+        return made
+
+    made = _once_per_run(tmp_path_factory, "exports", build)
+    return {fmt: (Path(path), result) for fmt, (path, result) in made.items()}
