@@ -11,6 +11,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,12 +64,15 @@ def _sweep_dirs(work: Path) -> list[Path]:
     return sorted(p for p in (work / "outputs" / "multirun").glob("*/*") if p.is_dir())
 
 
-def _wait_for_glob(work: Path, pattern: str, process: subprocess.Popen, timeout: float = 240):
+def _wait_for_glob(
+    work: Path, pattern: str, process: subprocess.Popen, timeout: float = 240, skip=()
+) -> Path:
+    """The first path under `work` matching `pattern` (and not in `skip`), once one exists."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        found = sorted(work.glob(pattern))
+        found = sorted(set(work.glob(pattern)) - set(skip))
         if found:
             return found[0]
         time.sleep(0.02)
@@ -118,18 +122,24 @@ def test_1_a_preempted_sweep_job_continues_in_its_folder_and_ends_bitwise_equal(
 ):
     work = tmp_path / "work"
     work.mkdir()
-    overrides = [*tiny_overrides(digits_root, tmp_path / "cache"), *EXACT, "trainer.epochs=3"]
+    overrides = [*tiny_overrides(digits_root, tmp_path / "cache"), *EXACT, "trainer.epochs=2"]
     # No hydra.sweep.dir: the default, timestamped folder, resolved by each job process again.
     process = _start(
         [TRAIN, "-m", "hydra/launcher=local", *overrides, "optimizer.lr=1e-3,2e-3"], work, env
     )
-    _wait_for_glob(work, "outputs/multirun/*/*/0/checkpoints/last.pt", process)
-    _wait_for_glob(work, "outputs/multirun/*/*/1/checkpoints/last.pt", process)
-    [sweep_dir] = _sweep_dirs(work)
-    jobs = _job_processes(sweep_dir.relative_to(work) / ".submitit")
-    assert len(jobs) == 2
-    for pid in jobs:
+    # Each job is preempted once its first epoch is saved, while its second runs (waiting for
+    # both before signalling either let a job that ran ahead finish first).
+    signalled = set()
+    while len(signalled) < 2:
+        last = _wait_for_glob(
+            work, "outputs/multirun/*/*/[01]/checkpoints/last.pt", process, skip=signalled
+        )
+        job_dir = last.parent.parent
+        [sweep_dir] = _sweep_dirs(work)
+        pid = int(re.match(r"q2l pid (\d+)", (job_dir / LOCK_NAME).read_text()).group(1))
+        assert pid in _job_processes(sweep_dir.relative_to(work) / ".submitit")
         os.kill(pid, signal.SIGUSR2)  # submitit's preemption signal, as SLURM sends it
+        signalled.add(last)
     output, _ = process.communicate(timeout=400)
     assert process.returncode == 0, output[-3000:]
 
@@ -139,7 +149,7 @@ def test_1_a_preempted_sweep_job_continues_in_its_folder_and_ends_bitwise_equal(
     assert [row["status"] for row in rows] == ["completed", "completed"]
     for job in ("0", "1"):
         log = (sweep_dir / job / "train.log").read_text()
-        assert "SIGUSR2 received" in log and "resumed from" in log and "epoch 3/3" in log
+        assert "SIGUSR2 received" in log and "resumed from" in log and "epoch 2/2" in log
     reference = run_python(
         [TRAIN, *overrides, "optimizer.lr=1e-3", f"hydra.run.dir={tmp_path / 'reference'}"], env
     )
@@ -193,14 +203,11 @@ def test_3_a_stopped_sweep_writes_its_summary_and_continues_into_its_folder(
 ):
     work = tmp_path / "work"
     work.mkdir()
-    overrides = [
-        *tiny_overrides(digits_root, tmp_path / "cache"),
-        *EXACT,
-        "trainer.checkpoint_every_steps=1",
-    ]
+    overrides = [*tiny_overrides(digits_root, tmp_path / "cache"), *EXACT]
     process = _start(
         [TRAIN, "-m", *overrides, "trainer.epochs=2", "optimizer.lr=1e-3,2e-3,3e-3"], work, env
     )
+    # Job 1's first epoch is saved: stopped during its second.
     _wait_for_glob(work, "outputs/multirun/*/*/1/checkpoints/last.pt", process)
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
@@ -335,12 +342,12 @@ def test_4_an_interrupted_search_resumes_with_its_trials(digits_root, tmp_path, 
             *tiny_overrides(digits_root, tmp_path / "cache"),
             *EXACT,
             "trainer.epochs=2",
-            "trainer.checkpoint_every_steps=1",
             "hydra.sweeper.n_trials=3",
         ],
         work,
         env,
     )
+    # Trial 1's first epoch is saved: stopped during its second.
     _wait_for_glob(work, "outputs/multirun/*/*/1/checkpoints/last.pt", process)
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
