@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,20 +112,6 @@ def test_a_nan_on_one_rank_stops_every_rank_before_the_step(odd_digits, tmp_path
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 4  # nothing after step 5
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_two_process(tmp_path_factory, odd_digits):
-    base = tmp_path_factory.mktemp("reference")
-    env = {**os.environ, "Q2L_CACHE_DIR": str(base / "cache"), "OMP_NUM_THREADS": "1"}
-    result = _torchrun(
-        TRAIN,
-        _overrides(odd_digits, base / "cache", f"hydra.run.dir={base / 'run'}"),
-        cwd=REPO_ROOT,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return base / "run"
-
-
 def _records(run_dir: Path) -> list[dict]:
     """metrics.jsonl's epoch records, less what depends on time (images/s)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -135,7 +122,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
-    uninterrupted_two_process, odd_digits, tmp_path, env
+    two_process_run, odd_digits, tmp_path, env
 ):
     run_dir = tmp_path / "run"
     env = {**env, "Q2L_TEST_RECORD": str(tmp_path)}
@@ -168,11 +155,12 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_then_resumes_bitwise(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert final["step"] == 8
-    reference = load_checkpoint(uninterrupted_two_process / "checkpoints" / "last.pt")
+    uninterrupted, _ = two_process_run  # the same 2-process run, nothing happened to it
+    reference = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
     for key, tensor in reference["model"].items():
         assert torch.equal(tensor, final["model"][key]), key
     # Issue 16, point 6: the records too (each rank's own partial loss sum was saved and restored).
-    assert _records(run_dir) == _records(uninterrupted_two_process)
+    assert _records(run_dir) == _records(uninterrupted)
 
 
 @pytest.mark.slow
@@ -255,7 +243,15 @@ def test_a_two_process_run_resumes_in_one_process(
 ):
     from q2l.training.run import train
 
-    run_dir, _ = two_process_run
+    # A copy: the run stays the uninterrupted reference of the other tests. Checkpoints are only
+    # ever replaced whole (atomic writes), so linking them is copying them.
+    run_dir = shutil.copytree(
+        two_process_run[0],
+        tmp_path / "run",
+        copy_function=lambda src, dst: (
+            os.link(src, dst) if src.endswith(".pt") else shutil.copy2(src, dst)
+        ),
+    )
     cfg = compose_config(
         "train",
         _overrides(odd_digits, tmp_path / "cache", "trainer.epochs=3", "allow_config_change=true"),
