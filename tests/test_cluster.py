@@ -473,7 +473,8 @@ def test_7_weights_that_turn_non_finite_are_never_saved(tiny_cfg, tmp_path, monk
         assert payload["step"] <= 2
         for part in ("model", "ema"):
             assert all(torch.isfinite(t.float()).all() for t in payload[part].values())
-    assert train(tiny_cfg("trainer.checkpoint_every_steps=1"), run_dir)["status"] == "completed"
+    # The rerun continues from the last good checkpoint (the checkpoint interval may change).
+    assert train(tiny_cfg(), run_dir)["status"] == "completed"
 
 
 @pytest.mark.slow
