@@ -160,6 +160,7 @@ def test_each_tensor_operation_matches_the_pil_one(name, images):
         assert difference.mean() <= OPERATION_TOLERANCE.get(name, 1.0), (name, level, sign)
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_device_decoding(tiny_cfg, tmp_path):
     summary = train(tiny_cfg("trainer.epochs=1", "dataset.decode=device"), tmp_path / "run")
     assert summary["status"] == "completed" and summary["best"]["mAP"] > 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from .conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "gpu_check", REPO_ROOT / "scripts" / "gpu_check.py"
