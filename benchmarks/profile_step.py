@@ -15,13 +15,22 @@ times, are what carries between machines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import defaultdict
 
 import torch
+from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.throughput import CASES, build_sides, q2l_train
+from benchmarks.throughput import (
+    CASES,
+    build_case_model,
+    compose_config,
+    q2l_state,
+    q2l_train,
+    synthetic_batches,
+)
 from q2l.utils.allocator import configure_malloc
 
 # First match wins: (bucket, substrings of the operator's name).
@@ -53,40 +62,39 @@ def profile_steps(case_key: str, steps: int, warmup: int, precision: str | None)
     """Profile `steps` training steps of `case_key` after `warmup` untimed ones."""
     case = CASES[case_key]
     if precision:
-        case = type(case)(
-            case.key,
-            case.title,
-            (*case.overrides, f"trainer.precision={precision}"),
-            case.num_classes,
+        case = dataclasses.replace(
+            case, overrides=(*case.overrides, f"trainer.precision={precision}")
         )
-    with build_sides(case, steps) as sides:
-        workload = q2l_train(sides.state, sides.options, sides.batches[:1])
-        workload.prepare()
-        # malloc as `python train.py` sets it (no page faults for what a step allocates again).
-        configure_malloc(keep_freed=workload.keep_freed_memory)
-        try:
-            for _ in range(warmup):
-                workload.run()
-            timed = q2l_train(sides.state, sides.options, sides.batches)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                timed.run()
-        finally:
-            configure_malloc(keep_freed=False)  # and the kept heap back, for the caller
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        buckets: dict[str, float] = defaultdict(float)
-        for event in events:
-            buckets[bucket_of(event.key)] += event.self_cpu_time_total
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-        return {
-            "case": case.title,
-            "precision": sides.options.precision,
-            "threads": torch.get_num_threads(),
-            "steps": steps,
-            "ms_per_step": total / 1000 / steps,
-            "buckets": {k: v / total for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
-            "top": [(e.key, e.self_cpu_time_total / total, e.count // steps) for e in top],
-        }
+    # Only q2l's side: build_sides would also build the plain fp32 model and its optimizer.
+    cfg = compose_config(case.overrides)
+    state, options = q2l_state(cfg, build_case_model(case, cfg), instantiate(cfg.loss))
+    batches = synthetic_batches(cfg, case.num_classes, steps)
+    workload = q2l_train(state, options, batches[:1])
+    workload.prepare()
+    # malloc as `python train.py` sets it (no page faults for what a step allocates again).
+    configure_malloc(keep_freed=workload.keep_freed_memory)
+    try:
+        for _ in range(warmup):
+            workload.run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            q2l_train(state, options, batches).run()
+    finally:
+        configure_malloc(keep_freed=False)  # and the kept heap back, for the caller
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    buckets: dict[str, float] = defaultdict(float)
+    for event in events:
+        buckets[bucket_of(event.key)] += event.self_cpu_time_total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return {
+        "case": case.title,
+        "precision": options.precision,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "ms_per_step": total / 1000 / steps,
+        "buckets": {k: v / total for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
+        "top": [(e.key, e.self_cpu_time_total / total, e.count // steps) for e in top],
+    }
 
 
 def render(result: dict) -> str:
