@@ -172,7 +172,12 @@ def test_offline_and_uncached_fails_naming_the_hub_file_and_where_to_place_it(
     with pytest.raises(FileNotFoundError, match=message):
         TimmBackbone("resnet18", pretrained=True)
     # In a run, before the data is read (the data root does not even exist).
-    cfg = tiny_cfg("backbone.pretrained=true", "dataset.root=/nonexistent/data", "~prepare.data")
+    cfg = tiny_cfg(
+        "backbone.name=resnet18",
+        "backbone.pretrained=true",
+        "dataset.root=/nonexistent/data",
+        "~prepare.data",
+    )
     with pytest.raises(FileNotFoundError, match=message):
         train(cfg, tmp_path / "run")
 

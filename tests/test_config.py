@@ -169,7 +169,10 @@ def test_debug_presets_shorten_a_run(compose_config, digits_root, tmp_path):
     assert (fast["epochs_run"], fast["steps"]) == (1, 2)
     limit = compose_config("train", [*tiny, "debug=limit"])
     assert (limit.trainer.epochs, limit.trainer.limit_train_batches) == (2, 20)
-    overfit_cfg = compose_config("train", [*tiny, "debug=overfit", "trainer.epochs=12"])
+    # The tiny test backbone learns one batch by heart in 12 steps at a higher learning rate.
+    overfit_cfg = compose_config(
+        "train", [*tiny, "debug=overfit", "trainer.epochs=12", "optimizer.lr=1e-2"]
+    )
     overfit = train(overfit_cfg, tmp_path / "overfit")
     losses = [r["train_loss"] for r in _records(tmp_path / "overfit")]
     assert overfit["steps"] == 12 and losses[-1] < 0.5 * losses[0]  # one batch, learnt by heart

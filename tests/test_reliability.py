@@ -189,7 +189,7 @@ def test_resume_refuses_another_class_count_naming_the_keys(tiny_cfg, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"does not fit this model: \d+ mismatched.*input_proj.weight: "
-        r"checkpoint \(32, 512, 1, 1\) vs model \(16, 512, 1, 1\)",
+        r"checkpoint \(32, (\d+), 1, 1\) vs model \(16, \1, 1, 1\)",
     ):
         train(
             tiny_cfg(
