@@ -1,37 +1,51 @@
-"""q2l.utils.allocator: with freed memory kept, a step's second allocation of a block faults no
-pages."""
+"""q2l.utils.allocator: with freed memory kept, the allocations of a repeated step stop faulting
+pages once the heap has settled; with glibc's defaults every step faults its large blocks anew."""
 
 from __future__ import annotations
 
-import resource
+import json
+import os
+import textwrap
 
 import pytest
-import torch
 
-from q2l.utils.allocator import configure_malloc
+from .conftest import run_python
 
-BLOCK = 16 * 2**20  # floats: 64 MiB, above glibc's largest mmap threshold
+# In a fresh process: a test worker's heap holds what earlier tests left, and glibc serves a large
+# block from a free heap before it maps one, so there the default's faults depend on test order.
+MEASURE = textwrap.dedent(
+    """
+    import json, resource
+    import torch
+    from q2l.utils.allocator import configure_malloc
+
+    BLOCK = 16 * 2**20  # floats: 64 MiB, above glibc's largest mmap threshold
+
+    def faults_of_steps(count):
+        faults = []
+        for _ in range(count):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(BLOCK).fill_(1.0)  # one step: allocate, fill, free
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return faults
+
+    default = faults_of_steps(4)
+    kept = faults_of_steps(16) if configure_malloc(keep_freed=True) else None
+    print(json.dumps({"default": default, "kept": kept, "pages": BLOCK * 4 // 4096}))
+    """
+)
 
 
-def _faults_of_a_fresh_block() -> int:
-    torch.empty(BLOCK).fill_(1.0)  # allocated and freed once: glibc has seen the size
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(BLOCK).fill_(1.0)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
+@pytest.mark.slow
 def test_keeping_freed_memory_ends_the_page_faults_of_reallocation():
-    if not configure_malloc(keep_freed=True):
+    result = run_python(["-c", MEASURE], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    faults = json.loads(result.stdout.strip().splitlines()[-1])
+    if faults["kept"] is None:
         pytest.skip("glibc only")
-    try:
-        # The settings apply to what is freed from now on: a block freed before them (here, in
-        # a fresh process, the first one) may have left the heap already.
-        _faults_of_a_fresh_block()
-        kept = _faults_of_a_fresh_block()
-        configure_malloc(keep_freed=False)
-        returned = _faults_of_a_fresh_block()
-    finally:
-        configure_malloc(keep_freed=False)
-    pages = BLOCK * 4 // 4096
-    assert kept < pages // 100, kept  # reused: (nearly) no faults
-    assert returned > pages // 2, returned  # mapped afresh: a fault per page
+    pages = faults["pages"]
+    assert all(count > pages // 2 for count in faults["default"]), faults  # mapped every step
+    # The heap settles within a few steps (small allocations between two blocks can pin a freed
+    # one, and the heap grows past it; measured: 6 steps fault, then none), as a training loop
+    # settles in its first steps.
+    assert all(count < pages // 100 for count in faults["kept"][-4:]), faults

@@ -5,7 +5,8 @@ rising to at most 32 MiB) straight from the kernel and unmaps them when they are
 training step faults its activations, autocast's bf16 weight copies and its gradients back in,
 each page zeroed by the kernel: 305,000 page faults (1.2 GB) per step of the paper model (R50 and
 a 150 M-parameter head), measured with 2 threads. With mmap off and the heap never trimmed, the
-next step reuses the freed blocks and faults nothing (docs/performance.md has the step times).
+next steps reuse the freed blocks and, once the heap has settled (a few steps), fault nothing
+(docs/performance.md has the step times).
 The price: the process keeps its peak heap, which a training loop reaches every step anyway.
 """
 
