@@ -47,7 +47,7 @@ class InferenceCase:
 
 
 CASES = {
-    "demo": InferenceCase("demo", "resnet18", 64, 256, 1024, 10, 32),
+    "demo": InferenceCase("demo", "resnet10t", 64, 256, 1024, 10, 32),
     "paper": InferenceCase("paper", "resnet50", 224, 2048, 8192, 80, 8),
 }
 

@@ -74,7 +74,7 @@ CASES = {
     ),
     "demo": ModelCase(
         "demo",
-        "demo: resnet18, 64 px, batch 32, q2l_small head (D 256, FFN 1024)",
+        "demo: resnet10t, 64 px, batch 32, q2l_small head (D 256, FFN 1024)",
         ("experiment=demo", "backbone.pretrained=false"),
         num_classes=10,  # the digits data set
     ),

@@ -134,7 +134,7 @@ def test_tresnet_uses_its_own_normalization():
 @pytest.mark.parametrize(
     ("overrides", "name"),
     [
-        (["experiment=demo"], "_demo_resnet18_q2l_small"),
+        (["experiment=demo"], "_demo_resnet10t_q2l_small"),
         (
             ["dataset=coco2014", "backbone=resnet101", "model=ml_decoder"],
             "_coco2014_resnet101_ml_decoder",

@@ -33,6 +33,9 @@ NUM_CLASSES = 10  # the digits data set's, so eval.py can run the imported model
 TINY_TRESNET = {"layers": [1, 1, 1, 1], "width_factor": 0.5}
 
 
+R18 = ["backbone=resnet18"]  # the official ResNet checkpoints here are ResNet-18s
+
+
 def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
     """The tiny run's overrides without its test backbone: an import builds the backbone its
     checkpoint holds."""
@@ -195,10 +198,10 @@ def _tresnet_official():
 
 VARIANTS = {
     # name: (backbone, overrides, hidden, ffn, encoder, decoder, kept self-attention, input_proj)
-    "r18_proj_module_prefix": ("resnet18", [], 32, 64, 1, 2, [False, False], True),
+    "r18_proj_module_prefix": ("resnet18", R18, 32, 64, 1, 2, [False, False], True),
     "r18_no_proj_first_self_attention": (
         "resnet18",
-        ["model.hidden_dim=16"],
+        [*R18, "model.hidden_dim=16"],
         512,
         64,
         1,
@@ -274,13 +277,16 @@ def test_imported_checkpoint_works_with_eval_and_init_from(
     official_checkpoint, digits_root, tmp_path, compose_config, tiny_cfg
 ):
     source, _, _ = official_checkpoint("r18_proj_module_prefix")
-    overrides = tiny_overrides(digits_root, tmp_path / "cache")
+    overrides = [*tiny_overrides(digits_root, tmp_path / "cache"), *R18]
     output = tmp_path / "imported.pt"
     assert main([str(source), str(output), *overrides]) == 0
     assert main([str(source), str(output), *overrides]) == 2  # never replaces a file
     result = evaluate_checkpoint(compose_config("eval", [f"ckpt={output}"]))
     assert result["num_images"] == 32 and math.isfinite(result["metrics"]["mAP"])
-    summary = train(tiny_cfg("trainer.epochs=1", f"init_from={output}"), tmp_path / "tuned")
+    summary = train(
+        tiny_cfg("trainer.epochs=1", f"init_from={output}", "backbone.name=resnet18"),
+        tmp_path / "tuned",
+    )
     assert summary["status"] == "completed"
     with pytest.raises(ValueError, match="init_from="):
         train(tiny_cfg(f"resume={output}"), tmp_path / "resumed")
@@ -290,7 +296,7 @@ def test_import_refuses_what_it_cannot_place(official_checkpoint, digits_root, t
     source, weights, _ = official_checkpoint("r18_proj_module_prefix")
     weights["transformer.decoder.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": weights}, tmp_path / "odd.pkl")
-    overrides = tiny_overrides(digits_root, tmp_path / "cache")
+    overrides = [*tiny_overrides(digits_root, tmp_path / "cache"), *R18]
     with pytest.raises(ValueError, match="cannot place.*decoder.extra"):
         import_official(tmp_path / "odd.pkl", tmp_path / "odd.pt", overrides)
     weights.pop("transformer.decoder.extra.weight")
@@ -413,7 +419,9 @@ def test_a_tresnet_import_without_a_recorded_normalisation_warns_naming_the_choi
     source, _, _ = official_checkpoint("r18_proj_module_prefix")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="q2l.import"):
-        import_official(source, tmp_path / "r.pt", tiny_overrides(digits_root, tmp_path / "c2"))
+        import_official(
+            source, tmp_path / "r.pt", [*tiny_overrides(digits_root, tmp_path / "c2"), *R18]
+        )
     assert "not recorded" not in caplog.text
 
 
@@ -426,7 +434,7 @@ def test_the_image_size_is_read_from_the_position_buffer_without_a_config(
         for o in tiny_overrides(digits_root, tmp_path / "cache")
         if not o.startswith("dataset.image_size")
     ]
-    output = import_official(source, tmp_path / "q2l.pt", overrides)
+    output = import_official(source, tmp_path / "q2l.pt", [*overrides, *R18])
     config = load_checkpoint(output)["config"]
     assert config["dataset"]["image_size"] == 64  # a 2x2 buffer at stride 32
     assert config["model"]["dropout"] == 0.1  # the official default, for fine-tuning

@@ -76,7 +76,7 @@ def test_hyperparameters_use_option_names_and_the_resolved_precision():
     )
     hparams = run_hyperparameters(resolved(cfg), "bf16", hydra)
     assert hparams.choices["loss"] == "bce"
-    assert hparams.choices["backbone"] == "resnet18" and hparams.choices["experiment"] == "demo"
+    assert hparams.choices["backbone"] == "resnet10t" and hparams.choices["experiment"] == "demo"
     assert hparams.values["optimizer.lr"] == 0.002 and hparams.values["trainer.epochs"] == 3
     assert hparams.values["trainer.precision"] == "bf16"  # what the run uses, not "auto"
     flat = hparams.flat()
@@ -127,7 +127,7 @@ def test_mlflow_holds_option_names_and_every_epoch_in_one_resumed_run(logged_run
     assert run.info.run_id == json.loads((run_dir / RUNS_FILE).read_text())["mlflow"]["run_id"]
     assert run.info.status == "FINISHED" and run.data.tags["q2l.status"] == "completed"
     params = run.data.params
-    assert params["loss"] == "asl" and params["backbone"] == "resnet18"
+    assert params["loss"] == "asl" and params["backbone"] == "resnet10t"
     assert params["model"] == "q2l_small" and params["experiment"] == "demo"
     precision = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["precision"]
     assert params["trainer.precision"] == precision != "auto"
@@ -174,7 +174,7 @@ def test_wandb_offline_run_holds_the_same_and_its_resume_keeps_the_run_id(logged
     first, resumed = (read_offline_run(path) for path in wandb_files)
     run_id = json.loads((run_dir / RUNS_FILE).read_text())["wandb"]["run_id"]
     assert first.run_id == resumed.run_id == run_id and first.name == run_dir.name
-    assert first.config["loss"] == "asl" and first.config["backbone"] == "resnet18"
+    assert first.config["loss"] == "asl" and first.config["backbone"] == "resnet10t"
     assert first.config["trainer.epochs"] == 1 and resumed.config["trainer.epochs"] == 2
     epochs = [row for run in (first, resumed) for row in run.history if "val_raw/mAP" in row]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

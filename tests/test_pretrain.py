@@ -14,12 +14,12 @@ TINY = {"num_images": 64, "epochs": 1, "batch_size": 32}
 
 @pytest.mark.slow
 def test_pretraining_writes_weights_the_backbone_loads(tmp_path):
-    folder = tmp_path / "resnet18"
+    folder = tmp_path / "resnet10t"
     path = pretrain_digits_backbone(folder, seed=0, **TINY)
     assert path == folder / "weights.safetensors" and path.is_file()
-    backbone = TimmBackbone("resnet18", pretrained=True, weights=str(path))
-    fresh = TimmBackbone("resnet18", pretrained=False)
-    weight = "conv1.weight"
+    backbone = TimmBackbone("resnet10t", pretrained=True, weights=str(path))
+    fresh = TimmBackbone("resnet10t", pretrained=False)
+    weight = "conv1.0.weight"  # the first conv of the tiered stem
     assert not torch.equal(backbone.body.state_dict()[weight], fresh.body.state_dict()[weight])
 
     modified = path.stat().st_mtime_ns

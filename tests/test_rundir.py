@@ -79,7 +79,7 @@ def test_hydras_run_and_sweep_folders_take_the_name_and_one_time(fresh_run_time)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", ["experiment=demo"], return_hydra_config=True)
     GlobalHydra.instance().clear()
-    name = "12-00-00-123456_demo_resnet18_q2l_small"
+    name = "12-00-00-123456_demo_resnet10t_q2l_small"
     assert cfg.hydra.run.dir == f"outputs/2026-01-02/{name}"
     assert cfg.hydra.sweep.dir == f"outputs/multirun/2026-01-02/{name}"
 

@@ -130,12 +130,12 @@ def test_2_the_demo_with_a_users_weights_file_loads_it_and_never_writes_it(
 ):
     from q2l.models import TimmBackbone
 
-    weights = tmp_path / "w" / "my_imagenet_resnet18.safetensors"
+    weights = tmp_path / "w" / "my_imagenet_resnet10t.safetensors"
     weights.parent.mkdir()
     save_file(
         {
             k: v.contiguous()
-            for k, v in TimmBackbone("resnet18", pretrained=False).body.state_dict().items()
+            for k, v in TimmBackbone("resnet10t", pretrained=False).body.state_dict().items()
         },
         str(weights),
     )

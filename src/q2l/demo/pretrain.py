@@ -40,7 +40,7 @@ WEIGHTS_FILE = "weights.safetensors"
 
 def pretrain_digits_backbone(
     output_dir: str | Path,
-    name: str = "resnet18",
+    name: str = "resnet10t",
     num_images: int = 3000,
     image_size: int = 32,
     digit_size: int = 24,
