@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
+# Loading the tests imports torch, timm, q2l and every test module: the cyclic collector would walk
+# that growing heap again and again for nothing (as in q2l.cli's start-up), so it pauses until the
+# tests are collected (pytest_collection_finish).
+gc.disable()
+
 import json
 import os
 import shutil
@@ -30,6 +37,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault(
     "MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='q2l-mlflow-')}/mlflow.db"
 )
+
+
+def pytest_configure(config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        gc.enable()  # pytest-xdist's controller: its workers collect the tests, it does not
+
+
+def pytest_collection_finish(session) -> None:
+    gc.enable()
+    gc.freeze()  # what collection loaded stays: later collections skip it
 
 
 def run_python(
@@ -126,6 +143,10 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
         "model.ffn_dim=64",
         "trainer.epochs=2",
         "trainer.progress_bar=false",
+        # TensorBoard's captioned grid of val images: 0.25 s an epoch (loading, drawing and PNG
+        # encoding 8 images), a third of a tiny run's CPU. The session's tiny_checkpoint draws it
+        # (test_run_log reads it back); tests that choose other loggers drop this line.
+        "logger.tensorboard.images=0",
     ]
 
 
@@ -175,6 +196,7 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
             "trainer.epochs=1",
             "trainer.precision=fp32",  # predict/export parity is checked in fp32
             "trainer.channels_last=false",
+            "logger.tensorboard.images=8",  # the grid TensorBoard shows (test_run_log)
         ]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

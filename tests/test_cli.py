@@ -3,6 +3,7 @@ short message and exit 2 (a bug keeps its traceback), and no leftovers from a st
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -86,9 +87,11 @@ def test_a_user_error_is_its_message_alone_and_exit_2(capsys, monkeypatch):
 
     with pytest.raises(KeyError):  # a bug keeps its traceback
         run_command("q2l-x", bug)
-    monkeypatch.setenv("Q2L_DEBUG", "1")
-    with pytest.raises(ConfigError):  # the debug switch shows a user error's traceback too
-        run_command("q2l-x", refuse)
+    for switch in ("Q2L_DEBUG", "HYDRA_FULL_ERROR"):  # either shows a user error's traceback too
+        monkeypatch.setenv(switch, "1")
+        with pytest.raises(ConfigError):
+            run_command("q2l-x", refuse)
+        monkeypatch.delenv(switch)
 
 
 @pytest.mark.slow
@@ -116,7 +119,21 @@ def test_a_refused_start_prints_one_message_exits_2_and_leaves_no_directory(tmp_
     assert evaluated.stderr.strip().splitlines()[-1] == (
         "q2l-eval: error: checkpoint not found: missing.pt"
     )
-    full = run_python(
-        [str(REPO_ROOT / "eval.py"), "ckpt=missing.pt"], {**cli_env, "HYDRA_FULL_ERROR": "1"}
+
+
+@pytest.mark.slow
+def test_a_command_loads_its_libraries_with_the_collector_paused_then_frozen():
+    """q2l.cli pauses the cyclic collector while torch, torchvision and timm load (about 1 s of a
+    command's start-up), turns it back on and freezes what loaded; a collector the caller had
+    turned off stays off."""
+    check = (
+        "import gc\n"
+        "import q2l.cli.train\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
+        "gc.disable()\n"
+        "q2l.cli._load_shared_libraries()\n"
+        "print(gc.isenabled())\n"
     )
-    assert full.returncode != 0 and "Traceback" in full.stderr
+    result = run_python(["-c", check], {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-2:] == ["True True", "False"]

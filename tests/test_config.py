@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -194,3 +194,18 @@ def test_the_small_setup_fits_own_data_on_a_cpu(compose_config):
         224,
     )
     assert (cfg.dataset.batch_size, cfg.trainer.epochs, cfg.augment.hflip) == (16, 20, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("experiment=demo loss.gamma_neg=abc", "could not be converted to Float"),
+        ("dataset=imagenet22k", "Available options"),
+        ("dataset.root=/data/my_coco", "You must specify 'dataset'"),
+    ],  # forgot dataset=: nothing runs
+)
+def test_a_bad_override_is_refused_with_hydras_message(compose_config, override, message):
+    with pytest.raises(HydraException) as refused:
+        compose_config("train", override.split())
+    # What the command line prints: the error and its cause (Hydra's own report).
+    assert message in f"{refused.value}\n{refused.value.__cause__}"

@@ -91,7 +91,7 @@ def logged_run(tmp_path_factory, digits_root):
     base = tmp_path_factory.mktemp("logged")
     uri = f"sqlite:///{base / 'mlflow.db'}"
     overrides = [
-        *tiny_overrides(digits_root, base / "cache"),
+        *(o for o in tiny_overrides(digits_root, base / "cache") if not o.startswith("logger.")),
         "logger=[csv,mlflow,wandb]",
         f"logger.mlflow.tracking_uri={uri}",
         "trainer.log_every_n_steps=1",

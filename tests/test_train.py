@@ -191,21 +191,16 @@ def test_early_stopping(tiny_cfg, tmp_path):
     assert summary["status"] == "early_stopped" and summary["epochs_run"] == 2
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("experiment=demo loss.gamma_neg=abc", "could not be converted to Float"),
-        ("dataset=imagenet22k", "Available options"),
-        ("dataset.root=/data/my_coco", "You must specify 'dataset'"),
-    ],  # forgot dataset=: nothing runs
-)
-def test_cli_bad_override_gives_hydra_message(cli_env, tmp_path, override, message):
+def test_cli_bad_override_prints_hydras_message_and_creates_nothing(cli_env, tmp_path):
+    """The command line shows what compose refuses (test_config has the other cases) and exits
+    non-zero; nothing runs."""
+    run_dir = tmp_path / "run"
     result = run_python(
-        ["train.py", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"], cli_env
+        ["train.py", "dataset.root=/data/my_coco", f"hydra.run.dir={run_dir}"], cli_env
     )
     assert result.returncode != 0
-    assert message in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "You must specify 'dataset'" in result.stderr
+    assert not run_dir.exists()
 
 
 def test_cli_train_then_eval(cli_env, digits_root, tmp_path):
