@@ -28,9 +28,10 @@ eval: ## evaluate a checkpoint: make eval CKPT=outputs/.../checkpoints/best.pt [
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/best.pt [ARGS='dataset=... dataset.root=...']"; exit 2; }
 	$(PY) eval.py ckpt=$(CKPT) $(ARGS)
 
-# Two workers, one test file each at a time; one thread per process, so the workers and the
+# Two workers, one test file each at a time, in the order tests/conftest.py gives (heaviest file
+# first; xdist would reorder them by test count); one thread per process, so the workers and the
 # processes the CLI tests start share the cores instead of fighting over them.
-TEST_RUN := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+TEST_RUN := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: ## run the whole test suite (CPU, a few minutes on 2 cores)
 	$(TEST_RUN) $(ARGS)

@@ -25,10 +25,11 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from q2l.config import CONFIG_DIR
 from q2l.demo.digits import build_digits_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# q2l.config is imported where a config is composed, not here: it imports torch and timm, which
+# pytest-xdist's controller (it loads this file too, then only hands out tests) never needs.
 # Tests never use the network: a backbone with pretrained=true and no weights file would otherwise
 # try the Hugging Face hub (for about 20 s of retries before it fails). Here it fails at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -47,6 +48,37 @@ def pytest_configure(config) -> None:
 def pytest_collection_finish(session) -> None:
     gc.enable()
     gc.freeze()  # what collection loaded stays: later collections skip it
+
+
+# `make test` runs two workers that take one test file at a time (--dist loadfile), heaviest first
+# (seconds a file took in one run with --durations, 2026-12-05): a long file started last keeps
+# one worker busy while the other has nothing left. pytest-xdist's own order, most tests first
+# (turned off in the Makefile), left the few long ones (the distributed runs, the convergence check,
+# the wheel) for the end. A file missing here only runs later; the rest keep their order.
+HEAVIEST_FIRST = (
+    "test_cluster.py",  # 110 s
+    "test_distributed.py",  # 72 s
+    "test_safety.py",  # 59 s
+    "test_convergence.py",  # 30-39 s
+    "test_train.py",  # 30 s
+    "test_reliability.py",  # 26 s
+    "test_printable.py",  # 18 s
+    "test_classifier.py",  # 16 s
+    "test_cli.py",  # 15 s
+    "test_loggers.py",  # 13 s
+    "test_packaging.py",  # 12-14 s
+    "test_import.py",  # 11 s
+    "test_predict.py",  # 11 s
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+    for item in items:
+        if "exports" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)  # the ONNX export traces the model: 5-8 s
 
 
 def run_python(
@@ -154,6 +186,8 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
 def compose_config():
     """compose_config(name, overrides) -> DictConfig, with Hydra's global state cleaned up."""
 
+    from q2l.config import CONFIG_DIR
+
     def _compose(config_name: str = "train", overrides: list[str] | None = None):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -188,6 +222,7 @@ def cli_env(tmp_path) -> dict[str, str]:
 def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
     """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports),
     trained once per test run."""
+    from q2l.config import CONFIG_DIR
     from q2l.training.run import train
 
     def build(base: Path) -> str:
@@ -212,6 +247,7 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
 def exports(tiny_checkpoint, tmp_path_factory):
     """All three formats of the tiny checkpoint, exported once per test run:
     {format: (path, export() result)}."""
+    from q2l.config import CONFIG_DIR
     from q2l.inference.export import export
 
     names = {

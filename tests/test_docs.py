@@ -38,8 +38,9 @@ DEMO_FILES = ("experiment/demo.yaml", "dataset/digits.yaml")
 
 
 def _commands() -> list[tuple[str, str, list[str]]]:
-    """(where, config name, overrides) for every command in a ```bash block of the docs."""
-    found = []
+    """(where, config name, overrides) for every command in a ```bash block of the docs; a
+    command shown again elsewhere is composed once, where it is first shown."""
+    found, seen = [], set()
     for doc in DOCS:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
             for number, line in enumerate(block.replace("\\\n", " ").splitlines()):
@@ -70,6 +71,9 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                     # A user's own config folder (test_packaging.py runs one for real); --help
                     # composes nothing (test_the_documented_help_commands_run).
                     continue
+                if (ENTRY_POINTS[words[0]], *overrides) in seen:
+                    continue
+                seen.add((ENTRY_POINTS[words[0]], *overrides))
                 found.append(
                     (f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides)
                 )
