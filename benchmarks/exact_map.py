@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score
-from torchmetrics.functional.classification import multilabel_average_precision
 
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from q2l import metrics
@@ -40,10 +38,14 @@ def coco_sized_problem(
 
 
 def _sklearn(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import average_precision_score  # 1 s to import: only where it runs
+
     return average_precision_score(targets, scores, average=None)
 
 
 def _torchmetrics(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.classification import multilabel_average_precision
+
     return multilabel_average_precision(
         scores, targets, num_labels=scores.shape[1], average="none", thresholds=None
     )

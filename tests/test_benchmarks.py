@@ -16,7 +16,6 @@ from benchmarks.cli import format_table, load_rows
 from benchmarks.exact_map import coco_sized_problem
 from benchmarks.throughput import CASES, build_sides, compose_config
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
-from sklearn.metrics import average_precision_score
 from torch import nn
 
 from q2l import metrics
@@ -46,6 +45,8 @@ def images() -> torch.Tensor:
 
 def _sklearn_ap(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     scores_np, targets_np = scores.double().numpy(), targets.numpy()
+    from sklearn.metrics import average_precision_score  # 1 s to import: not at collection
+
     per_class = []
     for column in range(scores_np.shape[1]):
         keep = targets_np[:, column] != -1
