@@ -23,9 +23,9 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# backbone and loss: test_every_backbone_builds and test_losses_instantiate compose every option.
 @pytest.mark.parametrize(
-    "group",
-    ["backbone", "model", "dataset", "augment", "loss", "optimizer", "schedule", "experiment"],
+    "group", ["model", "dataset", "augment", "optimizer", "schedule", "experiment"]
 )
 def test_every_option_composes(compose_config, group):
     for option in _options(group):
