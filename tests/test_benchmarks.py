@@ -25,6 +25,8 @@ from q2l.models.transformer import Transformer
 from q2l.training.checkpoint import load_strict
 from q2l.utils.amp import resolve_precision
 
+from .helpers.reference import sklearn_ap
+
 SMALL_HEAD = {"hidden_dim": 32, "ffn_dim": 64, "num_heads": 4}
 
 
@@ -43,17 +45,6 @@ def images() -> torch.Tensor:
 # ---- metrics -------------------------------------------------------------------------------------
 
 
-def _sklearn_ap(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    scores_np, targets_np = scores.double().numpy(), targets.numpy()
-    from sklearn.metrics import average_precision_score  # 1 s to import: not at collection
-
-    per_class = []
-    for column in range(scores_np.shape[1]):
-        keep = targets_np[:, column] != -1
-        per_class.append(average_precision_score(targets_np[keep, column], scores_np[keep, column]))
-    return np.array(per_class)
-
-
 @pytest.mark.parametrize(
     "num_images", [40_137, 5_000], ids=["rows-radix-sorted-one-by-one", "short-rows"]
 )
@@ -64,7 +55,7 @@ def test_fast_average_precision_equals_sklearn(num_images, dtype):
     scores = scores.to(dtype)
     np.testing.assert_allclose(
         metrics.average_precision(scores, targets).numpy(),
-        _sklearn_ap(scores, targets),
+        sklearn_ap(scores, targets),
         rtol=0,
         atol=1e-12,
     )

@@ -71,9 +71,10 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                     # A user's own config folder (test_packaging.py runs one for real); --help
                     # composes nothing (test_the_documented_help_commands_run).
                     continue
-                if (ENTRY_POINTS[words[0]], *overrides) in seen:
+                command = (ENTRY_POINTS[words[0]], *overrides)
+                if command in seen:
                     continue
-                seen.add((ENTRY_POINTS[words[0]], *overrides))
+                seen.add(command)
                 found.append(
                     (f"{doc.name}:{words[0]} #{number}", ENTRY_POINTS[words[0]], overrides)
                 )

@@ -18,6 +18,8 @@ from q2l.metrics import (
     voc_average_precision,
 )
 
+from .helpers.reference import sklearn_ap
+
 COUNTING_KEYS = {"CP", "CR", "CF1", "OP", "OR", "OF1"}
 
 
@@ -31,19 +33,6 @@ def _random_problem(
     if decimals is not None:
         scores = np.round(scores, decimals)
     return torch.from_numpy(scores), torch.from_numpy(targets)
-
-
-def _sklearn_ap(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """Per-class sklearn AP, dropping -1 entries from each column."""
-    scores_np = scores.to(torch.float64).numpy()
-    targets_np = targets.numpy()
-    from sklearn.metrics import average_precision_score  # 1 s to import: not at collection
-
-    per_class = []
-    for column in range(scores_np.shape[1]):
-        keep = targets_np[:, column] != -1
-        per_class.append(average_precision_score(targets_np[keep, column], scores_np[keep, column]))
-    return np.array(per_class)
 
 
 def _reference_voc_ap(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -73,7 +62,7 @@ def test_average_precision_matches_sklearn_with_many_ties(dtype: torch.dtype) ->
     result = average_precision(scores, targets)
 
     assert result.dtype == torch.float64 and result.shape == (7,)
-    np.testing.assert_allclose(result.numpy(), _sklearn_ap(scores, targets), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.numpy(), sklearn_ap(scores, targets), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -83,7 +72,7 @@ def test_average_precision_matches_sklearn_without_ties(dtype: torch.dtype) -> N
     scores = (torch.logit(scores.clamp(1e-4, 1 - 1e-4))).to(dtype)
 
     np.testing.assert_allclose(
-        average_precision(scores, targets).numpy(), _sklearn_ap(scores, targets), atol=1e-12
+        average_precision(scores, targets).numpy(), sklearn_ap(scores, targets), atol=1e-12
     )
 
 
@@ -94,7 +83,7 @@ def test_negative_and_positive_zero_are_one_tie() -> None:
     targets = torch.tensor([[1], [0], [1], [0], [1], [0]])
 
     np.testing.assert_allclose(
-        average_precision(scores, targets).numpy(), _sklearn_ap(scores, targets), atol=1e-12
+        average_precision(scores, targets).numpy(), sklearn_ap(scores, targets), atol=1e-12
     )
 
 
@@ -110,7 +99,7 @@ def test_class_without_positives_is_nan_and_left_out_of_the_mean() -> None:
     assert torch.isnan(per_class[3]) and not torch.isnan(per_class[with_positives]).any()
     assert torch.isnan(voc_average_precision(scores, targets)[3])
     assert num_left_out == 1 and num_voc_left_out == 1
-    expected = _sklearn_ap(scores[:, with_positives], targets[:, with_positives]).mean()
+    expected = sklearn_ap(scores[:, with_positives], targets[:, with_positives]).mean()
     assert mean_ap == pytest.approx(expected, abs=1e-12)
     assert not math.isnan(mean_voc_ap)
 
@@ -121,7 +110,7 @@ def test_ignored_targets_equal_sklearn_on_the_masked_column() -> None:
     targets = targets.masked_fill(unannotated, -1)
 
     np.testing.assert_allclose(
-        average_precision(scores, targets).numpy(), _sklearn_ap(scores, targets), atol=1e-12
+        average_precision(scores, targets).numpy(), sklearn_ap(scores, targets), atol=1e-12
     )
     # Counting -1 as negative gives a different answer, so the mask is really applied.
     counted_as_negative = average_precision(scores, targets.clamp(min=0))
