@@ -48,7 +48,8 @@ def flops_rows(
 ) -> list[Row]:
     """Section e: FLOPs per image and the share of the matmul peak (FLOP/s) each side reaches.
 
-    images_per_s: "train_plain", "train_q2l", "infer_plain", "infer_q2l"; peaks: "fp32", "bf16".
+    images_per_s: "train_plain", "train_q2l", "train_q2l forward+backward", "infer_plain",
+    "infer_q2l"; peaks: "fp32", "bf16".
     """
     q2l_peak = "bf16" if q2l_precision == "bf16" else "fp32"
     rows = [
@@ -68,4 +69,17 @@ def flops_rows(
                     note="ratio = share of peak",
                 )
             )
+    # The ceiling: the same model's forward and backward passes alone (no optimizer, no EMA), at
+    # q2l's precision and memory format. A full step's share cannot pass it.
+    rows.append(
+        Row(
+            "e. flops",
+            f"{key} train: q2l forward+backward alone / {q2l_peak} matmul peak",
+            flops["train"] * images_per_s["train_q2l forward+backward"] / 1e9,
+            peaks[q2l_peak] / 1e9,
+            "GFLOP/s",
+            f"{q2l_peak} 2048² matmul peak",
+            note="ratio = share of peak; the ceiling of the train step's share",
+        )
+    )
     return rows

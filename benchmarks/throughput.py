@@ -214,6 +214,26 @@ def q2l_train(
     return Workload(run, prepare=prepare, keep_freed_memory=True)
 
 
+def q2l_forward_backward(
+    model: nn.Module, options: StepOptions, loss_fn: nn.Module, batches: list
+) -> Workload:
+    """Only the forward and backward passes of q2l's step, at its precision and memory format: no
+    optimizer step, no EMA, no finiteness check. Not a way to train; the ceiling a full step's
+    share of the matmul peak cannot pass (section e), measured in the same rounds."""
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+
+    def run() -> int:
+        model.train()
+        for images, targets in batches:
+            with autocast(options.device, options.precision):
+                logits = model(images.contiguous(memory_format=memory_format))
+            loss_fn(logits.float(), targets).backward()
+            model.zero_grad(set_to_none=True)
+        return count_images(batches)
+
+    return Workload(run, keep_freed_memory=True)
+
+
 def q2l_inference(model: nn.Module, options: StepOptions, batches: list) -> Workload:
     """q2l's own evaluation loop (`q2l.training.engine.evaluate`)."""
     options = StepOptions(
@@ -288,6 +308,9 @@ def measure_throughput(
     train = {
         "plain": plain_train(sides.plain_model, sides.plain_optimizer, sides.loss_fn, batches),
         "q2l": q2l_train(state, sides.options, batches),
+        "q2l forward+backward": q2l_forward_backward(
+            state.model, sides.options, sides.loss_fn, batches
+        ),
         "peak_fp32": matmul_workload(torch.float32),
     }
     infer = {

@@ -14,7 +14,8 @@ import torch
 from benchmarks import official, timing
 from benchmarks.cli import format_table, load_rows
 from benchmarks.exact_map import coco_sized_problem
-from benchmarks.throughput import CASES, build_sides, compose_config
+from benchmarks.flops import flops_rows
+from benchmarks.throughput import CASES, build_sides, compose_config, q2l_forward_backward
 from benchmarks.timing import Rates, Row, Workload, compare, interleaved
 from torch import nn
 
@@ -209,6 +210,28 @@ def test_the_q2l_side_runs_the_config_defaults():
         plain_conv = next(m for m in sides.plain_model.modules() if isinstance(m, nn.Conv2d))
         assert plain_conv.weight.is_contiguous()
         assert not any(group["fused"] for group in sides.plain_optimizer.param_groups)
+
+
+def test_the_step_ceiling_runs_the_passes_alone_and_is_reported_beside_the_step():
+    """Section e's ceiling: q2l's forward and backward passes without the optimizer or the EMA,
+    which change nothing, and its share of the peak in a row of its own."""
+    with build_sides(CASES["demo"], steps=1) as sides:
+        model = sides.state.model
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        workload = q2l_forward_backward(model, sides.options, sides.loss_fn, sides.batches)
+        assert workload.run() == sides.batches[0][0].shape[0]
+        for name, parameter in model.named_parameters():
+            assert torch.equal(parameter, before[name]) and parameter.grad is None, name
+
+    rates = {"train_plain": 1.0, "train_q2l": 2.0, "train_q2l forward+backward": 3.0}
+    rates |= {"infer_plain": 4.0, "infer_q2l": 8.0}
+    rows = flops_rows(
+        "demo", "bf16", {"forward": 1e9, "train": 3e9}, rates, {"fp32": 1e11, "bf16": 3e11}
+    )
+    [ceiling] = [row for row in rows if "forward+backward alone" in row.name]
+    assert (ceiling.value, ceiling.baseline) == (9.0, 300.0)  # GFLOP/s: 3 GFLOP x 3 img/s
+    [step] = [row for row in rows if row.name == "demo train: q2l achieved / bf16 matmul peak"]
+    assert step.value == 6.0
 
 
 def test_the_official_code_is_found_only_where_asked(tmp_path, monkeypatch):
