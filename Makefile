@@ -39,7 +39,7 @@ TEST_RUN := OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 2 -
 test: ## run the whole test suite (CPU, a few minutes on 2 cores)
 	$(TEST_RUN) $(ARGS)
 
-test-fast: ## the suite without the tests marked slow (they train, or start a command in a subprocess)
+test-fast: ## the suite without the tests marked slow (they train, start a command, or sweep every shipped config)
 	$(TEST_RUN) -m "not slow" $(ARGS)
 
 bench: ## benchmarks, see docs/performance.md; Q2L_OFFICIAL_CODE=<checkout> adds the official Q2L rows

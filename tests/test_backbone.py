@@ -200,6 +200,7 @@ def test_missing_hub_weights_are_downloaded_by_the_hub_client(tmp_path, monkeypa
     assert calls == [("timm/resnet18.a1_in1k", "model.safetensors", str(tmp_path / "elsewhere"))]
 
 
+@pytest.mark.slow  # composes every preset (2 s)
 def test_the_fetch_script_names_every_presets_weights_and_fills_a_cache_folder(
     tmp_path, monkeypatch, capsys
 ):

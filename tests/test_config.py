@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from q2l.config import CONFIG_DIR
+from q2l.config.checks import check_values
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
 from q2l.training.build import build_model
 
@@ -19,21 +20,33 @@ CONF = Path(CONFIG_DIR)
 BACKBONES = {p.stem: OmegaConf.load(p).name for p in sorted((CONF / "backbone").glob("*.yaml"))}
 
 
+# The presets that pull in the official recipe (test_presets.PRESETS).
+PAPER_PRESETS = {
+    p.stem
+    for p in (CONF / "experiment").glob("*.yaml")
+    if "_shared/official_recipe" in p.read_text()
+}
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-# backbone and loss: test_every_backbone_builds and test_losses_instantiate compose every option.
+# backbone and loss: test_every_backbone_builds and test_losses_instantiate compose every option;
+# the paper presets: test_presets composes, checks and builds each.
 @pytest.mark.parametrize(
     "group", ["model", "dataset", "augment", "optimizer", "schedule", "experiment"]
 )
-def test_every_option_composes(compose_config, group):
+def test_every_option_composes_and_passes_the_value_checks(compose_config, group):
     for option in _options(group):
+        if group == "experiment" and option in PAPER_PRESETS:
+            continue
         # Presets pick their data set; the small setup (like the other groups) is for any.
         picks_data = group == "dataset" or (group == "experiment" and option != "small")
         data = [] if picks_data else ["dataset=coco2014"]
         cfg = compose_config("train", [f"{group}={option}", *data, "dataset.root=/nonexistent"])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        check_values(cfg)  # no infinite or NaN number anywhere (test_checks)
 
 
 def test_eval_config_composes(compose_config):
@@ -75,7 +88,18 @@ def test_optimizer_and_schedules_instantiate(compose_config, schedule):
     assert lrs[-1] < 0.05 * cfg.optimizer.lr  # decays to (nearly) nothing
 
 
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+# One CNN, one TResNet and one token backbone stay in `make test-fast`; the rest (0.3-0.7 s each:
+# Swin-L and TResNet build even on the meta device) run in `make test`.
+FAST_BACKBONES = {"resnet50", "tresnet_l", "vit_small"}
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        pytest.param(name, marks=() if name in FAST_BACKBONES else pytest.mark.slow)
+        for name in sorted(BACKBONES)
+    ],
+)
 def test_every_backbone_builds(compose_config, backbone):
     size = 384 if "384" in BACKBONES[backbone] else 224
     cfg = compose_config(

@@ -109,7 +109,16 @@ def test_the_docs_show_the_commands_users_type():
     assert any("experiment=demo" in overrides for _, _, overrides in COMMANDS)
 
 
-@pytest.mark.parametrize(("where", "name", "overrides"), COMMANDS, ids=[c[0] for c in COMMANDS])
+@pytest.mark.parametrize(
+    ("where", "name", "overrides"),
+    [
+        # The README's commands stay in `make test-fast`; docs/'s (0.15-0.3 s a compose) in
+        # `make test`.
+        pytest.param(*command, marks=() if command[0].startswith("README") else pytest.mark.slow)
+        for command in COMMANDS
+    ],
+    ids=[c[0] for c in COMMANDS],
+)
 def test_every_documented_command_composes_without_demo_settings(
     where, name, overrides, conf_without_demo
 ):
