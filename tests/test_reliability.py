@@ -18,7 +18,7 @@ from q2l.training.checkpoint import (
     load_checkpoint,
 )
 from q2l.training.engine import NonFiniteError
-from q2l.training.preemption import EXIT_PREEMPTED, requeue_slurm_job
+from q2l.training.preemption import requeue_slurm_job
 from q2l.training.run import train
 from q2l.training.rundir import RunDirError
 
@@ -294,30 +294,3 @@ def test_slurm_requeue_calls_scontrol(monkeypatch, environment, job):
     monkeypatch.setattr("q2l.training.preemption.subprocess.run", fake_run)
     assert requeue_slurm_job()
     assert calls == [["scontrol", "requeue", job]]
-
-
-@pytest.mark.slow
-def test_preempted_cli_run_exits_with_the_documented_code(cli_env, digits_root, tmp_path):
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "train.py",
-        *tiny_overrides(digits_root, tmp_path / "cache"),
-        *EXACT,
-        "trainer.epochs=50",
-        "trainer.slurm_requeue=false",
-        f"hydra.run.dir={run_dir}",
-    ]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        env=cli_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(run_dir / "checkpoints" / "last.pt")
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] < 50
