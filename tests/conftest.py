@@ -182,19 +182,39 @@ def tiny_overrides(digits_root: Path, cache_dir: Path) -> list[str]:
     ]
 
 
+def compose_shipped(config_name: str = "train", overrides: list[str] | None = None):
+    """The shipped conf/'s `config_name` with `overrides`, composed as the command would; Hydra's
+    global state is cleared before and after."""
+    from q2l.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides or [])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def train_on_one_thread(cfg, run_dir: Path) -> dict:
+    """q2l.training.run.train in this process on one intra-op thread: the reference run a test
+    compares bitwise with commands started with OMP_NUM_THREADS=1 (a command of its own would add
+    3 s of imports). The thread count is restored after."""
+    import torch
+
+    from q2l.training.run import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def compose_config():
     """compose_config(name, overrides) -> DictConfig, with Hydra's global state cleaned up."""
-
-    from q2l.config import CONFIG_DIR
-
-    def _compose(config_name: str = "train", overrides: list[str] | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides or [])
-
-    yield _compose
-    GlobalHydra.instance().clear()
+    return compose_shipped
 
 
 @pytest.fixture
@@ -222,7 +242,6 @@ def cli_env(tmp_path) -> dict[str, str]:
 def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
     """best.pt of a 1-epoch fp32 run on the tiny digits data (inference, export, eval reports),
     trained once per test run."""
-    from q2l.config import CONFIG_DIR
     from q2l.training.run import train
 
     def build(base: Path) -> str:
@@ -233,11 +252,7 @@ def tiny_checkpoint(tmp_path_factory, digits_root) -> Path:
             "trainer.channels_last=false",
             "logger.tensorboard.images=8",  # the grid TensorBoard shows (test_run_log)
         ]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides)
-        GlobalHydra.instance().clear()
-        train(cfg, base / "run")
+        train(compose_shipped("train", overrides), base / "run")
         return str(base / "run" / "checkpoints" / "best.pt")
 
     return Path(_once_per_run(tmp_path_factory, "inference-run", build))

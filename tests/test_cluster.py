@@ -28,7 +28,7 @@ from q2l.training.run import train
 from q2l.training.rundir import LOCK_NAME, RunDirError
 from q2l.training.sweep import check_continuation, summarize_sweep, to_markdown, write_sweep_summary
 
-from .conftest import REPO_ROOT, run_python, tiny_overrides
+from .conftest import REPO_ROOT, run_python, tiny_overrides, train_on_one_thread
 from .helpers.damage import flip_a_bit
 
 TRAIN = str(REPO_ROOT / "train.py")
@@ -150,16 +150,10 @@ def test_1_a_preempted_sweep_job_continues_in_its_folder_and_ends_bitwise_equal(
     for job in ("0", "1"):
         log = (sweep_dir / job / "train.log").read_text()
         assert "SIGUSR2 received" in log and "resumed from" in log and "epoch 2/2" in log
-    # The uninterrupted run, in this process (a command of its own would add 3 s of imports), on
-    # one thread as the jobs ran.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = train(
-            tiny_cfg(*EXACT, "trainer.epochs=2", "optimizer.lr=1e-3"), tmp_path / "reference"
-        )
-    finally:
-        torch.set_num_threads(threads)
+    # The uninterrupted run, on one thread as the jobs ran (env's OMP_NUM_THREADS=1).
+    reference = train_on_one_thread(
+        tiny_cfg(*EXACT, "trainer.epochs=2", "optimizer.lr=1e-3"), tmp_path / "reference"
+    )
     assert reference["status"] == "completed"
     _same_weights(
         sweep_dir / "0" / "checkpoints" / "last.pt",

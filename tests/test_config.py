@@ -15,17 +15,11 @@ from q2l.config.checks import check_values
 from q2l.losses import AsymmetricLoss, BCEWithLogitsLoss, PartialAsymmetricLoss
 from q2l.training.build import build_model
 
+from .test_presets import PRESETS as PAPER_PRESETS
+
 CONF = Path(CONFIG_DIR)
 # backbone=<option>: its timm name, as conf/backbone/<option>.yaml gives it.
 BACKBONES = {p.stem: OmegaConf.load(p).name for p in sorted((CONF / "backbone").glob("*.yaml"))}
-
-
-# The presets that pull in the official recipe (test_presets.PRESETS).
-PAPER_PRESETS = {
-    p.stem
-    for p in (CONF / "experiment").glob("*.yaml")
-    if "_shared/official_recipe" in p.read_text()
-}
 
 
 def _options(group: str) -> list[str]:

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import save_file
 
 import q2l.training.run as train_module
 from q2l.cli.validate_data import main as validate_main
-from q2l.config import CONFIG_DIR
 from q2l.config.checks import ConfigValueError
 from q2l.demo.owned import FolderNotOursError
 from q2l.losses import AsymmetricLoss
@@ -36,7 +33,16 @@ from q2l.training.preemption import EXIT_PREEMPTED
 from q2l.training.run import train
 from q2l.training.rundir import LOCK_NAME, RunDirError
 
-from .conftest import REPO_ROOT, SENTINEL, fail_if_called, run_python, tiny_overrides, wait_for
+from .conftest import (
+    REPO_ROOT,
+    SENTINEL,
+    compose_shipped,
+    fail_if_called,
+    run_python,
+    tiny_overrides,
+    train_on_one_thread,
+    wait_for,
+)
 
 EXACT = ("trainer.deterministic=true", "model.dropout=0.1")
 
@@ -210,7 +216,7 @@ def test_4_resume_auto_alone_reuses_the_runs_own_overrides(finished_run, cli_env
 # 5. Preemption of the whole process group, with DataLoader workers.
 
 
-def _cli_run(cli_env, digits_root, base: Path, *extra: str) -> list[str]:
+def _cli_run(digits_root, base: Path, *extra: str) -> list[str]:
     """train.py and its arguments for the preemption runs (without the interpreter)."""
     return [
         "train.py",
@@ -227,17 +233,10 @@ def uninterrupted_cli(tmp_path_factory, digits_root):
     this process (a command of its own would add 3 s of imports), on one thread as the commands
     run (test_5 gives them OMP_NUM_THREADS=1)."""
     base = tmp_path_factory.mktemp("uninterrupted")
-    overrides = _cli_run({}, digits_root, base)[1:]  # the same overrides, without train.py
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides)
-    GlobalHydra.instance().clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train(cfg, base / "run")["status"] == "completed"
-    finally:
-        torch.set_num_threads(threads)
+    overrides = _cli_run(digits_root, base)[1:]  # the same overrides, without train.py
+    assert train_on_one_thread(compose_shipped("train", overrides), base / "run")["status"] == (
+        "completed"
+    )
     return load_checkpoint(base / "run" / "checkpoints" / "last.pt")["model"]
 
 
@@ -249,7 +248,7 @@ def test_5_a_signal_to_the_process_group_checkpoints_exits_75_and_resumes_exactl
     cli_env = {**cli_env, "OMP_NUM_THREADS": "1"}  # as the uninterrupted run
     run_dir = tmp_path / "run"
     command = _cli_run(
-        cli_env, digits_root, tmp_path, f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"
+        digits_root, tmp_path, f"dataset.num_workers={workers}", f"hydra.run.dir={run_dir}"
     )
     process = subprocess.Popen(
         [sys.executable, *command],
